@@ -1,0 +1,1 @@
+"""Linux Distro Tools: Dockerfile → bootable VM images through one content-hash build graph."""

@@ -1,0 +1,185 @@
+"""The Docker engine, through the Docker SDK for Python. The only module that imports it.
+
+The SDK is imported lazily: `doit list` and no-op runs never pay for it. Functions take a
+client (see `client()`), so tests can pass a fake one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+START_HINT = "start it with `sudo systemctl start docker` (or `sudo dockerd &`), or run ./setup.sh"
+
+
+def client():
+    """A connected client, or one clear line saying the daemon is not reachable."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        c = docker.from_env(timeout=600)
+        c.ping()
+    except DockerException as e:
+        reason = str(e).split("(", 1)[0].strip() or "no answer"
+        raise UserError(f"the Docker daemon is not reachable: {reason}", hint=START_HINT) from e
+    return c
+
+
+def context_files(context: Path, dockerfile: str = "Dockerfile") -> list[str]:
+    """Files of a build context that the engine sees, after .dockerignore (docker's own matcher)."""
+    from docker.utils.build import exclude_paths
+
+    ignore = context / ".dockerignore"
+    patterns = []
+    if ignore.is_file():
+        patterns = [p.strip() for p in ignore.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    paths = exclude_paths(str(context), patterns, dockerfile=dockerfile)
+    return sorted(p for p in paths if not (context / p).is_dir() or (context / p).is_symlink())
+
+
+def image_id(c, ref: str) -> str | None:
+    from docker.errors import ImageNotFound
+
+    try:
+        return c.images.get(ref).id
+    except ImageNotFound:
+        return None
+
+
+def image_config(c, ref: str) -> dict[str, Any]:
+    """The parts of an image's config that `docker import` can restore (ENV, CMD, …)."""
+    cfg = c.images.get(ref).attrs.get("Config") or {}
+    keep = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts", "StopSignal")
+    return {k: cfg[k] for k in keep if cfg.get(k)}
+
+
+def config_changes(cfg: dict[str, Any]) -> list[str]:
+    """Dockerfile instructions that re-create an image config on `docker import`."""
+    import json
+
+    out = [f"ENV {e.split('=', 1)[0]}={json.dumps(e.split('=', 1)[1])}" for e in cfg.get("Env", [])]
+    for key, instr in (("Cmd", "CMD"), ("Entrypoint", "ENTRYPOINT")):
+        if cfg.get(key):
+            out.append(f"{instr} {json.dumps(cfg[key])}")
+    if cfg.get("WorkingDir"):
+        out.append(f"WORKDIR {cfg['WorkingDir']}")
+    if cfg.get("User"):
+        out.append(f"USER {cfg['User']}")
+    for k, v in (cfg.get("Labels") or {}).items():
+        out.append(f"LABEL {json.dumps(k)}={json.dumps(v)}")
+    for port in cfg.get("ExposedPorts") or {}:
+        out.append(f"EXPOSE {port}")
+    if cfg.get("StopSignal"):
+        out.append(f"STOPSIGNAL {cfg['StopSignal']}")
+    return out
+
+
+def tag(c, image: str, ref: str) -> None:
+    repo, _, t = ref.partition(":")
+    c.images.get(image).tag(repo, t or "latest")
+
+
+def import_tgz(c, tgz: Path, ref: str, changes: list[str] | None = None) -> str:
+    """Import a rootfs tarball as image `ref`; returns the image id."""
+    repo, _, t = ref.partition(":")
+    c.api.import_image_from_file(str(tgz), repository=repo, tag=t or "latest", changes=changes or None)
+    found = image_id(c, ref)
+    if found is None:
+        raise UserError(f"docker import of {tgz} did not produce {ref}")
+    return found
+
+
+def ensure_base(c, ref: str, recipe: str, bootstraps: list[str]) -> str:
+    """A non-recipe base image: local, or pulled now; else one line naming a recipe to use."""
+    from docker.errors import APIError, ImageNotFound
+
+    found = image_id(c, ref)
+    if found is not None:
+        return found
+    try:
+        return c.images.pull(ref).id
+    except (APIError, ImageNotFound) as e:
+        raise UserError(
+            f"recipe '{recipe}': base image {ref} is neither local nor pullable "
+            f"({(e.explanation if isinstance(e, APIError) else None) or e})",
+            hint=_base_hint(bootstraps)) from e
+
+
+def _base_hint(bootstraps: list[str]) -> str:
+    images = ", ".join(f"FROM ldt/{r}" for r in bootstraps)
+    if images:
+        return f"build from a bootstrap recipe's image instead ({images}), or `docker load` the image"
+    return "add a bootstrap recipe (recipe.toml with [bootstrap]) and build FROM ldt/<it>, or `docker load` the image"
+
+
+STEP_RE = re.compile(r"^Step \d+/\d+ : (.*)$")
+PULL_ERRORS = ("pull access denied", "manifest unknown", "not found: manifest", "repository does not exist",
+               "no such host", "dial tcp", "i/o timeout", "toomanyrequests", "connection refused",
+               "failed to resolve", "server misbehaving", "tls handshake")
+
+
+def build(c, context: Path, ref: str, *, buildargs: dict[str, str], platform: str, recipe: str,
+          known_recipes: list[str], echo: Callable[[str], None]) -> str:
+    """docker build with the log streamed live through `echo`; returns the image id.
+
+    A failing step raises one line naming the step, with the tail of its log.
+    """
+    from docker.errors import APIError
+
+    log: list[str] = []
+    step = ""
+    image = None
+    try:
+        stream = c.api.build(path=str(context), tag=ref, buildargs=buildargs, platform=platform,
+                             rm=True, forcerm=True, decode=True, pull=False)
+        for item in stream:
+            if "stream" in item:
+                for line in item["stream"].splitlines():
+                    if m := STEP_RE.match(line):
+                        step = m.group(1)
+                        log = []
+                    log.append(line)
+                    echo(line)
+            elif "aux" in item and "ID" in item["aux"]:
+                image = item["aux"]["ID"]
+            elif "error" in item:
+                raise _build_error(item["error"], step, log, recipe, known_recipes)
+    except APIError as e:
+        raise _build_error(str(e.explanation or e), step, log, recipe, known_recipes) from e
+    if image is None:
+        image = image_id(c, ref)
+    if image is None:
+        raise UserError(f"recipe '{recipe}': docker build finished without an image", hint="run with LDT_VERBOSE=1")
+    return image
+
+
+def _build_error(message: str, step: str, log: list[str], recipe: str, known: list[str]) -> UserError:
+    message = message.strip()
+    if step.upper().startswith("FROM") or any(s in message.lower() for s in PULL_ERRORS):
+        base = step.split()[1] if step.upper().startswith("FROM") and len(step.split()) > 1 else "the base image"
+        return UserError(f"recipe '{recipe}': base image {base} is neither local nor pullable ({message})",
+                         hint=_base_hint(known))
+    tail = "\n".join("    " + line for line in log[-20:])
+    where = f"step `{step}` failed" if step else "build failed"
+    return UserError(f"recipe '{recipe}': {where}: {message}\n{tail}",
+                     hint=f"fix recipes/{recipe}/Dockerfile; the full log is above")
+
+
+@contextlib.contextmanager
+def exported(c, image: str, chunk_size: int = 1 << 20) -> Iterator[Iterator[bytes]]:
+    """The filesystem of `image` as a stream of tar chunks, from a temporary container.
+
+    The container is removed on every path: success, failure and Ctrl-C.
+    """
+    container = c.containers.create(image, command=["/bin/true"], entrypoint=[], network_disabled=True)
+    try:
+        yield container.export(chunk_size=chunk_size)
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)

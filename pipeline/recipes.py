@@ -1,0 +1,310 @@
+"""Recipes: discover recipes/<name>/, parse recipe.toml, find FROM edges between recipes.
+
+A recipe is a folder holding a Dockerfile (the folder is the build context) or a
+recipe.toml with a [bootstrap] table (an mmdebstrap base image, no Docker needed).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+IMAGE_REPO = "ldt"  # recipe images are tagged ldt/<name>:latest
+DEFAULT_RECIPE = "hello"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """mmdebstrap settings of a bootstrap recipe."""
+
+    suite: str = "bookworm"
+    variant: str = "minbase"
+    packages: tuple[str, ...] = ()
+    mirror: str = "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    dir: Path
+    build_args: tuple[tuple[str, str], ...] = ()
+    platform: str = "linux/amd64"
+    bootstrap: Bootstrap | None = None
+    # Settings of the later stages (kernel, disk, boot check, VM).
+    kernel: str | None = None  # kernel version to boot; default: the newest in /boot
+    initrd: bool = True  # False: the recipe boots without an initrd
+    cmdline: str = ""  # extra kernel command line
+    headroom_mib: int = 256  # free space added to the root filesystem
+    size_mib: int | None = None  # fixed root filesystem size instead of content + headroom
+    qcow2: bool = False  # also convert the disk images to qcow2
+    memory: str = "1G"
+    cpus: int = 2
+    boot_marker: str = r"login: *$"
+    boot_timeout: int = 600
+    parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
+
+    @property
+    def dockerfile(self) -> Path:
+        return self.dir / "Dockerfile"
+
+    @property
+    def toml(self) -> Path:
+        return self.dir / "recipe.toml"
+
+    @property
+    def image(self) -> str:
+        return image_name(self.name)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, as plain data (goes into cache keys and doit's uptodate digests)."""
+        return {
+            "build_args": dict(self.build_args),
+            "platform": self.platform,
+            "bootstrap": None if self.bootstrap is None else {
+                "suite": self.bootstrap.suite,
+                "variant": self.bootstrap.variant,
+                "packages": list(self.bootstrap.packages),
+                "mirror": self.bootstrap.mirror,
+            },
+            "kernel": self.kernel,
+            "initrd": self.initrd,
+            "cmdline": self.cmdline,
+            "headroom_mib": self.headroom_mib,
+            "size_mib": self.size_mib,
+            "qcow2": self.qcow2,
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "boot_marker": self.boot_marker,
+            "boot_timeout": self.boot_timeout,
+        }
+
+
+def image_name(recipe: str) -> str:
+    return f"{IMAGE_REPO}/{recipe}"
+
+
+# recipe.toml schema: table -> key -> (type, Recipe field or None for nested handling)
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "build": {"args": dict, "platform": str},
+    "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
+    "boot": {"kernel": str, "initrd": bool, "cmdline": str, "marker": str, "timeout": int},
+    "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
+    "vm": {"memory": str, "cpus": int},
+}
+PLATFORMS = ("linux/amd64",)
+VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
+            "debootstrap", "standard")
+
+
+def _line_of(text: str, table: str | None, key: str | None) -> int:
+    """Best-effort line number of `key` in `[table]` (or of the table header)."""
+    lines = text.splitlines()
+    current = None
+    header_line = 1
+    for i, line in enumerate(lines, 1):
+        stripped = line.strip()
+        m = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
+        if m:
+            current = m.group(1)
+            if current == table:
+                header_line = i
+                if key is None:
+                    return i
+            continue
+        if current == table and key is not None and re.match(rf"^\"?{re.escape(key)}\"?\s*=", stripped):
+            return i
+        if table is None and current is None and key and re.match(rf"^{re.escape(key)}\s*[=.]", stripped):
+            return i
+    return header_line
+
+
+def _err(path: Path, text: str, table: str | None, key: str | None, message: str, hint: str) -> UserError:
+    return UserError(f"{path}:{_line_of(text, table, key)}: {message}", hint=hint)
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "an array"}
+    return names.get(t, str(t)) if isinstance(t, type) else " or ".join(names[x] for x in t)
+
+
+def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """Read and validate recipe.toml: unknown tables/keys and wrong types name file, key and line."""
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: {e}", hint="see https://toml.io for the syntax") from e
+    for table, value in data.items():
+        if table not in SCHEMA:
+            raise _err(path, text, None, table, f"unknown table [{table}]",
+                       f"known tables: {', '.join(f'[{t}]' for t in SCHEMA)}")
+        if not isinstance(value, dict):
+            raise _err(path, text, None, table, f"'{table}' must be a table", f"write [{table}] on its own line")
+        for key, v in value.items():
+            expected = SCHEMA[table].get(key)
+            if expected is None:
+                raise _err(path, text, table, key, f"unknown key '{key}' in [{table}]",
+                           f"known keys in [{table}]: {', '.join(SCHEMA[table])}")
+            # bool is a subclass of int: keep them apart
+            if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+                raise _err(path, text, table, key,
+                           f"[{table}] {key} must be {_type_name(expected)}, not {type(v).__name__}",
+                           f"e.g. {key} = {_example(expected)}")
+    build = data.get("build", {})
+    for k, v in build.get("args", {}).items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise _err(path, text, "build", "args", f"build arg '{k}' must be a string",
+                       f'write args = {{ {k} = "value" }}')
+    if build.get("platform", "linux/amd64") not in PLATFORMS:
+        raise _err(path, text, "build", "platform", f"unsupported platform '{build['platform']}'",
+                   f"supported: {', '.join(PLATFORMS)}")
+    boot = data.get("bootstrap", {})
+    if any(not isinstance(p, str) for p in boot.get("packages", [])):
+        raise _err(path, text, "bootstrap", "packages", "packages must be an array of strings",
+                   'e.g. packages = ["systemd-sysv"]')
+    if boot.get("variant", "minbase") not in VARIANTS:
+        raise _err(path, text, "bootstrap", "variant", f"unknown mmdebstrap variant '{boot['variant']}'",
+                   f"one of: {', '.join(VARIANTS)}")
+    for table, key in (("vm", "cpus"), ("disk", "headroom_mib"), ("disk", "size_mib"), ("boot", "timeout")):
+        v = data.get(table, {}).get(key)
+        if v is not None and v <= 0:
+            raise _err(path, text, table, key, f"[{table}] {key} must be positive", f"e.g. {key} = 2")
+    mem = data.get("vm", {}).get("memory")
+    if mem is not None and not re.fullmatch(r"\d+[MG]?", mem):
+        raise _err(path, text, "vm", "memory", f"memory '{mem}' is not a size", 'e.g. memory = "2G"')
+    marker = data.get("boot", {}).get("marker")
+    if marker is not None:
+        try:
+            re.compile(marker)
+        except re.error as e:
+            raise _err(path, text, "boot", "marker", f"marker is not a regular expression: {e}",
+                       "escape special characters, e.g. 'Welcome to Debian'") from e
+    return data
+
+
+def _example(t: type | tuple[type, ...]) -> str:
+    return {str: '"value"', int: "2", bool: "true", dict: '{ KEY = "value" }', list: '["a", "b"]'}.get(
+        t if isinstance(t, type) else t[0], "…")
+
+
+FROM_RE = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
+ARG_RE = re.compile(r"^\s*ARG\s+(\w+)(?:=(\S*))?", re.IGNORECASE | re.MULTILINE)
+
+
+def from_images(dockerfile_text: str, build_args: dict[str, str] | None = None) -> list[str]:
+    """The images a Dockerfile builds FROM (stage names of multi-stage builds left out)."""
+    args = {m.group(1): m.group(2) or "" for m in ARG_RE.finditer(dockerfile_text)}
+    args.update(build_args or {})
+    stages: set[str] = set()
+    images = []
+    for m in FROM_RE.finditer(dockerfile_text):
+        ref = re.sub(r"\$\{?(\w+)\}?", lambda a: args.get(a.group(1), ""), m.group(1))
+        if ref.lower() not in stages and ref != "scratch":
+            images.append(ref)
+        if m.group(2):
+            stages.add(m.group(2).lower())
+    return images
+
+
+def recipe_of_image(ref: str) -> str | None:
+    """'ldt/hello' or 'ldt/hello:latest' -> 'hello'; other images -> None."""
+    repo, _, tag = ref.partition(":")
+    if "@" in repo or not repo.startswith(IMAGE_REPO + "/") or tag not in ("", "latest"):
+        return None
+    return repo[len(IMAGE_REPO) + 1:]
+
+
+def load(recipe_dir: Path) -> Recipe:
+    name = recipe_dir.name
+    if not NAME_RE.match(name):
+        raise UserError(f"{recipe_dir}: recipe name '{name}' is not a valid image name",
+                        hint="use lowercase letters, digits, '.', '_' and '-'")
+    data = parse_toml(recipe_dir / "recipe.toml") if (recipe_dir / "recipe.toml").exists() else {}
+    has_dockerfile = (recipe_dir / "Dockerfile").is_file()
+    bootstrap = None
+    if "bootstrap" in data:
+        if has_dockerfile:
+            raise UserError(f"{recipe_dir}: has both a Dockerfile and a [bootstrap] table",
+                            hint="a bootstrap recipe has no Dockerfile; remove one of them")
+        b = data["bootstrap"]
+        bootstrap = Bootstrap(
+            suite=b.get("suite", Bootstrap.suite), variant=b.get("variant", Bootstrap.variant),
+            packages=tuple(b.get("packages", ())), mirror=b.get("mirror", Bootstrap.mirror))
+    elif not has_dockerfile:
+        raise UserError(f"{recipe_dir}: no Dockerfile and no [bootstrap] table in recipe.toml",
+                        hint="add a Dockerfile (FROM ldt/debian-bookworm) or remove the folder")
+    build, boot, disk, vm = (data.get(t, {}) for t in ("build", "boot", "disk", "vm"))
+    args = tuple(sorted((k, str(v)) for k, v in build.get("args", {}).items()))
+    parents: tuple[str, ...] = ()
+    if has_dockerfile:
+        refs = from_images((recipe_dir / "Dockerfile").read_text(), dict(args))
+        parents = tuple(dict.fromkeys(p for p in map(recipe_of_image, refs) if p))
+    return Recipe(
+        name=name, dir=recipe_dir, build_args=args, platform=build.get("platform", "linux/amd64"),
+        bootstrap=bootstrap, kernel=boot.get("kernel"), initrd=boot.get("initrd", True),
+        cmdline=boot.get("cmdline", ""), boot_marker=boot.get("marker", Recipe.boot_marker),
+        boot_timeout=boot.get("timeout", Recipe.boot_timeout),
+        headroom_mib=disk.get("headroom_mib", Recipe.headroom_mib), size_mib=disk.get("size_mib"),
+        qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
+        parents=parents,
+    )
+
+
+def discover(recipes_dir: Path) -> dict[str, Recipe]:
+    """All recipes, validated: every FROM ldt/<x> names a recipe, and there is no cycle."""
+    if not recipes_dir.is_dir():
+        return {}
+    found = {d.name: load(d) for d in sorted(recipes_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    for r in found.values():
+        for p in r.parents:
+            if p not in found:
+                raise UserError(f"{r.dockerfile}: FROM {image_name(p)} names no recipe",
+                                hint=f"known recipes: {', '.join(found) or '(none)'}; "
+                                     f"add recipes/{p}/ or fix the FROM line")
+    order(found)  # raises on a cycle
+    return found
+
+
+def order(recipes: dict[str, Recipe]) -> list[str]:
+    """Recipe names, parents before children; a FROM cycle is an error."""
+    done: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join(path[path.index(name):] + [name])
+            raise UserError(f"FROM cycle between recipes: {cycle}", hint="a recipe cannot build FROM itself")
+        state[name] = "visiting"
+        for p in recipes[name].parents:
+            visit(p, path + [name])
+        state[name] = "done"
+        done.append(name)
+
+    for n in sorted(recipes):
+        visit(n, [])
+    return done
+
+
+def ancestors(recipes: dict[str, Recipe], name: str) -> list[str]:
+    seen: list[str] = []
+    stack = list(recipes[name].parents)
+    while stack:
+        p = stack.pop()
+        if p not in seen:
+            seen.append(p)
+            stack.extend(recipes[p].parents)
+    return seen
+
+
+def get(recipes: dict[str, Recipe], name: str) -> Recipe:
+    if name not in recipes:
+        raise UserError(f"unknown recipe '{name}'", hint=f"known recipes: {', '.join(sorted(recipes)) or '(none)'}")
+    return recipes[name]
