@@ -4,7 +4,6 @@ from pathlib import Path
 
 from pipeline import stages
 from pipeline.cache import XXHashChecker, inputs_changed
-from pipeline.recipes import DEFAULT_RECIPE
 from pipeline.stages import TGZ, Project
 
 ROOT = Path(__file__).resolve().parent

@@ -67,6 +67,10 @@ def tree_manifest(root: Path, relpaths: Iterable[str]) -> list[dict[str, Any]]:
 class Store:
     root: Path  # the cache/ folder
 
+    def __post_init__(self) -> None:
+        # entries are compared with resolved pointer targets: keep one spelling of every path
+        object.__setattr__(self, "root", Path(os.path.realpath(self.root)))
+
     @property
     def store(self) -> Path:
         return self.root / "store"
@@ -189,9 +193,25 @@ class Store:
             shutil.rmtree(e)
         if self.tmp.is_dir():
             for w in self.tmp.iterdir():
+                if _builder_alive(w.name):
+                    continue  # a build in progress
                 shutil.rmtree(w, ignore_errors=True) if w.is_dir() else w.unlink()
                 removed.append(w)
         return removed
+
+
+def _builder_alive(work_name: str) -> bool:
+    """Work dirs are named <stage>-<key>-<pid>-<ns>: is that process still running?"""
+    parts = work_name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(parts[1]) != os.getpid()
 
 
 def du(path: Path) -> tuple[int, int]:

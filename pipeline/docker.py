@@ -135,12 +135,16 @@ def build(c, context: Path, ref: str, *, buildargs: dict[str, str], platform: st
     log: list[str] = []
     step = ""
     image = None
+    partial = ""  # the engine splits lines across items: echo whole lines only
     try:
         stream = c.api.build(path=str(context), tag=ref, buildargs=buildargs, platform=platform,
                              rm=True, forcerm=True, decode=True, pull=False)
         for item in stream:
             if "stream" in item:
-                for line in item["stream"].splitlines():
+                *lines, partial = (partial + item["stream"]).split("\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
                     if m := STEP_RE.match(line):
                         step = m.group(1)
                         log = []

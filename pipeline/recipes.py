@@ -112,6 +112,8 @@ def _line_of(text: str, table: str | None, key: str | None) -> int:
         m = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
         if m:
             current = m.group(1)
+            if table is None and key is not None and (current == key or current.startswith(key + ".")):
+                return i
             if current == table:
                 header_line = i
                 if key is None:
@@ -199,7 +201,7 @@ ARG_RE = re.compile(r"^\s*ARG\s+(\w+)(?:=(\S*))?", re.IGNORECASE | re.MULTILINE)
 
 def from_images(dockerfile_text: str, build_args: dict[str, str] | None = None) -> list[str]:
     """The images a Dockerfile builds FROM (stage names of multi-stage builds left out)."""
-    args = {m.group(1): m.group(2) or "" for m in ARG_RE.finditer(dockerfile_text)}
+    args = {m.group(1): _unquote(m.group(2) or "") for m in ARG_RE.finditer(dockerfile_text)}
     args.update(build_args or {})
     stages: set[str] = set()
     images = []
@@ -210,6 +212,12 @@ def from_images(dockerfile_text: str, build_args: dict[str, str] | None = None) 
         if m.group(2):
             stages.add(m.group(2).lower())
     return images
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def recipe_of_image(ref: str) -> str | None:

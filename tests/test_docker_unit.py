@@ -1,0 +1,346 @@
+"""pipeline/docker.py against a fake SDK client (passed in, the docker-py way): no daemon needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from docker.errors import APIError, ImageNotFound
+
+from pipeline import docker
+from pipeline.errors import UserError
+
+# -- a fake client ------------------------------------------------------------------------------------
+
+
+class FakeAPI:
+    def __init__(self, items=(), error: Exception | None = None) -> None:
+        self.items = list(items)
+        self.error = error
+        self.build_kwargs: dict = {}
+        self.imports: list = []
+
+    def build(self, **kwargs):
+        self.build_kwargs = kwargs
+
+        def stream():
+            yield from self.items
+            if self.error is not None:
+                raise self.error
+
+        return stream()
+
+    def import_image_from_file(self, path, repository, tag, changes):
+        self.imports.append((path, repository, tag, changes))
+        self.client.images.ids[f"{repository}:{tag}"] = "sha256:imported"
+
+
+class FakeImage:
+    def __init__(self, images: FakeImages, ref: str) -> None:
+        self.images, self.id = images, images.ids[ref]
+        self.attrs = {"Config": images.configs.get(ref, {})}
+
+    def tag(self, repo, tag):
+        self.images.ids[f"{repo}:{tag}"] = self.id
+
+
+class FakeImages:
+    def __init__(self, ids=None, pullable=None, configs=None) -> None:
+        self.ids = dict(ids or {})
+        self.pullable = dict(pullable or {})
+        self.configs = dict(configs or {})
+        self.pulls: list[str] = []
+
+    def get(self, ref):
+        if ref not in self.ids:
+            raise ImageNotFound(f"No such image: {ref}")
+        return FakeImage(self, ref)
+
+    def pull(self, ref):
+        self.pulls.append(ref)
+        if ref not in self.pullable:
+            raise APIError("500 Server Error", explanation=f"pull access denied for {ref}, repository does not exist")
+        self.ids[ref] = self.pullable[ref]
+        return FakeImage(self, ref)
+
+
+class FakeContainer:
+    def __init__(self) -> None:
+        self.removed: list[dict] = []
+        self.exported = False
+
+    def export(self, chunk_size):
+        self.exported = True
+        return iter([b"a" * chunk_size, b"b"])
+
+    def remove(self, **kwargs):
+        self.removed.append(kwargs)
+
+
+class FakeContainers:
+    def __init__(self) -> None:
+        self.created: list[tuple[str, dict]] = []
+        self.container = FakeContainer()
+
+    def create(self, image, **kwargs):
+        self.created.append((image, kwargs))
+        return self.container
+
+
+class FakeClient:
+    def __init__(self, api=None, images=None) -> None:
+        self.api = api or FakeAPI()
+        self.api.client = self
+        self.images = images or FakeImages()
+        self.containers = FakeContainers()
+
+
+def stream(*lines: str):
+    return [{"stream": line + "\n"} for line in lines]
+
+
+def run_build(c, echo=None, **kw):
+    args = dict(buildargs={"A": "1"}, platform="linux/amd64", recipe="app", known_recipes=["debian-bookworm"],
+                echo=echo if echo is not None else (lambda line: None))
+    args.update(kw)
+    return docker.build(c, Path("/recipes/app"), "ldt/app:k1", **args)
+
+
+# -- build ---------------------------------------------------------------------------------------------
+
+OK_LOG = ["Step 1/2 : FROM ldt/debian-bookworm", " ---> 028afacca20a", "Step 2/2 : RUN echo hi", " ---> Running in 1",
+          "hi", " ---> 5f5f5f", "Successfully built 5f5f5f", "Successfully tagged ldt/app:k1"]
+
+
+def test_build_streams_the_log_and_returns_the_aux_image_id():
+    items = stream(*OK_LOG[:6]) + [{"aux": {"ID": "sha256:5f5f5f"}}] + stream(*OK_LOG[6:])
+    c = FakeClient(FakeAPI(items))
+    echoed: list[str] = []
+    assert run_build(c, echo=echoed.append) == "sha256:5f5f5f"
+    assert echoed == OK_LOG
+    kw = c.api.build_kwargs
+    assert kw["path"] == "/recipes/app" and kw["tag"] == "ldt/app:k1"
+    assert kw["buildargs"] == {"A": "1"} and kw["platform"] == "linux/amd64"
+    assert kw["decode"] is True and kw["pull"] is False and kw["rm"] is True and kw["forcerm"] is True
+
+
+def test_build_splits_multi_line_stream_items():
+    c = FakeClient(FakeAPI([{"stream": "Step 1/1 : FROM ldt/x\n ---> 1\n"}, {"aux": {"ID": "sha256:1"}}]))
+    echoed: list[str] = []
+    run_build(c, echo=echoed.append)
+    assert echoed == ["Step 1/1 : FROM ldt/x", " ---> 1"]
+
+
+def test_build_without_aux_asks_the_engine_for_the_tag():
+    c = FakeClient(FakeAPI(stream(*OK_LOG)), FakeImages({"ldt/app:k1": "sha256:tagged"}))
+    assert run_build(c) == "sha256:tagged"
+
+
+def test_build_without_any_image_is_a_user_error():
+    c = FakeClient(FakeAPI(stream(*OK_LOG)))
+    with pytest.raises(UserError, match="without an image"):
+        run_build(c)
+
+
+def test_failing_step_names_the_step_with_the_log_tail():
+    items = stream("Step 1/4 : FROM ldt/debian-bookworm", " ---> 028a", "Step 2/4 : RUN echo early",
+                   "early", " ---> 1234", "Step 3/4 : RUN false", " ---> Running in abc", "some output of false")
+    items.append({"errorDetail": {"code": 1, "message": "The command '/bin/sh -c false' returned a non-zero code: 1"},
+                  "error": "The command '/bin/sh -c false' returned a non-zero code: 1"})
+    items += stream("Step 4/4 : RUN never")
+    echoed: list[str] = []
+    with pytest.raises(UserError) as info:
+        run_build(FakeClient(FakeAPI(items)), echo=echoed.append)
+    e = info.value
+    first = e.message.splitlines()[0]
+    assert first == ("recipe 'app': step `RUN false` failed: "
+                     "The command '/bin/sh -c false' returned a non-zero code: 1")
+    tail = e.message.splitlines()[1:]
+    assert tail == ["    Step 3/4 : RUN false", "     ---> Running in abc", "    some output of false"]
+    assert "recipes/app/Dockerfile" in e.hint
+    assert "Step 4/4 : RUN never" not in echoed  # the build stops at the error
+
+
+def test_log_tail_is_bounded():
+    items = stream("Step 1/1 : RUN seq 100", *[str(i) for i in range(100)]) + [{"error": "boom"}]
+    with pytest.raises(UserError) as info:
+        run_build(FakeClient(FakeAPI(items)))
+    lines = info.value.message.splitlines()
+    assert len(lines) == 1 + 20 and lines[-1] == "    99"
+
+
+def test_api_error_during_build_is_a_user_error():
+    error = APIError("400 Client Error", explanation="dockerfile parse error line 3: unknown instruction: RUNN")
+    with pytest.raises(UserError) as info:
+        run_build(FakeClient(FakeAPI(stream("Step 1/2 : FROM ldt/x"), error=error)))
+    assert "unknown instruction: RUNN" in info.value.message
+    assert info.value.hint
+
+
+def test_from_step_error_says_neither_local_nor_pullable():
+    items = stream("Step 1/2 : FROM debian:bookworm") + [
+        {"error": "pull access denied for debian, repository does not exist or may require 'docker login'"}]
+    with pytest.raises(UserError) as info:
+        run_build(FakeClient(FakeAPI(items)))
+    assert "base image debian:bookworm is neither local nor pullable" in info.value.message
+    assert "FROM ldt/debian-bookworm" in info.value.hint
+
+
+def test_pull_error_before_any_step_says_neither_local_nor_pullable():
+    items = [{"error": "Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io: no such host"}]
+    with pytest.raises(UserError) as info:
+        run_build(FakeClient(FakeAPI(items)))
+    assert "neither local nor pullable" in info.value.message
+    assert "FROM ldt/debian-bookworm" in info.value.hint
+
+
+# -- ensure_base ---------------------------------------------------------------------------------------
+
+
+def test_ensure_base_local_image_is_not_pulled():
+    images = FakeImages({"debian:bookworm": "sha256:local"})
+    assert docker.ensure_base(FakeClient(images=images), "debian:bookworm", "app", []) == "sha256:local"
+    assert images.pulls == []
+
+
+def test_ensure_base_pulls_a_missing_image():
+    images = FakeImages(pullable={"debian:bookworm": "sha256:pulled"})
+    assert docker.ensure_base(FakeClient(images=images), "debian:bookworm", "app", []) == "sha256:pulled"
+    assert images.pulls == ["debian:bookworm"]
+
+
+def test_ensure_base_neither_local_nor_pullable_names_the_bootstrap_recipe():
+    with pytest.raises(UserError) as info:
+        docker.ensure_base(FakeClient(), "debian:bookworm", "app", ["debian-bookworm"])
+    e = info.value
+    assert e.message.startswith("recipe 'app': base image debian:bookworm is neither local nor pullable")
+    assert "pull access denied" in e.message
+    assert "FROM ldt/debian-bookworm" in e.hint
+
+
+def test_ensure_base_without_bootstrap_recipes_says_how_to_add_one():
+    with pytest.raises(UserError) as info:
+        docker.ensure_base(FakeClient(), "debian:bookworm", "app", [])
+    assert "[bootstrap]" in info.value.hint
+
+
+# -- image config and import ------------------------------------------------------------------------------
+
+
+def test_config_changes_renders_dockerfile_instructions():
+    cfg = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello world", "EMPTY=", "EQ=a=b"],
+           "Cmd": ["/bin/bash", "-l"], "Entrypoint": ["/init"], "WorkingDir": "/srv/app", "User": "app",
+           "Labels": {"org.example": "x y"}, "ExposedPorts": {"80/tcp": {}}, "StopSignal": "SIGRTMIN+3"}
+    assert docker.config_changes(cfg) == [
+        'ENV PATH="/usr/local/bin:/usr/bin:/bin"',
+        'ENV GREETING="hello world"',
+        'ENV EMPTY=""',
+        'ENV EQ="a=b"',
+        'CMD ["/bin/bash", "-l"]',
+        'ENTRYPOINT ["/init"]',
+        "WORKDIR /srv/app",
+        "USER app",
+        'LABEL "org.example"="x y"',
+        "EXPOSE 80/tcp",
+        "STOPSIGNAL SIGRTMIN+3",
+    ]
+    assert docker.config_changes({}) == []
+
+
+def test_image_config_keeps_what_import_can_restore():
+    cfg = {"Env": ["A=1"], "Cmd": ["bash"], "WorkingDir": "", "Hostname": "abc", "Image": "sha256:x", "User": ""}
+    c = FakeClient(images=FakeImages({"img": "sha256:1"}, configs={"img": cfg}))
+    assert docker.image_config(c, "img") == {"Env": ["A=1"], "Cmd": ["bash"]}
+
+
+def test_import_tgz_and_tag():
+    c = FakeClient()
+    changes = ["CMD [\"bash\"]"]
+    assert docker.import_tgz(c, Path("/x/rootfs.tgz"), "ldt/app:k1", changes) == "sha256:imported"
+    assert c.api.imports == [("/x/rootfs.tgz", "ldt/app", "k1", changes)]
+    docker.tag(c, "ldt/app:k1", "ldt/app:latest")
+    assert c.images.ids["ldt/app:latest"] == "sha256:imported"
+
+
+def test_import_without_result_is_a_user_error():
+    c = FakeClient()
+    c.api.import_image_from_file = lambda *a, **k: None
+    with pytest.raises(UserError, match="did not produce ldt/app:k1"):
+        docker.import_tgz(c, Path("/x/rootfs.tgz"), "ldt/app:k1")
+
+
+# -- exported -------------------------------------------------------------------------------------------
+
+
+def test_exported_streams_and_removes_the_container():
+    c = FakeClient()
+    with docker.exported(c, "sha256:img", chunk_size=4) as chunks:
+        assert list(chunks) == [b"aaaa", b"b"]
+    (image, kwargs), = c.containers.created
+    assert image == "sha256:img" and kwargs["network_disabled"] is True
+    assert c.containers.container.removed == [{"force": True}]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("export failed"), KeyboardInterrupt(), UserError("truncated")])
+def test_exported_removes_the_container_on_failure_and_interrupt(exc):
+    c = FakeClient()
+    with pytest.raises(type(exc)):
+        with docker.exported(c, "sha256:img") as chunks:
+            next(chunks)
+            raise exc
+    assert c.containers.container.removed == [{"force": True}]
+
+
+def test_exported_removal_failure_does_not_hide_the_result():
+    c = FakeClient()
+
+    def fail(**kwargs):
+        raise APIError("409 Conflict")
+
+    c.containers.container.remove = fail
+    with docker.exported(c, "sha256:img") as chunks:
+        assert next(chunks)
+
+
+# -- client ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["unix:///nonexistent.sock", "tcp://127.0.0.1:9"])
+def test_client_unreachable_daemon_is_one_line_with_a_hint(monkeypatch, host):
+    monkeypatch.setenv("DOCKER_HOST", host)
+    monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
+    with pytest.raises(UserError) as info:
+        docker.client()
+    e = info.value
+    assert e.message.startswith("the Docker daemon is not reachable")
+    assert "\n" not in e.message
+    assert "systemctl start docker" in e.hint and "dockerd" in e.hint
+
+
+# -- build context ------------------------------------------------------------------------------------
+
+
+def test_context_files_follow_dockerignore(tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "kept.txt").write_text("")
+    (tmp_path / "sub" / "skip.log").write_text("")
+    (tmp_path / "secret").write_text("")
+    (tmp_path / "link").symlink_to("sub")
+    (tmp_path / ".dockerignore").write_text("# comment\nsecret\n**/*.log\n")
+    assert docker.context_files(tmp_path) == [".dockerignore", "Dockerfile", "link", "sub/kept.txt"]
+
+
+def test_image_id_of_a_missing_image_is_none():
+    c = FakeClient(images=FakeImages({"a": "sha256:a"}))
+    assert docker.image_id(c, "a") == "sha256:a"
+    assert docker.image_id(c, "b") is None
+
+
+def test_docker_module_imports_no_sdk_at_import_time():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.docker, pipeline.stages; print('docker' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
