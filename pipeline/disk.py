@@ -1,0 +1,398 @@
+"""Bootable raw disks from boot files and an ext4 root image: BIOS (MBR + Syslinux) and UEFI
+(GPT + ESP holding a Unified Kernel Image); qcow2 conversion.
+
+Everything works on image files: sfdisk writes the partition table, mtools formats and
+fills the FAT partition in place (`-i disk.img@@offset`), syslinux installs through mtools
+with --offset, and the root filesystem is copied into its partition extent by extent, so no
+loop device, mount or root is needed and holes stay holes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import ids
+from pipeline.errors import UserError
+from pipeline.rootfs import read_ext4_identity
+from pipeline.run import Step, run
+
+SECTOR = 512
+MiB = 1 << 20
+ALIGN = MiB  # partition alignment
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # systemd auto-discovery: x86-64 root
+MBR_FAT32_LBA = "c"
+MBR_LINUX = "83"
+
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+EFI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+MBR_CODE_SIZE = 440
+UKI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and partition tables (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partition:
+    start: int  # bytes, ALIGN-aligned
+    size: int  # bytes, a multiple of SECTOR
+    type: str
+    name: str | None = None
+    uuid: uuid.UUID | None = None
+    bootable: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def layout(sizes: Sequence[int], *, tail: int = 0) -> tuple[list[tuple[int, int]], int]:
+    """(start, size) of each partition, 1 MiB aligned after a 1 MiB gap, and the disk size.
+
+    `tail` reserves space after the last partition (the backup GPT needs 33 sectors)."""
+    out = []
+    pos = ALIGN
+    for size in sizes:
+        size = round_up(size, ALIGN)
+        out.append((pos, size))
+        pos += size
+    return out, pos + tail
+
+
+def sfdisk_script(label: str, label_id: str, partitions: Sequence[Partition]) -> str:
+    """Input for `sfdisk` describing the whole table; label is 'dos' or 'gpt'."""
+    lines = [f"label: {label}", f"label-id: {label_id}", "unit: sectors", f"sector-size: {SECTOR}", ""]
+    for p in partitions:
+        fields = [f"start={p.start // SECTOR}", f"size={p.size // SECTOR}", f"type={p.type}"]
+        if p.uuid is not None:
+            fields.append(f"uuid={str(p.uuid).upper()}")
+        if p.name is not None:
+            fields.append(f'name="{p.name}"')
+        if p.bootable:
+            fields.append("bootable")
+        lines.append(", ".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def sfdisk_cmd(image: Path) -> list[str]:
+    return ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never", os.fspath(image)]
+
+
+def kernel_cmdline(root_uuid: uuid.UUID, extra: Sequence[str] = ()) -> str:
+    """Root by filesystem UUID (any disk bus), console on VGA and on the first serial port."""
+    return " ".join([f"root=UUID={root_uuid}", "rw", "console=tty0", "console=ttyS0,115200", *extra])
+
+
+def syslinux_cfg(cmdline: str, *, initrd: bool = True) -> str:
+    lines = [
+        "SERIAL 0 115200",
+        "DEFAULT linux",
+        "PROMPT 0",
+        "TIMEOUT 0",
+        "LABEL linux",
+        "  LINUX /vmlinuz",
+    ]
+    if initrd:
+        lines.append("  INITRD /initrd.img")
+    lines.append(f"  APPEND {cmdline}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# FAT through mtools (pure command builders)
+# --------------------------------------------------------------------------------------------
+
+
+def mtools_env(epoch: int) -> dict[str, str]:
+    return {**ids.source_date_env(epoch), "MTOOLS_SKIP_CHECK": "1"}
+
+
+def fat_target(image: Path, offset: int) -> str:
+    return f"{os.fspath(image)}@@{offset}"
+
+
+def fat32_cluster_sectors(size: int) -> int:
+    """Sectors per cluster keeping FAT32 above its 65525-cluster minimum (with margin)."""
+    spc = 1
+    while spc < 64 and size // SECTOR // (spc * 2) >= 70000:
+        spc *= 2
+    return spc
+
+
+def fat_min_size(content: int) -> int:
+    """A FAT32 partition size for `content` bytes of files: at least 64 MiB, 10% + 8 MiB spare."""
+    return max(64 * MiB, round_up(int(content * 1.1) + 8 * MiB, ALIGN))
+
+
+def mformat_cmd(image: Path, part: Partition, *, serial: int, label: str) -> list[str]:
+    """FAT32 inside the image at the partition; hidden sectors = partition start (for Syslinux)."""
+    sectors = part.size // SECTOR
+    return [
+        "mformat", "-i", fat_target(image, part.start),
+        "-F", "-c", str(fat32_cluster_sectors(part.size)),
+        "-T", str(sectors), "-h", "64", "-s", "32", "-H", str(part.start // SECTOR),
+        "-N", f"{serial:08X}", "-v", label,
+        "::",
+    ]  # fmt: skip
+
+
+def mmd_cmd(image: Path, offset: int, dirs: Sequence[str]) -> list[str]:
+    return ["mmd", "-i", fat_target(image, offset), *dirs]
+
+
+def mcopy_cmd(image: Path, offset: int, src: Path, dest: str) -> list[str]:
+    return ["mcopy", "-i", fat_target(image, offset), os.fspath(src), dest]
+
+
+def syslinux_install_cmd(image: Path, offset: int) -> list[str]:
+    """Syslinux (mtools flavour) into the FAT file system at `offset` bytes of the image."""
+    return ["syslinux", "--install", "--offset", str(offset), os.fspath(image)]
+
+
+# --------------------------------------------------------------------------------------------
+# Unified kernel image (pure parts)
+# --------------------------------------------------------------------------------------------
+
+_SECTION_RE = re.compile(r"^\s*\d+\s+(\S+)\s+([0-9a-fA-F]+)\s+([0-9a-fA-F]+)\s+[0-9a-fA-F]+\s+[0-9a-fA-F]+\s+2\*\*\d+")
+
+
+def pe_sections(objdump_h: str) -> dict[str, tuple[int, int]]:
+    """{name: (size, vma)} from `objdump -h` output."""
+    out = {}
+    for line in objdump_h.splitlines():
+        m = _SECTION_RE.match(line)
+        if m:
+            out[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
+    return out
+
+
+def pe_section_alignment(objdump_p: str) -> int:
+    m = re.search(r"^SectionAlignment\s+([0-9a-fA-F]+)", objdump_p, re.MULTILINE)
+    if not m:
+        raise UserError("cannot read SectionAlignment of the EFI stub (objdump -p)")
+    return int(m.group(1), 16)
+
+
+def uki_section_vmas(stub_sections: dict[str, tuple[int, int]], align: int,
+                     payload: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """VMAs for the added sections: packed after the stub's last section, each aligned.
+
+    This is what ukify (systemd 252) and the Arch wiki recipe compute."""
+    pos = round_up(max(vma + size for size, vma in stub_sections.values()), align)
+    out = []
+    for name, size in payload:
+        out.append((name, pos))
+        pos = round_up(pos + size, align)
+    return out
+
+
+def objcopy_uki_cmd(stub: Path, out: Path, sections: Sequence[tuple[str, Path, int]]) -> list[str]:
+    """objcopy adding (name, file, vma) sections to the stub.
+
+    --preserve-dates keeps the stub's PE TimeDateStamp (objcopy would write the current time)."""
+    cmd = ["objcopy", "--preserve-dates"]
+    for name, path, vma in sections:
+        cmd += ["--add-section", f"{name}={os.fspath(path)}", "--change-section-vma", f"{name}={vma:#x}"]
+    return [*cmd, os.fspath(stub), os.fspath(out)]
+
+
+def ukify_cmd(stub: Path, out: Path, kernel: Path, initrd: Path | None, cmdline: Path,
+              os_release: Path) -> list[str]:
+    cmd = ["ukify", "build", "--stub", os.fspath(stub), "--linux", os.fspath(kernel)]
+    if initrd is not None:
+        cmd += ["--initrd", os.fspath(initrd)]
+    return [*cmd, "--cmdline", f"@{os.fspath(cmdline)}", "--os-release", f"@{os.fspath(os_release)}",
+            "--output", os.fspath(out)]
+
+
+# --------------------------------------------------------------------------------------------
+# Executors
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic(out: Path) -> Iterator[Path]:
+    """A temporary path next to out, renamed over it on success, removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) ranges of a file."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        pos = end
+
+
+def sparse_copy_into(src: Path, dest: Path, offset: int) -> None:
+    """Copy src into dest at offset, data extents only (dest's holes stay holes)."""
+    with open(src, "rb") as fs, open(dest, "r+b") as fd:
+        size = os.fstat(fs.fileno()).st_size
+        for start, length in data_extents(fs.fileno(), size):
+            done = 0
+            while done < length:
+                n = os.copy_file_range(fs.fileno(), fd.fileno(), length - done,
+                                       start + done, offset + start + done)
+                if n == 0:
+                    raise UserError(f"short copy of {src} into {dest}")
+                done += n
+
+
+def _create_sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def write_mbr_code(image: Path, boot_code: Path = SYSLINUX_MBR) -> None:
+    code = boot_code.read_bytes()[:MBR_CODE_SIZE]
+    with open(image, "r+b") as f:
+        f.write(code)
+
+
+def _partition_table(image: Path, label: str, label_id: str, parts: Sequence[Partition]) -> None:
+    run(sfdisk_cmd(image), input=sfdisk_script(label, label_id, parts).encode(), capture=True)
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    path: Path
+    size_bytes: int
+    root_uuid: uuid.UUID
+    cmdline: str
+
+
+def build_bios_disk(
+    kernel: Path, initrd: Path | None, root_img: Path, out: Path, *, key: str, epoch: int,
+    extra_cmdline: Sequence[str] = (),
+) -> DiskImage:
+    """MBR disk: p1 FAT32 (bootable) with Syslinux, kernel, initrd, syslinux.cfg; p2 the ext4 root."""
+    root_uuid, _ = read_ext4_identity(root_img)
+    cmdline = kernel_cmdline(root_uuid, extra_cmdline)
+    files = [kernel, *([initrd] if initrd else [])]
+    boot_size = fat_min_size(sum(f.stat().st_size for f in files) + MiB)
+    (p1, p2), disk_size = layout([boot_size, root_img.stat().st_size])
+    boot = Partition(*p1, type=MBR_FAT32_LBA, bootable=True)
+    root = Partition(*p2, type=MBR_LINUX)
+    env = mtools_env(epoch)
+    with Step(f"writing {out.name}"), _atomic(out) as tmp:
+        _create_sparse(tmp, disk_size)
+        _partition_table(tmp, "dos", f"{ids.derive_u32(key, 'mbr-disk-id'):#010x}", [boot, root])
+        run(mformat_cmd(tmp, boot, serial=ids.derive_u32(key, "bios-boot-fat"), label="BOOT"), env=env)
+        cfg = tmp.with_name(tmp.name + ".syslinux.cfg")
+        try:
+            cfg.write_text(syslinux_cfg(cmdline, initrd=initrd is not None))
+            run(mcopy_cmd(tmp, boot.start, kernel, "::/vmlinuz"), env=env)
+            if initrd is not None:
+                run(mcopy_cmd(tmp, boot.start, initrd, "::/initrd.img"), env=env)
+            run(mcopy_cmd(tmp, boot.start, cfg, "::/syslinux.cfg"), env=env)
+        finally:
+            cfg.unlink()
+        run(syslinux_install_cmd(tmp, boot.start), env=env, capture=True)
+        write_mbr_code(tmp)
+        sparse_copy_into(root_img, tmp, root.start)
+    return DiskImage(out, disk_size, root_uuid, cmdline)
+
+
+def _efi_stub_layout(stub: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    sections = pe_sections(run(["objdump", "-h", stub], capture=True).stdout.decode())
+    align = pe_section_alignment(run(["objdump", "-p", stub], capture=True).stdout.decode())
+    if not sections:
+        raise UserError(f"{stub}: no sections found (is it a PE EFI stub?)")
+    return sections, align
+
+
+def build_uki(
+    kernel: Path, initrd: Path | None, cmdline: str, os_release: Path, out: Path, *, stub: Path = EFI_STUB,
+) -> Path:
+    """Unified kernel image: systemd's EFI stub with .osrel, .cmdline, .linux, .initrd sections.
+
+    ukify when it is on PATH, else objcopy with the section VMAs ukify 252 would use."""
+    if not stub.exists():
+        raise UserError(f"{stub} not found", hint="install systemd-boot-efi (run ./setup.sh)")
+    with _atomic(out) as tmp:
+        cmdline_file = tmp.with_name(tmp.name + ".cmdline")
+        try:
+            cmdline_file.write_text(cmdline + "\n")
+            if shutil.which("ukify"):
+                run(ukify_cmd(stub, tmp, kernel, initrd, cmdline_file, os_release), capture=True)
+            else:
+                payload = [(".osrel", os_release), (".cmdline", cmdline_file), (".linux", kernel)]
+                if initrd is not None:
+                    payload.append((".initrd", initrd))
+                sections, align = _efi_stub_layout(stub)
+                vmas = uki_section_vmas(sections, align, [(n, p.stat().st_size) for n, p in payload])
+                added = [(name, path, vma) for (name, path), (_, vma) in zip(payload, vmas, strict=True)]
+                run(objcopy_uki_cmd(stub, tmp, added), capture=True)
+        finally:
+            cmdline_file.unlink(missing_ok=True)
+    return out
+
+
+def build_uefi_disk(
+    kernel: Path, initrd: Path | None, os_release: Path, root_img: Path, out: Path, *, key: str, epoch: int,
+    extra_cmdline: Sequence[str] = (),
+) -> DiskImage:
+    """GPT disk: p1 the ESP (FAT32) with a UKI at \\EFI\\BOOT\\BOOTX64.EFI; p2 the ext4 root, typed
+    as the x86-64 root partition for systemd's auto-discovery."""
+    root_uuid, _ = read_ext4_identity(root_img)
+    cmdline = kernel_cmdline(root_uuid, extra_cmdline)
+    env = mtools_env(epoch)
+    uki = out.with_name(f".{out.name}.uki-{os.getpid()}.efi")
+    try:
+        with Step("building the unified kernel image"):
+            build_uki(kernel, initrd, cmdline, os_release, uki)
+        esp_size = fat_min_size(uki.stat().st_size)
+        (p1, p2), disk_size = layout([esp_size, root_img.stat().st_size], tail=ALIGN)
+        esp = Partition(*p1, type=ESP_TYPE, name="ESP", uuid=ids.derive_uuid(key, "gpt-esp"))
+        root = Partition(*p2, type=ROOT_X86_64_TYPE, name="root", uuid=ids.derive_uuid(key, "gpt-root"))
+        with Step(f"writing {out.name}"), _atomic(out) as tmp:
+            _create_sparse(tmp, disk_size)
+            _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
+            run(mformat_cmd(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP"), env=env)
+            run(mmd_cmd(tmp, esp.start, ["::/EFI", "::/EFI/BOOT"]), env=env)
+            run(mcopy_cmd(tmp, esp.start, uki, UKI_PATH), env=env)
+            sparse_copy_into(root_img, tmp, root.start)
+    finally:
+        uki.unlink(missing_ok=True)
+    return DiskImage(out, disk_size, root_uuid, cmdline)
+
+
+def qemu_img_convert_cmd(raw: Path, out: Path, *, compress: bool = False) -> list[str]:
+    return ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compress else []),
+            os.fspath(raw), os.fspath(out)]
+
+
+def to_qcow2(raw: Path, out: Path, *, compress: bool = False) -> Path:
+    """qcow2 of a raw disk (holes stay unallocated; -c compresses clusters)."""
+    with Step(f"converting {raw.name} to qcow2"), _atomic(out) as tmp:
+        run(qemu_img_convert_cmd(raw, tmp, compress=compress), capture=True)
+    return out
