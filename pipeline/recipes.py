@@ -45,7 +45,8 @@ class Recipe:
     qcow2: bool = False  # also convert the disk images to qcow2
     memory: str = "1G"
     cpus: int = 2
-    boot_marker: str = r"login: *$"
+    boot_marker: str | None = None  # regex on the serial console; None: a login prompt
+    bootable: bool = True  # False: no boot stages (e.g. a base image without a kernel)
     boot_timeout: int = 600
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
 
@@ -81,6 +82,7 @@ class Recipe:
             "memory": self.memory,
             "cpus": self.cpus,
             "boot_marker": self.boot_marker,
+            "bootable": self.bootable,
             "boot_timeout": self.boot_timeout,
         }
 
@@ -93,7 +95,7 @@ def image_name(recipe: str) -> str:
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"args": dict, "platform": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
-    "boot": {"kernel": str, "initrd": bool, "cmdline": str, "marker": str, "timeout": int},
+    "boot": {"bootable": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str, "timeout": int},
     "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
     "vm": {"memory": str, "cpus": int},
 }
@@ -261,7 +263,13 @@ def load(recipe_dir: Path) -> Recipe:
         headroom_mib=disk.get("headroom_mib", Recipe.headroom_mib), size_mib=disk.get("size_mib"),
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
         parents=parents,
+        bootable=boot.get("bootable", _default_bootable(bootstrap)),
     )
+
+
+def _default_bootable(bootstrap: Bootstrap | None) -> bool:
+    """Dockerfile recipes boot; a bootstrap recipe only when it installs a kernel."""
+    return bootstrap is None or any(p.startswith("linux-image") for p in bootstrap.packages)
 
 
 def discover(recipes_dir: Path) -> dict[str, Recipe]:
