@@ -107,8 +107,8 @@ def main() -> None:
         bench_restore(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run("docker images -q 'ldt/ldtb-*' | sort -u | xargs -r docker rmi -f", shell=True,
-                       capture_output=True)
+        subprocess.run("docker images --format '{{.Repository}}:{{.Tag}}' | grep '^ldt/ldtb-' | xargs -r docker rmi",
+                       shell=True, capture_output=True)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,24 @@ def client():
     return c
 
 
+# recipe.toml holds settings of the pipeline, not of the image: never part of the build context,
+# so editing a boot setting does not rebuild the tgz.
+NOT_CONTEXT = ("recipe.toml",)
+
+
+def ignore_patterns(context: Path) -> list[str]:
+    ignore = context / ".dockerignore"
+    patterns = list(NOT_CONTEXT)
+    if ignore.is_file():
+        patterns += [p.strip() for p in ignore.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    return patterns
+
+
 def context_files(context: Path, dockerfile: str = "Dockerfile") -> list[str]:
     """Files of a build context that the engine sees, after .dockerignore (docker's own matcher)."""
     from docker.utils.build import exclude_paths
 
-    ignore = context / ".dockerignore"
-    patterns = []
-    if ignore.is_file():
-        patterns = [p.strip() for p in ignore.read_text().splitlines() if p.strip() and not p.startswith("#")]
-    paths = exclude_paths(str(context), patterns, dockerfile=dockerfile)
+    paths = exclude_paths(str(context), ignore_patterns(context), dockerfile=dockerfile)
     return sorted(p for p in paths if not (context / p).is_dir() or (context / p).is_symlink())
 
 
@@ -131,14 +140,17 @@ def build(c, context: Path, ref: str, *, buildargs: dict[str, str], platform: st
     A failing step raises one line naming the step, with the tail of its log.
     """
     from docker.errors import APIError
+    from docker.utils.build import tar
 
     log: list[str] = []
     step = ""
     image = None
     partial = ""  # the engine splits lines across items: echo whole lines only
     try:
-        stream = c.api.build(path=str(context), tag=ref, buildargs=buildargs, platform=platform,
-                             rm=True, forcerm=True, decode=True, pull=False)
+        # the context is uploaded before the call returns; the log streams afterwards
+        with tar(str(context), exclude=ignore_patterns(context)) as ctx:
+            stream = c.api.build(fileobj=ctx, custom_context=True, tag=ref, buildargs=buildargs,
+                                 platform=platform, rm=True, forcerm=True, decode=True, pull=False)
         for item in stream:
             if "stream" in item:
                 *lines, partial = (partial + item["stream"]).split("\n")

@@ -464,8 +464,9 @@ def recipes_or_exit(p: Project) -> dict[str, Recipe]:
 
 
 def recipe_files(r: Recipe) -> list[str]:
-    """Every file in the recipe folder (a superset of the build context: cheap to list, never misses one)."""
-    return sorted(str(f) for f in r.dir.rglob("*") if f.is_file() or f.is_symlink())
+    """The recipe folder's files but recipe.toml (a superset of the build context: cheap to list, never
+    misses one); recipe.toml's settings reach each task through its uptodate digest instead."""
+    return sorted(str(f) for f in r.dir.rglob("*") if (f.is_file() or f.is_symlink()) and f != r.toml)
 
 
 def tgz_inputs(r: Recipe) -> dict[str, Any]:

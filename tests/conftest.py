@@ -86,3 +86,11 @@ def make_project(dest: Path, recipes: dict[str, dict[str, str]], seed_store: boo
 
 
 BOOTSTRAP_TOML = (ROOT / "recipes" / "debian-bookworm" / "recipe.toml").read_text()
+
+
+@pytest.fixture(scope="session")
+def hello_artifacts(built_hello: Path) -> dict[str, Path]:
+    """Every boot artifact of recipes/hello, built through the graph: {artifact name: resolved path}."""
+    doit("build_efistub:hello", "build_syslinux_bios:hello")
+    d = built_hello / "cache" / "recipes" / "hello"
+    return {f.name: f.resolve() for f in d.iterdir() if f.is_symlink()}

@@ -22,6 +22,11 @@ class FakeAPI:
 
     def build(self, **kwargs):
         self.build_kwargs = kwargs
+        if "fileobj" in kwargs:  # the uploaded context, as the engine would see it
+            import tarfile
+
+            with tarfile.open(fileobj=kwargs["fileobj"]) as t:
+                self.context_members = sorted(t.getnames())
 
         def stream():
             yield from self.items
@@ -100,10 +105,18 @@ def stream(*lines: str):
 
 
 def run_build(c, echo=None, **kw):
+    import tempfile
+
     args = dict(buildargs={"A": "1"}, platform="linux/amd64", recipe="app", known_recipes=["debian-bookworm"],
                 echo=echo if echo is not None else (lambda line: None))
     args.update(kw)
-    return docker.build(c, Path("/recipes/app"), "ldt/app:k1", **args)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Path(tmp) / "recipes" / "app"
+        ctx.mkdir(parents=True)
+        (ctx / "Dockerfile").write_text("FROM ldt/debian-bookworm\n")
+        (ctx / "recipe.toml").write_text("[vm]\ncpus = 1\n")
+        (ctx / "data.txt").write_text("x")
+        return docker.build(c, ctx, "ldt/app:k1", **args)
 
 
 # -- build ---------------------------------------------------------------------------------------------
@@ -119,7 +132,8 @@ def test_build_streams_the_log_and_returns_the_aux_image_id():
     assert run_build(c, echo=echoed.append) == "sha256:5f5f5f"
     assert echoed == OK_LOG
     kw = c.api.build_kwargs
-    assert kw["path"] == "/recipes/app" and kw["tag"] == "ldt/app:k1"
+    assert kw["custom_context"] is True and kw["tag"] == "ldt/app:k1"
+    assert c.api.context_members == ["Dockerfile", "data.txt"]  # recipe.toml is pipeline settings, not context
     assert kw["buildargs"] == {"A": "1"} and kw["platform"] == "linux/amd64"
     assert kw["decode"] is True and kw["pull"] is False and kw["rm"] is True and kw["forcerm"] is True
 

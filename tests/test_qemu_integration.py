@@ -17,12 +17,8 @@ import pytest
 
 from pipeline import qemu
 from pipeline.qemu import Accel, DiskBus, Mode, VmSettings
-from pipeline.run import run
 
 pytestmark = pytest.mark.integration
-
-HELLO_TGZ = Path("/tmp/fixtures/hello.tgz")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def need_qemu() -> None:
@@ -31,19 +27,9 @@ def need_qemu() -> None:
 
 
 @pytest.fixture(scope="session")
-def hello_kernel_initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(kernel, initrd) of the hello rootfs. To be rewired to the pipeline's hello_boot artifacts."""
-    if not HELLO_TGZ.is_file():
-        pytest.skip(f"{HELLO_TGZ} is absent (a Debian bookworm rootfs tgz with linux-image-amd64)")
-    dest = tmp_path_factory.mktemp("hello-boot")
-    run(["tar", "-xzf", HELLO_TGZ, "-C", dest, "boot/"])
-    kernels = sorted((dest / "boot").glob("vmlinuz-*"))
-    if not kernels:
-        pytest.skip(f"no /boot/vmlinuz-* in {HELLO_TGZ}")
-    kernel = kernels[-1]
-    initrd = dest / "boot" / kernel.name.replace("vmlinuz-", "initrd.img-")
-    assert initrd.is_file(), f"{kernel.name} has no initrd"
-    return kernel, initrd
+def hello_kernel_initrd(hello_artifacts: dict[str, Path]) -> tuple[Path, Path]:
+    """(kernel, initrd) of recipes/hello, from the pipeline's extract_boot stage."""
+    return hello_artifacts["vmlinuz"], hello_artifacts["initrd.img"]
 
 
 @pytest.fixture(scope="session")
