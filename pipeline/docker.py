@@ -199,3 +199,108 @@ def exported(c, image: str, chunk_size: int = 1 << 20) -> Iterator[Iterator[byte
     finally:
         with contextlib.suppress(Exception):
             container.remove(force=True)
+
+
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+)  # bits 0..37 in kernel order; PERFMON, BPF, CHECKPOINT_RESTORE are unknown to Debian 12's engine (20.10)
+
+
+def host_capabilities(status: str | None = None) -> list[str]:
+    """Names of the capabilities in this process's bounding set (the engine's, on one host)."""
+    if status is None:
+        status = Path("/proc/self/status").read_text()
+    bits = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapBnd:")), 16)
+    return [name for i, name in enumerate(CAPABILITIES) if bits >> i & 1]
+
+
+def run_privileged(c, image: str, argv: list[str], workdir: Path, *, tty: bool) -> int:
+    """suco: argv in a --privileged --cap-add SYS_ADMIN container of `image`, the host's `workdir`
+    at /work; stdin, stdout and stderr passed through (a TTY when interactive); returns the exit status."""
+    import sys
+
+    from docker.errors import APIError
+
+    binds = {str(workdir): {"bind": "/work", "mode": "rw"}}
+
+    def create(**privileges: Any):
+        host_config = c.api.create_host_config(binds=binds, **privileges)
+        created = c.api.create_container(image, command=argv, entrypoint=[], working_dir="/work", tty=tty,
+                                         stdin_open=True, host_config=host_config)  # not detached: StdinOnce
+        return c.containers.get(created["Id"])
+
+    containers = [create(privileged=True, cap_add=["SYS_ADMIN"])]
+    try:
+        sock = _attach(c, containers[-1])
+        try:
+            containers[-1].start()
+        except APIError as e:
+            if "apply caps" not in str(e):
+                raise UserError(f"suco: the container did not start: {e.explanation or e}") from e
+            # The engine itself lacks some capability (nested in a container, as on these CI machines),
+            # so --privileged cannot be granted: take every capability the host has, unconfined.
+            caps = host_capabilities()
+            print(f"suco: this host does not allow --privileged; running with its {len(caps)} capabilities, "
+                  "unconfined", file=sys.stderr)
+            try:
+                containers.append(create(cap_add=caps, security_opt=["seccomp=unconfined", "apparmor=unconfined"]))
+                sock = _attach(c, containers[-1])
+                containers[-1].start()
+            except APIError as e2:
+                raise UserError(f"suco: the container did not start: {e2.explanation or e2}") from e2
+        _relay(sock, tty)
+        return int(containers[-1].wait().get("StatusCode", 1))
+    finally:
+        for container in containers:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+
+
+def _attach(c, container):
+    sock = c.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+    return getattr(sock, "_sock", sock)
+
+
+def _relay(raw, tty: bool) -> None:
+    """stdin -> container (EOF closes its stdin); its output -> stdout/stderr until it closes."""
+    import os
+    import select
+    import socket
+    import sys
+    import threading
+
+    def feed() -> None:
+        try:
+            fd = sys.stdin.fileno()
+            while chunk := os.read(fd, 65536):
+                raw.sendall(chunk)
+        except (OSError, ValueError):
+            pass
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=feed, daemon=True).start()
+    out = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+    buf = b""
+    while True:
+        ready, _, _ = select.select([raw], [], [], 1.0)
+        if not ready:
+            continue
+        data = raw.recv(65536)
+        if not data:
+            return
+        if tty:  # one raw stream
+            out[1].write(data)
+            out[1].flush()
+            continue
+        buf += data  # multiplexed: 8-byte headers [stream, 0, 0, 0, size (big endian)]
+        while len(buf) >= 8 and len(buf) >= 8 + int.from_bytes(buf[4:8], "big"):
+            size = int.from_bytes(buf[4:8], "big")
+            stream = out.get(buf[0], out[2])
+            stream.write(buf[8:8 + size])
+            stream.flush()
+            buf = buf[8 + size:]

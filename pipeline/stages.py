@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Project:
     root: Path
+    extra: tuple[Recipe, ...] = ()  # recipes from outside recipes/ (the stage commands' files and folders)
 
     @property
     def recipes_dir(self) -> Path:
@@ -51,10 +53,15 @@ class Project:
 
     @functools.cached_property
     def recipes(self) -> dict[str, Recipe]:
-        return recipes_mod.discover(self.recipes_dir)
+        return {**recipes_mod.discover(self.recipes_dir), **{r.name: r for r in self.extra}}
 
     def recipe(self, name: str) -> Recipe:
         return recipes_mod.get(self.recipes, name)
+
+
+def as_project(root: str | Project) -> Project:
+    """doit actions pass the root as a string (picklable); the stage commands pass a Project."""
+    return root if isinstance(root, Project) else Project(Path(root))
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -101,9 +108,9 @@ def external_bases(r: Recipe) -> list[str]:
 
 
 @user_errors
-def build_tgz(root: str, name: str) -> None:
+def build_tgz(root: str | Project, name: str) -> None:
     """The recipe's rootfs tgz: mmdebstrap for a bootstrap recipe, docker build + export otherwise."""
-    p = Project(Path(root))
+    p = as_project(root)
     r = p.recipe(name)
     store = p.store
     client = None
@@ -206,11 +213,11 @@ def _stage(p: Project, name: str, stage: str, manifest: dict[str, Any], outputs:
 
 
 @user_errors
-def extract_boot(root: str, name: str) -> None:
+def extract_boot(root: str | Project, name: str) -> None:
     """Kernel, initrd and os-release out of the recipe's rootfs tgz."""
     from pipeline import rootfs
 
-    p = Project(Path(root))
+    p = as_project(root)
     r = p.recipe(name)
     tgz = p.store.current(name, TGZ) or _missing(name, TGZ, "build_tgz")
     manifest = {"tgz": tgz.name, "kernel": r.kernel, "initrd": r.initrd}
@@ -222,11 +229,11 @@ def extract_boot(root: str, name: str) -> None:
 
 
 @user_errors
-def build_rootfs(root: str, name: str) -> None:
+def build_rootfs(root: str | Project, name: str) -> None:
     """The ext4 root filesystem image of the tgz (rootless: no mount, no loop device)."""
     from pipeline import rootfs
 
-    p = Project(Path(root))
+    p = as_project(root)
     r = p.recipe(name)
     tgz = p.store.current(name, TGZ) or _missing(name, TGZ, "build_tgz")
     epoch = tgz_epoch(tgz)
@@ -242,10 +249,10 @@ def build_rootfs(root: str, name: str) -> None:
     _stage(p, name, "ext4", manifest, (EXT4,), build)
 
 
-def _disk_stage(root: str, name: str, stage: str, out_name: str) -> None:
+def _disk_stage(root: str | Project, name: str, stage: str, out_name: str) -> None:
     from pipeline import disk
 
-    p = Project(Path(root))
+    p = as_project(root)
     r = p.recipe(name)
     boot = p.store.current(name, KERNEL) or _missing(name, KERNEL, "extract_boot")
     ext4 = p.store.current(name, EXT4) or _missing(name, EXT4, "build_rootfs")
@@ -271,13 +278,13 @@ def _disk_stage(root: str, name: str, stage: str, out_name: str) -> None:
 
 
 @user_errors
-def build_syslinux_bios(root: str, name: str) -> None:
+def build_syslinux_bios(root: str | Project, name: str) -> None:
     """MBR disk: FAT boot partition with Syslinux, kernel and initrd; the ext4 root as partition 2."""
     _disk_stage(root, name, "bios", BIOS_IMG)
 
 
 @user_errors
-def build_efistub(root: str, name: str) -> None:
+def build_efistub(root: str | Project, name: str) -> None:
     """GPT disk: an ESP with a unified kernel image at \\EFI\\BOOT\\BOOTX64.EFI; the ext4 root."""
     _disk_stage(root, name, "uefi", UEFI_IMG)
 
@@ -332,11 +339,10 @@ def boot_inputs(p: Project, r: Recipe, mode: str) -> Boot:
     return Boot(entry / image, keys=(entry.name,))
 
 
-def vm_command(p: Project, r: Recipe, mode: str, settings, scratch: Path, disk: Path | None = None) -> list[str]:
-    """The qemu argv for booting a recipe in one mode (scratch: a per-run dir for OVMF vars)."""
+def vm_command(mode: str, b: Boot, settings, scratch: Path, disk: Path | None = None) -> list[str]:
+    """The qemu argv for booting `b` in one mode (scratch: a per-run dir for OVMF vars)."""
     from pipeline import qemu
 
-    b = boot_inputs(p, r, mode)
     m = qemu.Mode(mode)
     ovmf = vars_ = None
     if m.needs_ovmf:
@@ -347,32 +353,37 @@ def vm_command(p: Project, r: Recipe, mode: str, settings, scratch: Path, disk: 
 
 
 @user_errors
-def run_vm(root: str, name: str, mode: str, memory: str = "", cpus: int = 0, cmdline: str = "",
+def run_vm(root: str | Project, name: str, mode: str, memory: str = "", cpus: int = 0, cmdline: str = "",
            forward: str = "", net: bool = True, persist: str = "", accel: str = "") -> Any:
     """Boot a recipe on this terminal's serial console. The cached artifact is never written:
     the disk is a throwaway snapshot, or with `persist` a copy outside the store."""
+    p = as_project(root)
+    r = p.recipe(name)
+    return boot_interactive(p, mode, boot_inputs(p, r, mode), memory=memory or r.memory, cpus=cpus or r.cpus,
+                            cmdline=cmdline, forward=forward, net=net, persist=persist, accel=accel)
+
+
+def boot_interactive(p: Project, mode: str, b: Boot, *, memory: str, cpus: int, cmdline: str = "",
+                     forward: str = "", net: bool = True, persist: str = "", accel: str = "") -> Any:
     import tempfile
 
     from pipeline import qemu
 
-    p = Project(Path(root))
-    r = p.recipe(name)
     choice = qemu.select_accel(qemu.Accel.parse(accel or "auto", origin="--accel"), cache_dir=p.store.root)
-    settings = qemu.VmSettings(memory_mib=memory_mib(memory or r.memory), cpus=cpus or r.cpus, accel=choice.accel,
-                               network=net, port_forwards=parse_forwards(forward), kernel_args=cmdline,
-                               interactive=True, snapshot=not persist)
+    settings = qemu.VmSettings(memory_mib=memory_mib(memory), cpus=cpus, accel=choice.accel, network=net,
+                               port_forwards=parse_forwards(forward), kernel_args=cmdline, interactive=True,
+                               snapshot=not persist)
     disk = None
     if persist:
         disk = Path(persist).resolve()
         if p.store.root in disk.parents:
             raise UserError(f"--persist {persist} is inside the store", hint="give a path outside cache/")
         if not disk.exists():
-            src = boot_inputs(p, r, mode).disk
-            log(f"persistent disk: copying {src.name} to {disk}")
-            run(["cp", "--sparse=always", src, disk])
+            log(f"persistent disk: copying {b.disk.name} to {disk}")
+            run(["cp", "--sparse=always", b.disk, disk])
         log(f"persistent disk: {disk} (changes are kept there)")
     with tempfile.TemporaryDirectory(prefix="ldt-run-") as scratch:
-        cmd = vm_command(p, r, mode, settings, Path(scratch), disk)
+        cmd = vm_command(mode, b, settings, Path(scratch), disk)
         status = qemu.run_interactive(cmd)
     if status != 0:
         return TaskFailed(f"qemu exited with status {status}")
@@ -409,7 +420,7 @@ def check_one(p: Project, r: Recipe, mode: str, accel) -> CheckResult:
         return CheckResult(mode, True, res["seconds"], cached=True)
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
     with tempfile.TemporaryDirectory(prefix="ldt-check-") as scratch:
-        cmd = vm_command(p, r, mode, settings, Path(scratch))
+        cmd = vm_command(mode, b, settings, Path(scratch))
         log(f"{r.name}: booting {mode} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
         res = qemu.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
     if res.ok:  # only passes are remembered: a failure is retried next time
@@ -427,11 +438,11 @@ def check_table(name: str, results: list[CheckResult]) -> str:
 
 
 @user_errors
-def check_boot(root: str, name: str, modes: tuple[str, ...] = CHECK_MODES) -> Any:
+def check_boot(root: str | Project, name: str, modes: tuple[str, ...] = CHECK_MODES) -> Any:
     """The boot matrix of a recipe: each mode to its marker, headless; a table of the results."""
     from pipeline import qemu
 
-    p = Project(Path(root))
+    p = as_project(root)
     r = p.recipe(name)
     accel = qemu.select_accel(cache_dir=p.store.root).accel
     results = [check_one(p, r, mode, accel) for mode in modes]
@@ -449,6 +460,57 @@ def check_boot(root: str, name: str, modes: tuple[str, ...] = CHECK_MODES) -> An
 
 def _missing(name: str, artifact: str, task: str) -> Path:
     raise UserError(f"recipe '{name}' has no {artifact} yet", hint=f"run `doit {task}:{name}`")
+
+
+# -- inputs from outside recipes/ (the stage commands) ------------------------------------------
+
+
+def adhoc_recipe(path: Path, prefix: str) -> Recipe:
+    """A recipe with default settings standing for a file or folder outside recipes/."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", path.name.lower().removesuffix(".tgz").removesuffix(".tar.gz"))
+    return Recipe(name=f"{prefix}-{stem.strip('-.') or 'input'}", dir=path.parent)
+
+
+def import_tgz(p: Project, tgz: Path, r: Recipe) -> None:
+    """Put a rootfs tgz from anywhere into the store (keyed by its bytes) and point r at it."""
+    from pipeline.cache import hash_file
+
+    if not tgz.is_file():
+        raise UserError(f"{tgz}: no such file", hint="give the path of a rootfs .tgz (e.g. from docker export | gzip)")
+    manifest = {"stage": "tgz", "version": VERSIONS["tgz"], "file_xxh3": hash_file(tgz)}
+    key = key_of(manifest)
+    entry = p.store.lookup("tgz", key)
+    if entry is None:
+        with p.store.build("tgz", key, manifest) as work:
+            (work / EPOCH).write_text(f"{int(tgz.stat().st_mtime)}\n")
+            try:
+                os.link(tgz, work / TGZ)  # same file system: free
+            except OSError:
+                run(["cp", "--sparse=always", tgz, work / TGZ])
+        entry = p.store.entry("tgz", key)
+    p.store.point(r.name, TGZ, entry / TGZ)
+
+
+def import_tree(p: Project, tree: Path, r: Recipe) -> None:
+    """A root filesystem folder (as mmdebstrap leaves it) becomes a cached tgz keyed by its content."""
+    from pipeline.tgz import compressor_cmd
+
+    if not (tree / "boot").is_dir():
+        raise UserError(f"{tree}: no boot/ folder with a kernel", hint="give a root filesystem tree, e.g. made by "
+                        "`mmdebstrap --include=linux-image-amd64,systemd-sysv bookworm DIR`")
+    files = [str(f.relative_to(tree)) for f in sorted(tree.rglob("*"))]
+    manifest = {"stage": "tgz", "version": VERSIONS["tgz"], "tree": tree_manifest(tree, files)}
+    key = key_of(manifest)
+    entry = p.store.lookup("tgz", key)
+    if entry is None:
+        with p.store.build("tgz", key, manifest) as work:
+            (work / EPOCH).write_text(f"{source_date_epoch()}\n")
+            tar = ["tar", "-C", tree, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
+                   "-cf", "-", "."]
+            with open(work / TGZ, "wb") as out:
+                run(["sh", "-c", f"{shlex.join(map(str, tar))} | {shlex.join(compressor_cmd())}"], stdout=out)
+        entry = p.store.entry("tgz", key)
+    p.store.point(r.name, TGZ, entry / TGZ)
 
 
 # -- graph helpers used by dodo.py -------------------------------------------------------------

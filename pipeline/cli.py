@@ -1,0 +1,267 @@
+"""Console scripts: the stage commands for files and folders outside recipes/, virt and suco.
+
+Each is a thin wrapper over the same stage functions as the doit tasks, writes to the same
+cache (the project's cache/, or $LDT_ROOT/cache) and prints where its output is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from pipeline import stages
+from pipeline.errors import UserError
+from pipeline.recipes import Recipe
+from pipeline.stages import BIOS_IMG, EXT4, TGZ, UEFI_IMG, Boot, Project
+
+
+def project_root() -> Path:
+    """The project this package belongs to (an editable install), or $LDT_ROOT."""
+    return Path(os.environ.get("LDT_ROOT") or Path(__file__).resolve().parent.parent)
+
+
+def call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run a stage function; a failure it reports becomes a UserError."""
+    result = func(*args, **kwargs)
+    if isinstance(result, TaskFailed):
+        raise UserError(result.message.removeprefix("error: "))
+
+
+def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
+    """A console script: one clear line on a user error (exit 2), 130 on Ctrl-C."""
+
+    def wrapper() -> None:
+        try:
+            sys.exit(main(None))
+        except UserError as e:
+            print(e.render(), file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    wrapper.__doc__ = main.__doc__
+    return wrapper
+
+
+def vm_options(parser: argparse.ArgumentParser, *, cmdline: bool) -> None:
+    parser.add_argument("--memory", default="1G", help="guest memory (default: %(default)s)")
+    parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default: %(default)s)")
+    if cmdline:
+        parser.add_argument("--cmdline", default="", help="extra kernel command line")
+    parser.add_argument("--forward", default="", help="host port forwards HOST:GUEST[,HOST:GUEST]")
+    parser.add_argument("--no-net", dest="net", action="store_false", help="no network")
+    parser.add_argument("--persist", default="", metavar="FILE",
+                        help="keep changes in FILE (a copy made on first use) instead of a throwaway snapshot")
+    parser.add_argument("--accel", default="", choices=["", "kvm", "tcg", "auto"],
+                        help="accelerator (default: $LDT_ACCEL or auto: KVM when it works)")
+
+
+def _vm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"memory": args.memory, "cpus": args.cpus, "cmdline": getattr(args, "cmdline", ""),
+            "forward": args.forward, "net": args.net, "persist": args.persist, "accel": args.accel}
+
+
+def _say(what: str, path: Path) -> None:
+    print(f"{what}: {path}")
+
+
+def _from_tgz(tgz: Path, *stage_funcs: Callable[..., Any]) -> tuple[Project, Recipe]:
+    """Import a tgz into the store and run the given stages on it (each cached)."""
+    r = stages.adhoc_recipe(tgz, "tgz")
+    p = Project(project_root(), extra=(r,))
+    stages.import_tgz(p, tgz.resolve(), r)
+    for func in stage_funcs:
+        call(func, p, r.name)
+    return p, r
+
+
+# -- build-tgz DIR ------------------------------------------------------------------------------
+
+
+def build_tgz_main(argv: Sequence[str] | None) -> int:
+    """build-tgz DIR: a Dockerfile folder -> cached rootfs tgz."""
+    from pipeline import recipes
+
+    ap = argparse.ArgumentParser(prog="build-tgz", description="Build a Dockerfile folder into a cached rootfs tgz "
+                                 "(docker build + export); prints the tgz's path.")
+    ap.add_argument("dir", type=Path, help="a folder with a Dockerfile (the build context)")
+    args = ap.parse_args(argv)
+    if not (args.dir / "Dockerfile").is_file():
+        raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile")
+    r = recipes.load(args.dir.resolve())
+    p = Project(project_root(), extra=(r,))
+    call(stages.build_tgz, p, r.name)
+    _say("rootfs tgz", p.store.pointer(r.name, TGZ).resolve())
+    return 0
+
+
+# -- build-syslinux-bios / build-efistub FILE.tgz -----------------------------------------------
+
+
+def build_bios_main(argv: Sequence[str] | None) -> int:
+    """build-syslinux-bios FILE.tgz: a BIOS-bootable raw disk image (Syslinux, MBR)."""
+    ap = argparse.ArgumentParser(prog="build-syslinux-bios", description="Make a Syslinux BIOS disk image from a "
+                                 "rootfs tgz (kernel and initrd from its /boot); prints the image's path.")
+    ap.add_argument("tgz", type=Path)
+    args = ap.parse_args(argv)
+    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stages.build_syslinux_bios)
+    _say("BIOS disk image", p.store.pointer(r.name, BIOS_IMG).resolve())
+    return 0
+
+
+def build_efistub_main(argv: Sequence[str] | None) -> int:
+    """build-efistub FILE.tgz: a UEFI-bootable raw GPT disk image (ESP with a UKI)."""
+    ap = argparse.ArgumentParser(prog="build-efistub", description="Make a UEFI disk image (GPT, ESP with a unified "
+                                 "kernel image) from a rootfs tgz; prints the image's path.")
+    ap.add_argument("tgz", type=Path)
+    args = ap.parse_args(argv)
+    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stages.build_efistub)
+    _say("UEFI disk image", p.store.pointer(r.name, UEFI_IMG).resolve())
+    return 0
+
+
+# -- run-tgz FILE.tgz, run-dir DIR, run-bios IMG, run-uefi IMG --------------------------------
+
+
+def run_tgz_main(argv: Sequence[str] | None) -> int:
+    """run-tgz FILE.tgz: boot a rootfs tgz with -kernel/-initrd on this terminal."""
+    ap = argparse.ArgumentParser(prog="run-tgz", description="Boot a rootfs tgz (its kernel and initrd, an ext4 root "
+                                 "made from it, cached) with the serial console on this terminal.")
+    ap.add_argument("tgz", type=Path)
+    vm_options(ap, cmdline=True)
+    args = ap.parse_args(argv)
+    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs)
+    _say("root image", p.store.pointer(r.name, EXT4).resolve())
+    call(stages.run_vm, p, r.name, "tgz", **_vm_kwargs(args))
+    return 0
+
+
+def run_dir_main(argv: Sequence[str] | None) -> int:
+    """run-dir DIR: boot a root filesystem folder (kernel and initrd in DIR/boot)."""
+    ap = argparse.ArgumentParser(prog="run-dir", description="Boot a folder holding a root filesystem, with its "
+                                 "kernel and initrd in DIR/boot (as mmdebstrap leaves it): the folder becomes a "
+                                 "cached ext4 image keyed by its content and boots like run-tgz.")
+    ap.add_argument("dir", type=Path)
+    vm_options(ap, cmdline=True)
+    args = ap.parse_args(argv)
+    tree = args.dir.resolve()
+    if not tree.is_dir():
+        raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
+    r = stages.adhoc_recipe(tree, "dir")
+    p = Project(project_root(), extra=(r,))
+    stages.import_tree(p, tree, r)
+    call(stages.extract_boot, p, r.name)
+    call(stages.build_rootfs, p, r.name)
+    _say("root image", p.store.pointer(r.name, EXT4).resolve())
+    call(stages.run_vm, p, r.name, "tgz", **_vm_kwargs(args))
+    return 0
+
+
+def _run_image(mode: str, prog: str, argv: Sequence[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=f"Boot a raw or qcow2 disk image on "
+                                 f"{'SeaBIOS' if mode == 'bios' else 'OVMF (UEFI)'}, serial console on this "
+                                 f"terminal; the image is not changed (throwaway snapshot) unless --persist.")
+    ap.add_argument("image", type=Path)
+    vm_options(ap, cmdline=False)
+    args = ap.parse_args(argv)
+    if not args.image.is_file():
+        raise UserError(f"{args.image}: no such disk image", hint="build one with build-syslinux-bios or build-efistub")
+    call(stages.boot_interactive, Project(project_root()), mode, Boot(args.image.resolve()), **_vm_kwargs(args))
+    return 0
+
+
+def run_bios_main(argv: Sequence[str] | None) -> int:
+    """run-bios IMG: boot a BIOS disk image on SeaBIOS."""
+    return _run_image("bios", "run-bios", argv)
+
+
+def run_uefi_main(argv: Sequence[str] | None) -> int:
+    """run-uefi IMG: boot a UEFI disk image on OVMF."""
+    return _run_image("uefi", "run-uefi", argv)
+
+
+# -- suco -------------------------------------------------------------------------------------
+
+SUCO_NOTICE = ("suco: this runs CMD as root in a privileged container: NOT a security boundary "
+               "(it can reach the host's devices and kernel); use virt for isolation")
+
+
+def suco_main(argv: Sequence[str] | None) -> int:
+    """suco [--image RECIPE] CMD...: CMD as root in a privileged container, the current folder at /work."""
+    ap = argparse.ArgumentParser(prog="suco", description="Like sudo, but CMD runs as root in a --privileged "
+                                 "--cap-add SYS_ADMIN container of a recipe's image, with the current folder at "
+                                 "/work; the exit status is passed back. " + SUCO_NOTICE.removeprefix("suco: "))
+    ap.add_argument("--image", default="debian-bookworm", help="recipe whose image to use (default: %(default)s)")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("no command given")
+    from pipeline import docker
+
+    p = Project(project_root())
+    p.recipe(args.image)  # an unknown recipe: one line listing the known ones
+    _notice_once(p)
+    run_doit(p, [f"build_tgz:{args.image}"])  # its output goes to stderr, never into CMD's stdout
+    client = docker.client()
+    image = stages.ensure_image(p, client, args.image)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    with _raw_terminal(tty):
+        return docker.run_privileged(client, image, cmd, Path.cwd(), tty=tty)
+
+
+def _notice_once(p: Project) -> None:
+    stamp = p.store.root / ".suco-notice-shown"
+    if not stamp.exists():
+        print(SUCO_NOTICE, file=sys.stderr)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool):
+    if not enabled:
+        yield
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+# -- the doit graph from a command ----------------------------------------------------------
+
+
+def run_doit(p: Project, tasks: list[str]) -> None:
+    """Bring tasks of the project's graph up to date (doit's own checks: quick when nothing changed).
+
+    doit's report goes to stderr, so it never mixes with a command's stdout."""
+    from pipeline.run import run
+
+    proc = run([sys.executable, "-m", "doit", "-f", p.root / "dodo.py", "--dir", p.root, *tasks], check=False,
+               stdout=sys.stderr.fileno())
+    if proc.returncode != 0:
+        raise UserError(f"building {', '.join(tasks)} failed (see above)")
+
+
+build_tgz = entry_point(build_tgz_main)
+build_syslinux_bios = entry_point(build_bios_main)
+build_efistub = entry_point(build_efistub_main)
+run_tgz = entry_point(run_tgz_main)
+run_dir = entry_point(run_dir_main)
+run_bios = entry_point(run_bios_main)
+run_uefi = entry_point(run_uefi_main)
+suco = entry_point(suco_main)
