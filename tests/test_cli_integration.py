@@ -1,0 +1,134 @@
+"""The console scripts on real inputs: suco on the real engine, the stage commands on real files."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, require_docker
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str, *args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / name), *args], cwd=cwd, input=input, capture_output=True, text=True,
+                          timeout=900)
+
+
+# -- suco --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suco_dir(tmp_path_factory) -> Path:
+    require_docker()
+    d = tmp_path_factory.mktemp("suco")
+    (d / "in.txt").write_text("from the host\n")
+    return d
+
+
+def test_suco_passes_exit_status_and_separates_streams(suco_dir):
+    p = cli("suco", "sh", "-c", "cat in.txt; echo to-stderr >&2; exit 3", cwd=suco_dir)
+    assert p.returncode == 3
+    assert p.stdout == "from the host\n"  # nothing but CMD's stdout: build chatter goes to stderr
+    assert "to-stderr" in p.stderr and "to-stderr" not in p.stdout
+
+
+def test_suco_is_root_with_the_current_folder_at_work_and_stdin(suco_dir):
+    p = cli("suco", "--", "sh", "-c", "id -u; pwd; cat > written.txt", cwd=suco_dir, input="piped in\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["0", "/work"]
+    assert (suco_dir / "written.txt").read_text() == "piped in\n"
+
+
+def test_suco_can_do_what_needs_privileges(suco_dir):
+    p = cli("suco", "sh", "-c", "mount -t tmpfs none /mnt && echo mounted", cwd=suco_dir)
+    assert p.returncode == 0 and p.stdout.strip() == "mounted", p.stderr
+
+
+def test_suco_unknown_recipe_is_one_line(suco_dir):
+    p = cli("suco", "--image", "nope", "true", cwd=suco_dir)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: unknown recipe 'nope'") and "Traceback" not in p.stderr
+
+
+# -- the stage commands ------------------------------------------------------------------------
+
+
+def test_build_efistub_on_a_tgz_file_prints_where_the_image_is(hello_tgz, tmp_path):
+    outside = tmp_path / "my-rootfs.tgz"
+    os.link(hello_tgz, outside)  # a file outside recipes/
+    p = cli("build-efistub", str(outside))
+    assert p.returncode == 0, p.stderr
+    line = p.stdout.strip().splitlines()[-1]
+    assert line.startswith("UEFI disk image: ")
+    image = Path(line.removeprefix("UEFI disk image: "))
+    assert image.is_file() and image.is_relative_to(ROOT / "cache" / "store")
+    again = cli("build-efistub", str(outside))  # the same cache: the second time is a store hit
+    assert again.stdout == p.stdout and "restored from the store" in again.stderr
+
+
+def test_stage_commands_have_help_and_clear_errors(tmp_path):
+    for name in ("build-tgz", "run-tgz", "build-syslinux-bios", "run-bios", "build-efistub", "run-uefi", "run-dir",
+                 "virt", "suco"):
+        p = cli(name, "--help")
+        assert p.returncode == 0 and "usage:" in p.stdout, name
+    p = cli("run-bios", str(tmp_path / "missing.img"))
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    p = cli("build-syslinux-bios", str(tmp_path / "missing.tgz"))
+    assert p.returncode == 2 and "no such file" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def mmdebstrap_tree(tmp_path_factory) -> Path:
+    """A root folder with a kernel and initrd in boot/, as mmdebstrap leaves it."""
+    tree = tmp_path_factory.mktemp("mmdebstrap") / "root"
+    subprocess.run(["mmdebstrap", "--variant=minbase", "--quiet",
+                    "--include=linux-image-amd64,initramfs-tools,systemd-sysv,udev",
+                    "--customize-hook=chroot \"$1\" passwd -d root",
+                    "bookworm", str(tree), "http://deb.debian.org/debian"], check=True, timeout=900)
+    return tree
+
+
+def test_run_dir_boots_an_mmdebstrap_tree(mmdebstrap_tree):
+    """run-dir on a pty: the tree becomes a cached ext4 image and boots to a login prompt."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(str(BIN / "run-dir"), [str(BIN / "run-dir"), "--no-net", str(mmdebstrap_tree)])
+    seen = b""
+    try:
+        deadline = time.monotonic() + 600
+        while b"login: " not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 5)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+        assert b"login: " in seen, seen[-3000:].decode(errors="replace")
+        assert b"root image: " in seen
+        os.write(fd, b"\x01x")
+        for _ in range(60):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    os.read(fd, 65536)
+                except OSError:
+                    pass
+        else:
+            pytest.fail("run-dir did not quit on Ctrl-A X")
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
