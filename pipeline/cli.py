@@ -105,26 +105,27 @@ def build_tgz_main(argv: Sequence[str] | None) -> int:
 # -- build-syslinux-bios / build-efistub FILE.tgz -----------------------------------------------
 
 
-def build_bios_main(argv: Sequence[str] | None) -> int:
-    """build-syslinux-bios FILE.tgz: a BIOS-bootable raw disk image (Syslinux, MBR)."""
-    ap = argparse.ArgumentParser(prog="build-syslinux-bios", description="Make a Syslinux BIOS disk image from a "
-                                 "rootfs tgz (kernel and initrd from its /boot); prints the image's path.")
+def _build_disk(prog: str, description: str, stage: Callable[..., Any], image: str, what: str,
+                argv: Sequence[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
     args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stages.build_syslinux_bios)
-    _say("BIOS disk image", p.store.pointer(r.name, BIOS_IMG).resolve())
+    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stage)
+    _say(what, p.store.pointer(r.name, image).resolve())
     return 0
+
+
+def build_bios_main(argv: Sequence[str] | None) -> int:
+    """build-syslinux-bios FILE.tgz: a BIOS-bootable raw disk image (Syslinux, MBR)."""
+    return _build_disk("build-syslinux-bios", "Make a Syslinux BIOS disk image from a rootfs tgz (kernel and initrd "
+                       "from its /boot); prints the image's path.", stages.build_syslinux_bios, BIOS_IMG,
+                       "BIOS disk image", argv)
 
 
 def build_efistub_main(argv: Sequence[str] | None) -> int:
     """build-efistub FILE.tgz: a UEFI-bootable raw GPT disk image (ESP with a UKI)."""
-    ap = argparse.ArgumentParser(prog="build-efistub", description="Make a UEFI disk image (GPT, ESP with a unified "
-                                 "kernel image) from a rootfs tgz; prints the image's path.")
-    ap.add_argument("tgz", type=Path)
-    args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stages.build_efistub)
-    _say("UEFI disk image", p.store.pointer(r.name, UEFI_IMG).resolve())
-    return 0
+    return _build_disk("build-efistub", "Make a UEFI disk image (GPT, ESP with a unified kernel image) from a "
+                       "rootfs tgz; prints the image's path.", stages.build_efistub, UEFI_IMG, "UEFI disk image", argv)
 
 
 # -- run-tgz FILE.tgz, run-dir DIR, run-bios IMG, run-uefi IMG --------------------------------

@@ -94,3 +94,46 @@ def hello_artifacts(built_hello: Path) -> dict[str, Path]:
     doit("build_efistub:hello", "build_syslinux_bios:hello")
     d = built_hello / "cache" / "recipes" / "hello"
     return {f.name: f.resolve() for f in d.iterdir() if f.is_symlink()}
+
+
+def on_console(argv: list[str], cwd: Path, until: bytes = b"login: ", timeout: float = 600) -> tuple[bytes, int]:
+    """Run argv on a pseudo-terminal (like a user at a terminal) until `until` shows, then type
+    Ctrl-A X (QEMU's quit key); returns (everything shown, exit status). Kills it on any failure."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on the pty
+        os.chdir(cwd)
+        os.execv(argv[0], argv)
+    seen = b""
+
+    def read(wait: float) -> bool:
+        nonlocal seen
+        if select.select([fd], [], [], wait)[0]:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                return False
+        return True
+
+    try:
+        deadline = time.monotonic() + timeout
+        while until not in seen and time.monotonic() < deadline and read(5):
+            pass
+        assert until in seen, seen[-3000:].decode(errors="replace")
+        os.write(fd, b"\x01x")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pid = 0
+                return seen, os.waitstatus_to_exitcode(status)
+            read(0.5)
+        raise AssertionError(f"{argv[0]} did not quit on Ctrl-A X")
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)

@@ -6,9 +6,6 @@ results, so every boot here is a real boot.
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import shutil
 import subprocess
 import sys
@@ -16,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, on_console
 
 from pipeline.cache import hash_file
 
@@ -89,40 +86,6 @@ def test_broken_recipe_fails_with_the_console_tail(hello_artifacts, tmp_path):
 
 def test_run_tgz_attaches_the_terminal_and_quits_with_ctrl_a_x(boot_project):
     """`doit run_tgz:hello` on a pseudo-terminal: the guest's login prompt arrives, Ctrl-A X quits."""
-    pid, fd = pty.fork()
-    if pid == 0:  # child: doit on the pty
-        os.chdir(boot_project)
-        os.execv(sys.executable, [sys.executable, "-m", "doit", "run_tgz:hello", "--no-net"])
-    seen = b""
-    deadline = time.monotonic() + 300
-    try:
-        while b"login: " not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 5)
-            if ready:
-                try:
-                    seen += os.read(fd, 65536)
-                except OSError:
-                    break
-        assert b"login: " in seen, seen[-2000:].decode(errors="replace")
-        assert b"Ctrl-A X" in seen  # how to quit, printed once
-        os.write(fd, b"\x01x")
-        end = time.monotonic() + 30
-        status = None
-        while time.monotonic() < end:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            with_data, _, _ = select.select([fd], [], [], 0.5)
-            if with_data:
-                try:
-                    os.read(fd, 65536)
-                except OSError:
-                    pass
-        assert status is not None and os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+    seen, status = on_console([sys.executable, "-m", "doit", "run_tgz:hello", "--no-net"], boot_project, timeout=300)
+    assert b"Ctrl-A X" in seen  # how to quit, printed once
+    assert status == 0
