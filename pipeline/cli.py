@@ -188,6 +188,56 @@ def run_uefi_main(argv: Sequence[str] | None) -> int:
     return _run_image("uefi", "run-uefi", argv)
 
 
+# -- virt -------------------------------------------------------------------------------------
+
+VIRT_IMAGE = "virt"  # the built-in recipe: recipes/virt
+
+
+def virt_main(argv: Sequence[str] | None) -> int:
+    """virt [options] -- CMD ARGS...: CMD as root in a throwaway VM, the current folder at /work."""
+    from pipeline import virt
+    from pipeline.qemu import Accel
+
+    ap = argparse.ArgumentParser(prog="virt", description="Run CMD as root in a throwaway VM that sees the current "
+                                 "folder at /work (read-write, 9p) and nothing else of the host; exits with CMD's "
+                                 "status (124 on timeout). The kernel and userspace come from a recipe's image.")
+    ap.add_argument("--image", default=VIRT_IMAGE, metavar="RECIPE",
+                    help="the recipe whose kernel and root filesystem to boot (default: %(default)s)")
+    ap.add_argument("--kernel", type=Path, help="boot these files instead of a recipe's (all three needed)")
+    ap.add_argument("--initrd", type=Path)
+    ap.add_argument("--rootfs", type=Path, help="an ext4 root filesystem image")
+    ap.add_argument("--memory", type=int, default=virt.VirtOptions.memory, help="MiB (default: %(default)s)")
+    ap.add_argument("--cpus", type=int, default=virt.VirtOptions.cpus, help="(default: %(default)s)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds; exit status 124 when exceeded")
+    ap.add_argument("--net", action="store_true", help="user-mode networking (default: no network)")
+    ap.add_argument("--ro", action="store_true", help="a read-only /work")
+    ap.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="(default: $LDT_ACCEL or auto)")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    args = ap.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("no command given (virt [options] -- CMD ARGS...)")
+    try:
+        workdir = Path.cwd()
+    except FileNotFoundError:
+        raise UserError("the current folder does not exist", hint="cd into the folder to share") from None
+    options = virt.VirtOptions(memory=args.memory, cpus=args.cpus, timeout=args.timeout, net=args.net, ro=args.ro,
+                               accel=Accel.parse(args.accel, origin="--accel"))
+    p = Project(project_root())
+    explicit = (args.kernel, args.initrd, args.rootfs)
+    if any(explicit):
+        if not all(explicit):
+            ap.error("--kernel, --initrd and --rootfs go together")
+        kernel, initrd, rootfs = explicit
+    else:
+        r = p.recipe(args.image)
+        run_doit(p, [f"extract_boot:{r.name}", f"build_rootfs:{r.name}"])  # cached: quick when up to date
+        kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in (stages.KERNEL, stages.INITRD, EXT4))
+    cache = p.store.root if os.access(p.store.root, os.W_OK) else None  # another user's checkout: ~/.cache
+    return virt.run_virt(command, kernel=kernel, initrd=initrd, rootfs=rootfs, workdir=workdir, options=options,
+                         cache_dir=cache)
+
+
 # -- suco -------------------------------------------------------------------------------------
 
 SUCO_NOTICE = ("suco: this runs CMD as root in a privileged container: NOT a security boundary "
@@ -266,3 +316,4 @@ run_dir = entry_point(run_dir_main)
 run_bios = entry_point(run_bios_main)
 run_uefi = entry_point(run_uefi_main)
 suco = entry_point(suco_main)
+virt = entry_point(virt_main)

@@ -47,6 +47,7 @@ class Recipe:
     cpus: int = 2
     boot_marker: str | None = None  # regex on the serial console; None: a login prompt
     bootable: bool = True  # False: no boot stages (e.g. a base image without a kernel)
+    check: bool = True  # False: not in the boot matrix (an image with no login prompt, like virt's)
     boot_timeout: int = 600
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
 
@@ -83,6 +84,7 @@ class Recipe:
             "cpus": self.cpus,
             "boot_marker": self.boot_marker,
             "bootable": self.bootable,
+            "check": self.check,
             "boot_timeout": self.boot_timeout,
         }
 
@@ -95,7 +97,8 @@ def image_name(recipe: str) -> str:
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"args": dict, "platform": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
-    "boot": {"bootable": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str, "timeout": int},
+    "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
+             "timeout": int},
     "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
     "vm": {"memory": str, "cpus": int},
 }
@@ -263,7 +266,7 @@ def load(recipe_dir: Path) -> Recipe:
         headroom_mib=disk.get("headroom_mib", Recipe.headroom_mib), size_mib=disk.get("size_mib"),
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
         parents=parents,
-        bootable=boot.get("bootable", _default_bootable(bootstrap)),
+        bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
     )
 
 
