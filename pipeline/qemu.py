@@ -491,7 +491,7 @@ def probe_guest(accel_args: Sequence[str], *, qemu: str = QEMU, timeout: float =
         except subprocess.TimeoutExpired:
             return False, f"probe guest did not finish within {timeout:g}s (hung or far too slow)"
         finally:
-            _reap(proc)
+            reap(proc)
         seconds = time.monotonic() - start
     if proc.returncode == PROBE_EXIT:
         return True, f"probe guest reached long mode and ran its loop in {seconds:.2f}s"
@@ -705,7 +705,7 @@ def boot_to_marker(
                 reason = f"qemu {_exited(proc)} before {wanted!r}{console.error_suffix()}"
             return BootResult(False, seconds, tail, reason)
         finally:
-            _reap(proc)
+            reap(proc)
 
 
 def _exited(proc: subprocess.Popen) -> str:
@@ -785,7 +785,7 @@ class _Console:
 
 
 def _power_off(proc: subprocess.Popen, console: _Console, qmp: Path, grace: float) -> None:
-    """ACPI power button, then `quit`, then SIGKILL (by _reap); each step bounded."""
+    """ACPI power button, then `quit`, then SIGKILL (by reap); each step bounded."""
     if grace > 0 and _qmp_command(qmp, "system_powerdown") and console.drain(proc, grace):
         return
     if _qmp_command(qmp, "quit"):
@@ -827,7 +827,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
-def _reap(proc: subprocess.Popen) -> None:
+def reap(proc: subprocess.Popen) -> None:
     """Make sure the process is gone and its pipes closed; safe to call twice."""
     if proc.poll() is None:
         proc.kill()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.qemu import Accel, find_qemu, qemu_opt, select_accel
+from pipeline.qemu import Accel, find_qemu, qemu_opt, reap, select_accel
 from pipeline.run import log, run, spawn, verbose
 
 INIT = "ldt-virt-init"  # path of the init script inside the appended cpio
@@ -790,16 +790,16 @@ def _supervise(
     try:
         finished = relay.pump(deadline)
     except KeyboardInterrupt:
-        _kill(proc)
+        reap(proc)
         return EXIT_INTERRUPTED
     except _PipeClosed:
-        _kill(proc)
+        reap(proc)
         return EXIT_PIPE
     except _Terminated:
-        _kill(proc)
+        reap(proc)
         return EXIT_TERMINATED
     finally:
-        _kill(proc)
+        reap(proc)
         relay.close()
         _restore_sigterm(old_term)
     if verbose():
@@ -844,17 +844,6 @@ def _on_sigterm():
 def _restore_sigterm(old) -> None:
     if old is not None:
         signal.signal(signal.SIGTERM, old)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log(f"qemu (pid {proc.pid}) did not die after SIGKILL")
-    if proc.stderr:
-        proc.stderr.close()
 
 
 class _Relay:
