@@ -805,6 +805,9 @@ def build_ext4(tgz: Path, out: Path, params: Ext4Params) -> Ext4Image:
                 f"building {out.name} failed: " + "; ".join(errors[:5]),
                 hint="raise headroom or size_bytes for the root filesystem" if full else None,
             )
+        # mkfs writes the journal and inode tables out as zeros (no lazy init, for reproducibility):
+        # turn those zero blocks back into holes, the bytes read back the same
+        run(["fallocate", "--dig-holes", tmp])
         os.replace(tmp, out)
         return Ext4Image(out, params.uuid, params.label, blocks * params.block_size, inodes)
     finally:
