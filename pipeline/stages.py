@@ -112,7 +112,6 @@ def build_tgz(root: str | Project, name: str) -> None:
     """The recipe's rootfs tgz: mmdebstrap for a bootstrap recipe, docker build + export otherwise."""
     p = as_project(root)
     r = p.recipe(name)
-    store = p.store
     client = None
     bootstraps = [n for n, x in p.recipes.items() if x.bootstrap is not None]
     if r.bootstrap is None:
@@ -123,23 +122,18 @@ def build_tgz(root: str | Project, name: str) -> None:
             docker.ensure_base(client, ref, r.name, bootstraps)
         for parent in r.parents:  # the engine must hold the parent's current image
             ensure_image(p, client, parent)
-    manifest = tgz_manifest(p, r, client)
-    key = key_of(manifest)
-    entry = store.lookup("tgz", key)
-    if entry is not None:
-        log(f"{name}: rootfs.tgz restored from the store ({key[:12]}), nothing built")
-    else:
-        with store.build("tgz", key, manifest) as work:
-            (work / EPOCH).write_text(f"{source_date_epoch()}\n")
-            if r.bootstrap is not None:
-                from pipeline.tgz import bootstrap
 
-                epoch = os.environ.get("SOURCE_DATE_EPOCH")
-                bootstrap(r.bootstrap, work / TGZ, r.name, int(epoch) if epoch else None)
-            else:
-                _docker_tgz(client, r, key, work, bootstraps)
-        entry = store.entry("tgz", key)
-    store.point(name, TGZ, entry / TGZ)
+    def build(work: Path, key: str) -> None:
+        (work / EPOCH).write_text(f"{source_date_epoch()}\n")
+        if r.bootstrap is not None:
+            from pipeline.tgz import bootstrap
+
+            epoch = os.environ.get("SOURCE_DATE_EPOCH")
+            bootstrap(r.bootstrap, work / TGZ, r.name, int(epoch) if epoch else None)
+        else:
+            _docker_tgz(client, r, key, work, bootstraps)
+
+    _stage(p, name, "tgz", tgz_manifest(p, r, client), (TGZ,), build)
     ensure_image(p, client, name)
 
 
@@ -201,7 +195,7 @@ def _stage(p: Project, name: str, stage: str, manifest: dict[str, Any], outputs:
     store = p.store
     entry = store.lookup(stage, key)
     if entry is not None:
-        log(f"{name}: {', '.join(outputs)} restored from the store ({key[:12]})")
+        log(f"{name}: {', '.join(outputs)} restored from the store ({key[:12]}), nothing built")
     else:
         with store.build(stage, key, manifest) as work:
             build(work, key)
@@ -477,18 +471,14 @@ def import_tgz(p: Project, tgz: Path, r: Recipe) -> None:
 
     if not tgz.is_file():
         raise UserError(f"{tgz}: no such file", hint="give the path of a rootfs .tgz (e.g. from docker export | gzip)")
-    manifest = {"stage": "tgz", "version": VERSIONS["tgz"], "file_xxh3": hash_file(tgz)}
-    key = key_of(manifest)
-    entry = p.store.lookup("tgz", key)
-    if entry is None:
-        with p.store.build("tgz", key, manifest) as work:
-            (work / EPOCH).write_text(f"{int(tgz.stat().st_mtime)}\n")
-            try:
-                os.link(tgz, work / TGZ)  # same file system: free
-            except OSError:
-                run(["cp", "--sparse=always", tgz, work / TGZ])
-        entry = p.store.entry("tgz", key)
-    p.store.point(r.name, TGZ, entry / TGZ)
+    def build(work: Path, key: str) -> None:
+        (work / EPOCH).write_text(f"{int(tgz.stat().st_mtime)}\n")
+        try:
+            os.link(tgz, work / TGZ)  # same file system: free
+        except OSError:
+            run(["cp", "--sparse=always", tgz, work / TGZ])
+
+    _stage(p, r.name, "tgz", {"file_xxh3": hash_file(tgz)}, (TGZ,), build)
 
 
 def import_tree(p: Project, tree: Path, r: Recipe) -> None:
@@ -499,18 +489,14 @@ def import_tree(p: Project, tree: Path, r: Recipe) -> None:
         raise UserError(f"{tree}: no boot/ folder with a kernel", hint="give a root filesystem tree, e.g. made by "
                         "`mmdebstrap --include=linux-image-amd64,systemd-sysv bookworm DIR`")
     files = [str(f.relative_to(tree)) for f in sorted(tree.rglob("*"))]
-    manifest = {"stage": "tgz", "version": VERSIONS["tgz"], "tree": tree_manifest(tree, files)}
-    key = key_of(manifest)
-    entry = p.store.lookup("tgz", key)
-    if entry is None:
-        with p.store.build("tgz", key, manifest) as work:
-            (work / EPOCH).write_text(f"{source_date_epoch()}\n")
-            tar = ["tar", "-C", tree, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-                   "-cf", "-", "."]
-            with open(work / TGZ, "wb") as out:
-                run(["sh", "-c", f"{shlex.join(map(str, tar))} | {shlex.join(compressor_cmd())}"], stdout=out)
-        entry = p.store.entry("tgz", key)
-    p.store.point(r.name, TGZ, entry / TGZ)
+
+    def build(work: Path, key: str) -> None:
+        (work / EPOCH).write_text(f"{source_date_epoch()}\n")
+        tar = ["tar", "-C", tree, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-cf", "-", "."]
+        with open(work / TGZ, "wb") as out:
+            run(["sh", "-c", f"{shlex.join(map(str, tar))} | {shlex.join(compressor_cmd())}"], stdout=out)
+
+    _stage(p, r.name, "tgz", {"tree": tree_manifest(tree, files)}, (TGZ,), build)
 
 
 # -- graph helpers used by dodo.py -------------------------------------------------------------
