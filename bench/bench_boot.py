@@ -33,8 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import qemu, stages  # noqa: E402
-from pipeline.stages import Project  # noqa: E402
+from pipeline import qemu, vm  # noqa: E402
+from pipeline.project import Project  # noqa: E402
+from pipeline.qemu import Mode  # noqa: E402
 
 RECIPE = "hello"
 BOOT_REPEAT = 2  # tgz ours and bare, alternating; bios and uefi boot once (~30 s each under TCG)
@@ -78,10 +79,10 @@ def bench_boot(p: Project, tmp: Path) -> None:
     r = p.recipe(RECIPE)
     choice = qemu.select_accel(cache_dir=p.store.root, notice=False)
     print(f"{choice.notice}; guest {r.memory} RAM, {r.cpus} CPUs, {os.cpu_count()} host CPUs", flush=True)
-    settings = qemu.VmSettings(memory_mib=stages.memory_mib(r.memory), cpus=r.cpus, accel=choice.accel,
+    settings = qemu.VmSettings(memory_mib=vm.memory_mib(r.memory), cpus=r.cpus, accel=choice.accel,
                                network=False)
     marker = re.compile(r.boot_marker or qemu.LOGIN_PROMPT.pattern, re.MULTILINE)
-    b = stages.boot_inputs(p, r, "tgz")
+    b = vm.boot_inputs(p, r, Mode.TGZ)
     bare_cmd = shlex.split(BARE_TGZ.format(
         accel=BARE_ACCEL[choice.accel], cpus=settings.cpus, memory=settings.memory_mib,
         kernel=shlex.quote(str(b.kernel)), initrd=f"-initrd {shlex.quote(str(b.initrd))}" if b.initrd else "",
@@ -90,7 +91,7 @@ def bench_boot(p: Project, tmp: Path) -> None:
 
     def ours(mode: str) -> qemu.BootResult:
         scratch = Path(tempfile.mkdtemp(prefix=f"boot-{mode}-", dir=tmp))  # fresh OVMF vars per boot
-        cmd = stages.vm_command(mode, stages.boot_inputs(p, r, mode), settings, scratch)
+        cmd = vm.vm_command(Mode(mode), vm.boot_inputs(p, r, Mode(mode)), settings, scratch)
         return boot(cmd, marker, r.boot_timeout)
 
     times: dict[str, list[float]] = {"bare": [], "tgz": []}

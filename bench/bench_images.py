@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import disk, rootfs, stages  # noqa: E402
-from pipeline.stages import BIOS_IMG, EXT4, INITRD, KERNEL, OS_RELEASE, TGZ, UEFI_IMG, MiB, Project  # noqa: E402
+from pipeline.artifacts import Artifact  # noqa: E402
+from pipeline.builders import MiB  # noqa: E402
+from pipeline.project import Project  # noqa: E402
+
+BIOS_IMG, EXT4, INITRD, KERNEL = Artifact.BIOS_IMG, Artifact.EXT4, Artifact.INITRD, Artifact.KERNEL
+OS_RELEASE, TGZ, UEFI_IMG = Artifact.OS_RELEASE, Artifact.TGZ, Artifact.UEFI_IMG
 
 RECIPE = "hello"
 REPEAT = 3

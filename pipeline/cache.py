@@ -26,6 +26,7 @@ import xxhash
 from doit.dependency import FileChangedChecker
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, fsync_path
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -107,8 +108,8 @@ class Store:
             yield work
             (work / MANIFEST).write_text(manifest_json(manifest))
             for f in work.iterdir():
-                _fsync(f)
-            _fsync(work)
+                fsync_path(f)
+            fsync_path(work)
             final = self.entry(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -116,7 +117,7 @@ class Store:
             except OSError:  # a concurrent build of the same key won: keep theirs
                 if self.lookup(stage, key) is None:
                     raise
-            _fsync(final.parent)
+            fsync_path(final.parent)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
@@ -124,15 +125,11 @@ class Store:
     def point(self, recipe: str, artifact: str, target: Path) -> Path:
         """Atomically make the recipe's stable path point at `target` (a file in an entry)."""
         link = self.pointer(recipe, artifact)
-        link.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(target, link.parent)
         if link.is_symlink() and os.readlink(link) == rel:
             return link
-        tmp = link.with_name(f".{artifact}.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(rel, tmp)
-        os.replace(tmp, link)
+        with atomic_path(link) as tmp:
+            os.symlink(rel, tmp)
         return link
 
     def current(self, recipe: str, artifact: str) -> Path | None:
@@ -232,14 +229,6 @@ def human(n: float) -> str:
     return str(n)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- doit integration ---------------------------------------------------------------------------
 
 
@@ -259,29 +248,3 @@ class XXHashChecker(FileChangedChecker):
         if current_state and current_state[0] == st.st_mtime:
             return None
         return st.st_mtime, st.st_size, hash_file(dep)
-
-
-class inputs_changed:  # noqa: N801 - named like doit's own uptodate helpers (config_changed)
-    """doit uptodate object for non-file inputs (settings, base image ids, stage versions).
-
-    The digest is stored by doit with the task's values, so `doit forget` resets it.
-    `inputs` may hold a zero-argument callable, evaluated only when doit checks the task.
-    """
-
-    def __init__(self, inputs: dict[str, Any]) -> None:
-        self.inputs = inputs
-        self.digest: str | None = None
-
-    def _digest(self) -> str:
-        resolved = {k: (v() if callable(v) else v) for k, v in self.inputs.items()}
-        return key_of(resolved)
-
-    def configure_task(self, task) -> None:
-        task.value_savers.append(lambda: {"_inputs_changed": self.digest or self._digest()})
-
-    def __call__(self, task, values) -> bool:
-        self.digest = self._digest()
-        return values.get("_inputs_changed") == self.digest
-
-    def __repr__(self) -> str:
-        return f"inputs_changed({sorted(self.inputs)})"

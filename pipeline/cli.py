@@ -12,26 +12,20 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from doit.exceptions import TaskFailed
-
-from pipeline import stages
+from pipeline import builders, imports, stages, vm
+from pipeline.artifacts import Artifact
 from pipeline.errors import UserError
+from pipeline.project import Project
+from pipeline.qemu import Mode
 from pipeline.recipes import Recipe
-from pipeline.stages import BIOS_IMG, EXT4, TGZ, UEFI_IMG, Boot, Project
+
+A = Artifact
 
 
 def project_root() -> Path:
     """The project this package belongs to (an editable install), or $LDT_ROOT."""
     return Path(os.environ.get("LDT_ROOT") or Path(__file__).resolve().parent.parent)
-
-
-def call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run a stage function; a failure it reports becomes a UserError."""
-    result = func(*args, **kwargs)
-    if isinstance(result, TaskFailed):
-        raise UserError(result.message.removeprefix("error: "))
 
 
 def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
@@ -63,22 +57,28 @@ def vm_options(parser: argparse.ArgumentParser, *, cmdline: bool) -> None:
                         help="accelerator (default: $LDT_ACCEL or auto: KVM when it works)")
 
 
-def _vm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"memory": args.memory, "cpus": args.cpus, "cmdline": getattr(args, "cmdline", ""),
-            "forward": args.forward, "net": args.net, "persist": args.persist, "accel": args.accel}
+def _run_options(args: argparse.Namespace) -> vm.RunOptions:
+    return vm.RunOptions(memory=args.memory, cpus=args.cpus, cmdline=getattr(args, "cmdline", ""),
+                         forward=args.forward, net=args.net, persist=args.persist, accel=args.accel)
+
+
+def _booted(status: int) -> int:
+    if status != 0:
+        raise UserError(f"qemu exited with status {status}")
+    return 0
 
 
 def _say(what: str, path: Path) -> None:
     print(f"{what}: {path}")
 
 
-def _from_tgz(tgz: Path, *stage_funcs: Callable[..., Any]) -> tuple[Project, Recipe]:
+def _from_tgz(tgz: Path, *stage_names: str) -> tuple[Project, Recipe]:
     """Import a tgz into the store and run the given stages on it (each cached)."""
-    r = stages.adhoc_recipe(tgz, "tgz")
+    r = imports.adhoc_recipe(tgz, "tgz")
     p = Project(project_root(), extra=(r,))
-    stages.import_tgz(p, tgz.resolve(), r)
-    for func in stage_funcs:
-        call(func, p, r.name)
+    imports.import_tgz(p, tgz.resolve(), r)
+    for name in stage_names:
+        stages.materialize(p, r, stages.STAGE[name])
     return p, r
 
 
@@ -97,35 +97,33 @@ def build_tgz_main(argv: Sequence[str] | None) -> int:
         raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile")
     r = recipes.load(args.dir.resolve())
     p = Project(project_root(), extra=(r,))
-    call(stages.build_tgz, p, r.name)
-    _say("rootfs tgz", p.store.pointer(r.name, TGZ).resolve())
+    stages.materialize(p, r, stages.STAGE["tgz"])
+    _say("rootfs tgz", p.store.pointer(r.name, Artifact.TGZ).resolve())
     return 0
 
 
 # -- build-syslinux-bios / build-efistub FILE.tgz -----------------------------------------------
 
 
-def _build_disk(prog: str, description: str, stage: Callable[..., Any], image: str, what: str,
-                argv: Sequence[str] | None) -> int:
+def _build_disk(prog: str, description: str, mode: Mode, what: str, argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
     args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs, stage)
-    _say(what, p.store.pointer(r.name, image).resolve())
+    p, r = _from_tgz(args.tgz, "boot", "ext4", stages.MAKER[mode.disk].name)
+    _say(what, p.store.pointer(r.name, mode.disk).resolve())
     return 0
 
 
 def build_bios_main(argv: Sequence[str] | None) -> int:
     """build-syslinux-bios FILE.tgz: a BIOS-bootable raw disk image (Syslinux, MBR)."""
     return _build_disk("build-syslinux-bios", "Make a Syslinux BIOS disk image from a rootfs tgz (kernel and initrd "
-                       "from its /boot); prints the image's path.", stages.build_syslinux_bios, BIOS_IMG,
-                       "BIOS disk image", argv)
+                       "from its /boot); prints the image's path.", Mode.BIOS, "BIOS disk image", argv)
 
 
 def build_efistub_main(argv: Sequence[str] | None) -> int:
     """build-efistub FILE.tgz: a UEFI-bootable raw GPT disk image (ESP with a UKI)."""
     return _build_disk("build-efistub", "Make a UEFI disk image (GPT, ESP with a unified kernel image) from a "
-                       "rootfs tgz; prints the image's path.", stages.build_efistub, UEFI_IMG, "UEFI disk image", argv)
+                       "rootfs tgz; prints the image's path.", Mode.UEFI, "UEFI disk image", argv)
 
 
 # -- run-tgz FILE.tgz, run-dir DIR, run-bios IMG, run-uefi IMG --------------------------------
@@ -138,10 +136,9 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("tgz", type=Path)
     vm_options(ap, cmdline=True)
     args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, stages.extract_boot, stages.build_rootfs)
-    _say("root image", p.store.pointer(r.name, EXT4).resolve())
-    call(stages.run_vm, p, r.name, "tgz", **_vm_kwargs(args))
-    return 0
+    p, r = _from_tgz(args.tgz, "boot", "ext4")
+    _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
+    return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
 
 def run_dir_main(argv: Sequence[str] | None) -> int:
@@ -155,37 +152,37 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     tree = args.dir.resolve()
     if not tree.is_dir():
         raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
-    r = stages.adhoc_recipe(tree, "dir")
+    r = imports.adhoc_recipe(tree, "dir")
     p = Project(project_root(), extra=(r,))
-    stages.import_tree(p, tree, r)
-    call(stages.extract_boot, p, r.name)
-    call(stages.build_rootfs, p, r.name)
-    _say("root image", p.store.pointer(r.name, EXT4).resolve())
-    call(stages.run_vm, p, r.name, "tgz", **_vm_kwargs(args))
-    return 0
+    imports.import_tree(p, tree, r)
+    for name in ("boot", "ext4"):
+        stages.materialize(p, r, stages.STAGE[name])
+    _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
+    return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
 
-def _run_image(mode: str, prog: str, argv: Sequence[str] | None) -> int:
+def _run_image(mode: Mode, prog: str, argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=f"Boot a raw or qcow2 disk image on "
-                                 f"{'SeaBIOS' if mode == 'bios' else 'OVMF (UEFI)'}, serial console on this "
+                                 f"{mode.firmware}, serial console on this "
                                  f"terminal; the image is not changed (throwaway snapshot) unless --persist.")
     ap.add_argument("image", type=Path)
     vm_options(ap, cmdline=False)
     args = ap.parse_args(argv)
     if not args.image.is_file():
         raise UserError(f"{args.image}: no such disk image", hint="build one with build-syslinux-bios or build-efistub")
-    call(stages.boot_interactive, Project(project_root()), mode, Boot(args.image.resolve()), **_vm_kwargs(args))
-    return 0
+    o = _run_options(args)
+    return _booted(vm.boot_interactive(Project(project_root()), mode, vm.Boot(args.image.resolve()), o,
+                                       memory=o.memory, cpus=o.cpus))
 
 
 def run_bios_main(argv: Sequence[str] | None) -> int:
     """run-bios IMG: boot a BIOS disk image on SeaBIOS."""
-    return _run_image("bios", "run-bios", argv)
+    return _run_image(Mode.BIOS, "run-bios", argv)
 
 
 def run_uefi_main(argv: Sequence[str] | None) -> int:
     """run-uefi IMG: boot a UEFI disk image on OVMF."""
-    return _run_image("uefi", "run-uefi", argv)
+    return _run_image(Mode.UEFI, "run-uefi", argv)
 
 
 # -- virt -------------------------------------------------------------------------------------
@@ -231,9 +228,12 @@ def virt_main(argv: Sequence[str] | None) -> int:
         kernel, initrd, rootfs = explicit
     else:
         r = p.recipe(args.image)
-        run_doit(p, [f"extract_boot:{r.name}", f"build_rootfs:{r.name}"])  # cached: quick when up to date
-        kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in (stages.KERNEL, stages.INITRD, EXT4))
-    cache = p.store.root if os.access(p.store.root, os.W_OK) else None  # another user's checkout: ~/.cache
+        run_doit(p, [f"build_rootfs:{r.name}", f"fast_boot:{r.name}"])  # cached: quick when up to date
+        kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in (A.FAST_KERNEL, A.FAST_INITRD, A.EXT4))
+    writable = os.access(p.store.root, os.W_OK)
+    if any(explicit) and writable:
+        kernel, initrd = stages.fast_boot_files(p, kernel, initrd)
+    cache = p.store.root if writable else None  # another user's checkout: the probe is not remembered
     return virt.run_virt(command, kernel=kernel, initrd=initrd, rootfs=rootfs, workdir=workdir, options=options,
                          cache_dir=cache)
 
@@ -262,7 +262,7 @@ def suco_main(argv: Sequence[str] | None) -> int:
     _notice_once(p)
     run_doit(p, [f"build_tgz:{args.image}"])  # its output goes to stderr, never into CMD's stdout
     client = docker.client()
-    image = stages.ensure_image(p, client, args.image)
+    image = builders.ensure_image(p, client, args.image)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     with _raw_terminal(tty):
         return docker.run_privileged(client, image, cmd, Path.cwd(), tty=tty)
@@ -302,8 +302,9 @@ def run_doit(p: Project, tasks: list[str]) -> None:
     doit's report goes to stderr, so it never mixes with a command's stdout."""
     from pipeline.run import run
 
-    proc = run([sys.executable, "-m", "doit", "-f", p.root / "dodo.py", "--dir", p.root, *tasks], check=False,
-               stdout=sys.stderr.fileno())
+    # executed-only: nothing at all is printed when everything is up to date
+    proc = run([sys.executable, "-m", "doit", "-f", p.root / "dodo.py", "--dir", p.root, "--reporter",
+                "executed-only", *tasks], check=False, stdout=sys.stderr.fileno())
     if proc.returncode != 0:
         raise UserError(f"building {', '.join(tasks)} failed (see above)")
 

@@ -9,7 +9,6 @@ loop device, mount or root is needed and holes stay holes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -18,8 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import ids
+from pipeline import ids, qemu
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 from pipeline.rootfs import read_ext4_identity
 from pipeline.run import Step, run
 
@@ -95,7 +95,7 @@ def sfdisk_cmd(image: Path) -> list[str]:
 
 def kernel_cmdline(root_uuid: uuid.UUID, extra: Sequence[str] = ()) -> str:
     """Root by filesystem UUID (any disk bus), console on VGA and on the first serial port."""
-    return " ".join([f"root=UUID={root_uuid}", "rw", "console=tty0", "console=ttyS0,115200", *extra])
+    return qemu.kernel_cmdline(root=f"UUID={root_uuid}", extra=extra)
 
 
 def syslinux_cfg(cmdline: str, *, initrd: bool = True) -> str:
@@ -225,21 +225,6 @@ def ukify_cmd(stub: Path, out: Path, kernel: Path, initrd: Path | None, cmdline:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic(out: Path) -> Iterator[Path]:
-    """A temporary path next to out, renamed over it on success, removed on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of the data (non-hole) ranges of a file."""
     pos = 0
@@ -303,7 +288,7 @@ def build_bios_disk(
     boot = Partition(*p1, type=MBR_FAT32_LBA, bootable=True)
     root = Partition(*p2, type=MBR_LINUX)
     env = mtools_env(epoch)
-    with Step(f"writing {out.name}"), _atomic(out) as tmp:
+    with Step(f"writing {out.name}"), atomic_path(out) as tmp:
         _create_sparse(tmp, disk_size)
         _partition_table(tmp, "dos", f"{ids.derive_u32(key, 'mbr-disk-id'):#010x}", [boot, root])
         run(mformat_cmd(tmp, boot, serial=ids.derive_u32(key, "bios-boot-fat"), label="BOOT"), env=env)
@@ -338,7 +323,7 @@ def build_uki(
     ukify when it is on PATH, else objcopy with the section VMAs ukify 252 would use."""
     if not stub.exists():
         raise UserError(f"{stub} not found", hint="install systemd-boot-efi (run ./setup.sh)")
-    with _atomic(out) as tmp:
+    with atomic_path(out) as tmp:
         cmdline_file = tmp.with_name(tmp.name + ".cmdline")
         try:
             cmdline_file.write_text(cmdline + "\n")
@@ -374,7 +359,7 @@ def build_uefi_disk(
         (p1, p2), disk_size = layout([esp_size, root_img.stat().st_size], tail=ALIGN)
         esp = Partition(*p1, type=ESP_TYPE, name="ESP", uuid=ids.derive_uuid(key, "gpt-esp"))
         root = Partition(*p2, type=ROOT_X86_64_TYPE, name="root", uuid=ids.derive_uuid(key, "gpt-root"))
-        with Step(f"writing {out.name}"), _atomic(out) as tmp:
+        with Step(f"writing {out.name}"), atomic_path(out) as tmp:
             _create_sparse(tmp, disk_size)
             _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
             run(mformat_cmd(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP"), env=env)
@@ -393,6 +378,6 @@ def qemu_img_convert_cmd(raw: Path, out: Path, *, compress: bool = False) -> lis
 
 def to_qcow2(raw: Path, out: Path, *, compress: bool = False) -> Path:
     """qcow2 of a raw disk (holes stay unallocated; -c compresses clusters)."""
-    with Step(f"converting {raw.name} to qcow2"), _atomic(out) as tmp:
+    with Step(f"converting {raw.name} to qcow2"), atomic_path(out) as tmp:
         run(qemu_img_convert_cmd(raw, tmp, compress=compress), capture=True)
     return out

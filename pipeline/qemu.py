@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline.artifacts import Artifact
 from pipeline.errors import UserError
+from pipeline.files import write_atomic
 from pipeline.run import Cmd, argv, log, run, spawn
 
 QEMU = "qemu-system-x86_64"
@@ -33,6 +35,7 @@ OVMF_HINT = "apt install ovmf"
 ACCEL_ENV = "LDT_ACCEL"
 DRIVE_ID = "disk0"
 QUIT_KEYS = "Ctrl-A X"
+MIN_MEMORY_MIB = 256  # a Debian kernel with an initramfs-tools initrd runs out of memory below this
 
 # A serial getty starts a line with "<hostname> login: " and no newline; kernel messages may
 # follow on the same line, so the prompt is matched at the start of a line, not at its end.
@@ -43,7 +46,8 @@ LOGIN_PROMPT = re.compile(r"^(?!Last login)(?:[\w.-]+ )?login: ")
 
 
 class Mode(enum.StrEnum):
-    """How the VM boots: straight into a kernel, or from a whole disk through firmware."""
+    """How the VM boots: straight into a kernel, or from a whole disk through firmware. Each
+    mode knows what it boots, what it needs built, its firmware and its doit run task."""
 
     TGZ = "tgz"  # -kernel/-initrd/-append, the ext4 root image as a plain disk
     BIOS = "bios"  # raw MBR disk with Syslinux, SeaBIOS
@@ -60,6 +64,33 @@ class Mode(enum.StrEnum):
     @property
     def needs_ovmf(self) -> bool:
         return self is Mode.UEFI
+
+    @property
+    def firmware(self) -> str:
+        return "OVMF (UEFI)" if self is Mode.UEFI else "SeaBIOS"
+
+    @property
+    def disk(self) -> Artifact:
+        """The artifact the VM's disk is."""
+        return {Mode.TGZ: Artifact.EXT4, Mode.BIOS: Artifact.BIOS_IMG, Mode.UEFI: Artifact.UEFI_IMG}[self]
+
+    def needs(self, *, initrd: bool) -> tuple[Artifact, ...]:
+        """Every artifact a boot in this mode reads."""
+        if self is Mode.TGZ:
+            return (Artifact.KERNEL, *((Artifact.INITRD,) if initrd else ()), Artifact.EXT4)
+        return (self.disk,)
+
+    @property
+    def run_task(self) -> str:
+        return f"run_{self.value}"
+
+    @property
+    def doc(self) -> str:
+        return {
+            Mode.TGZ: "Boot with qemu -kernel/-initrd and the ext4 root, serial console on this terminal",
+            Mode.BIOS: "Boot the Syslinux disk on SeaBIOS, serial console on this terminal",
+            Mode.UEFI: "Boot the UEFI disk on OVMF (q35), serial console on this terminal",
+        }[self]
 
 
 class DiskBus(enum.StrEnum):
@@ -145,8 +176,8 @@ class VmSettings:
     def __post_init__(self) -> None:
         # accept [(2222, 22)] too; stored as a tuple so settings stay hashable
         object.__setattr__(self, "port_forwards", tuple((int(h), int(g)) for h, g in self.port_forwards))
-        if self.memory_mib < 64:
-            raise UserError(f"VM memory {self.memory_mib} MiB is too small", hint="use at least 256 MiB")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise UserError(f"VM memory {self.memory_mib} MiB is too small", hint=f"use at least {MIN_MEMORY_MIB} MiB")
         if self.cpus < 1:
             raise UserError(f"VM cpus must be at least 1, not {self.cpus}")
         for host, guest in self.port_forwards:
@@ -206,16 +237,29 @@ def console_args(settings: VmSettings) -> list[str]:
     return ["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]
 
 
+SERIAL_CONSOLE = "ttyS0,115200"
+
+
+def kernel_cmdline(*, root: str | None = None, consoles: Sequence[str] = ("tty0", SERIAL_CONSOLE),
+                   extra: Sequence[str] | str = ()) -> str:
+    """The one place a kernel command line is put together: the root file system (read-write),
+    the consoles (the last one is /dev/console, so the serial port gets the boot log), then
+    the recipe's or the caller's extra words."""
+    words = [f"root={root}", "rw"] if root else []
+    words += [f"console={c}" for c in consoles]
+    words += extra.split() if isinstance(extra, str) else list(extra)
+    return " ".join(words)
+
+
 def default_cmdline(disk: Path | None, bus: DiskBus) -> str:
-    root = f"root={bus.root_device} rw " if disk is not None else ""
-    return f"{root}console=ttyS0,115200"
+    return kernel_cmdline(root=bus.root_device if disk is not None else None, consoles=(SERIAL_CONSOLE,))
 
 
 def direct_kernel_args(
     kernel: Path, initrd: Path | None, cmdline: str | None, disk: Path | None, settings: VmSettings
 ) -> list[str]:
     line = cmdline if cmdline is not None else default_cmdline(disk, settings.disk_bus)
-    line = " ".join(p for p in (line, settings.kernel_args) if p)
+    line = kernel_cmdline(consoles=(), extra=f"{line} {settings.kernel_args}")
     args = ["-kernel", os.fspath(kernel)]
     if initrd is not None:
         args += ["-initrd", os.fspath(initrd)]
@@ -226,6 +270,18 @@ def pflash_args(ovmf: Ovmf, ovmf_vars: Path) -> list[str]:
     return [
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(ovmf.code)}",
         "-drive", f"if=pflash,format=raw,unit=1,file={qemu_opt(ovmf_vars)}",
+    ]  # fmt: skip
+
+
+def machine_args(qemu: str, machine: str, accel: Accel, *, cpus: int, memory_mib: int) -> list[str]:
+    """The start of every VM's argv: the machine, accelerator, CPUs and memory, no default devices."""
+    return [
+        qemu,
+        "-machine", machine,
+        *accel.qemu_args(cpus),
+        "-smp", str(cpus),
+        "-m", str(memory_mib),
+        "-nodefaults", "-no-user-config",
     ]  # fmt: skip
 
 
@@ -251,14 +307,9 @@ def qemu_cmd(
     """
     _check_inputs(mode, settings, disk=disk, kernel=kernel, initrd=initrd, cmdline=cmdline, ovmf=ovmf, vars_=ovmf_vars)
     cmd = [
-        qemu,
-        "-machine", mode.machine,
-        *settings.accel.qemu_args(settings.cpus),
-        "-smp", str(settings.cpus),
-        "-m", str(settings.memory_mib),
-        "-nodefaults", "-no-user-config",
+        *machine_args(qemu, mode.machine, settings.accel, cpus=settings.cpus, memory_mib=settings.memory_mib),
         *console_args(settings),
-    ]  # fmt: skip
+    ]
     if mode.needs_ovmf:
         assert ovmf is not None and ovmf_vars is not None
         cmd += pflash_args(ovmf, ovmf_vars)
@@ -480,18 +531,16 @@ def probe_guest(accel_args: Sequence[str], *, qemu: str = QEMU, timeout: float =
         firmware = Path(tmp) / "probe.bin"
         firmware.write_bytes(probe_firmware())
         start = time.monotonic()
-        proc = spawn(
+        with spawn(
             probe_cmd(firmware, accel_args, qemu),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False, f"probe guest did not finish within {timeout:g}s (hung or far too slow)"
-        finally:
-            reap(proc)
+        ) as proc:
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False, f"probe guest did not finish within {timeout:g}s (hung or far too slow)"
         seconds = time.monotonic() - start
     if proc.returncode == PROBE_EXIT:
         return True, f"probe guest reached long mode and ran its loop in {seconds:.2f}s"
@@ -537,11 +586,8 @@ def _load_cached(cache_file: Path, key: dict[str, object]) -> AccelChoice | None
 
 def _store_cached(cache_file: Path, key: dict[str, object], choice: AccelChoice) -> None:
     """Best effort: a cache dir we can't write only means probing again next time."""
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, "accel": choice.accel, "reason": choice.reason}, indent=1))
-        os.replace(tmp, cache_file)
+        write_atomic(cache_file, json.dumps({"key": key, "accel": choice.accel, "reason": choice.reason}, indent=1))
     except OSError as e:
         log(f"could not save the KVM probe result in {cache_file}: {e}")
 
@@ -684,13 +730,12 @@ def boot_to_marker(
     with tempfile.TemporaryDirectory(prefix="ldt-qmp-") as tmp:
         qmp = Path(tmp) / "qmp.sock"
         start = time.monotonic()
-        proc = spawn(
+        with spawn(
             [*args, "-qmp", f"unix:{qmp},server=on,wait=off"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )
-        try:
+        ) as proc:
             console = _Console(proc, tail_lines)
             outcome = console.pump(pattern, deadline=start + timeout)
             seconds = time.monotonic() - start
@@ -704,8 +749,6 @@ def boot_to_marker(
             else:
                 reason = f"qemu {_exited(proc)} before {wanted!r}{console.error_suffix()}"
             return BootResult(False, seconds, tail, reason)
-        finally:
-            reap(proc)
 
 
 def _exited(proc: subprocess.Popen) -> str:
@@ -825,16 +868,3 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
-
-
-def reap(proc: subprocess.Popen) -> None:
-    """Make sure the process is gone and its pipes closed; safe to call twice."""
-    if proc.poll() is None:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log(f"qemu (pid {proc.pid}) did not die after SIGKILL")
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream:
-            stream.close()

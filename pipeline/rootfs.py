@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from pipeline import ids
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, link_or_copy, write_atomic
 from pipeline.run import Step, run
 
 MiB = 1 << 20
@@ -314,7 +315,7 @@ def initrd_install_hint(os_release: dict[str, str]) -> str:
         return "add `RUN apt-get install -y initramfs-tools` before the kernel package in the Dockerfile"
     if family & {"fedora", "rhel", "centos"}:
         return "add `RUN dnf install -y dracut` and run `dracut --kver <version>` in the Dockerfile"
-    return "generate an initramfs in the Dockerfile, or set require_initrd = false in recipe.toml"
+    return "generate an initramfs in the Dockerfile, or set initrd = false under [boot] in recipe.toml"
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,7 @@ def extract_boot(
                 raise UserError(
                     f"recipe {recipe}: no kernel {version} in the image "
                     f"(it has {', '.join(sorted(kernels))})",
-                    hint="fix kernel_version in recipe.toml or install that kernel in the Dockerfile",
+                    hint="fix [boot] kernel in recipe.toml or install that kernel in the Dockerfile",
                 )
             raise UserError(
                 f"recipe {recipe}: no kernel in the image (no /boot/vmlinuz-<version>)",
@@ -429,7 +430,7 @@ def extract_boot(
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / "initrd.img").unlink()
         os_release = out_dir / "os-release"
-        _write_atomic(os_release, os_rel_text.encode())
+        write_atomic(os_release, os_rel_text.encode())
         return BootFiles(version=chosen, kernel=kernel, initrd=initrd, os_release=os_release)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -437,21 +438,11 @@ def extract_boot(
 
 def _place(src: Path, dest: Path) -> Path:
     """Link a spooled file into place (copy if it is already placed: kernel == initrd)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
     if src.stat().st_nlink > 1:
-        shutil.copyfile(src, tmp)
-    else:
-        os.link(src, tmp)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        return dest
+    return link_or_copy(src, dest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,7 +794,7 @@ def build_ext4(tgz: Path, out: Path, params: Ext4Params) -> Ext4Image:
             full = any("No free space" in e or "Could not allocate" in e for e in errors)
             raise UserError(
                 f"building {out.name} failed: " + "; ".join(errors[:5]),
-                hint="raise headroom or size_bytes for the root filesystem" if full else None,
+                hint="raise [disk] headroom_mib (or size_mib) in recipe.toml" if full else None,
             )
         # mkfs writes the journal and inode tables out as zeros (no lazy init, for reproducibility):
         # turn those zero blocks back into holes, the bytes read back the same

@@ -6,12 +6,13 @@ failure logs that line before raising, so a user can re-run exactly what failed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +78,39 @@ def run(
     return proc
 
 
-def spawn(cmd: Cmd, *, env: Mapping[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
-    """Start cmd for streaming (pipes); logged like run(). The caller waits and checks."""
+@contextlib.contextmanager
+def spawn(cmd: Cmd, *, env: Mapping[str, str] | None = None, **kwargs: Any) -> Iterator[subprocess.Popen]:
+    """Start cmd for streaming (pipes), logged like run(); the caller waits and checks.
+
+    Leaving the block always reaps it: a process still running then (an exception, Ctrl-C, a
+    caller done early) is killed and waited for, and its pipes are closed."""
     args = argv(cmd)
     if verbose():
         log(f"+ {shell_line(args, env)} &")
     full_env = {**os.environ, **env} if env else None
     try:
-        return subprocess.Popen(args, env=full_env, **kwargs)
+        proc = subprocess.Popen(args, env=full_env, **kwargs)
     except FileNotFoundError as e:
         raise UserError(f"{args[0]} not found", hint="run ./setup.sh to install the host tools") from e
+    try:
+        yield proc
+    finally:
+        reap(proc)
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Make sure the process is gone and its pipes closed; safe to call twice."""
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log(f"{proc.args[0] if isinstance(proc.args, list) else proc.args} (pid {proc.pid}) "
+                "did not die after SIGKILL")
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream:
+            with contextlib.suppress(OSError):  # unflushed input for a process that is gone
+                stream.close()
 
 
 def check_exit(proc: subprocess.Popen, cmd: Cmd) -> None:

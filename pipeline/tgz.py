@@ -200,9 +200,9 @@ def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str) -> 
     """Filter a tar stream and compress it into `out`."""
     cmd = compressor_cmd()
     progress = Progress(what)
-    with open(out, "wb") as f:
-        proc = spawn(cmd, stdin=-1, stdout=f)  # -1: subprocess.PIPE
+    with open(out, "wb") as f, spawn(cmd, stdin=-1, stdout=f) as proc:  # -1: subprocess.PIPE
         assert proc.stdin is not None
+
         def counted() -> Iterator[bytes]:
             seen = 0
             for chunk in chunks:
@@ -210,13 +210,8 @@ def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str) -> 
                 seen += len(chunk)
                 progress.update(seen)
 
-        try:
-            total = filter_tar(counted(), proc.stdin.write, fixups)
-            proc.stdin.close()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        total = filter_tar(counted(), proc.stdin.write, fixups)
+        proc.stdin.close()
         proc.wait()
         check_exit(proc, cmd)
     progress.done(total)
@@ -236,17 +231,13 @@ def bootstrap(b: Bootstrap, out: Path, hostname: str, epoch: int | None) -> None
         raise UserError("mmdebstrap not found", hint="run ./setup.sh (or `apt-get install mmdebstrap`)")
     cmd = mmdebstrap_cmd(b)
     env = {"SOURCE_DATE_EPOCH": str(epoch)} if epoch is not None else None
-    proc = spawn(cmd, env=env, stdout=-1)  # -1: subprocess.PIPE
-    assert proc.stdout is not None
-    try:
-        write_tgz(iter(lambda: proc.stdout.read(1 << 20), b""), out, Fixups(hostname), f"bootstrap {hostname}")
-    except UserError:
-        if proc.wait() != 0:  # the tar ended early because mmdebstrap failed: say that
-            check_exit(proc, cmd)
-        raise
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
+    with spawn(cmd, env=env, stdout=-1) as proc:  # -1: subprocess.PIPE
+        assert proc.stdout is not None
+        try:
+            write_tgz(iter(lambda: proc.stdout.read(1 << 20), b""), out, Fixups(hostname), f"bootstrap {hostname}")
+        except UserError:
+            if proc.wait() != 0:  # the tar ended early because mmdebstrap failed: say that
+                check_exit(proc, cmd)
+            raise
         proc.wait()
-    check_exit(proc, cmd)
+        check_exit(proc, cmd)

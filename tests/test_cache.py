@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,9 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import cache, stages
-from pipeline.cache import MANIFEST, Store, XXHashChecker, inputs_changed, key_of, tree_manifest
+from pipeline import cache, docker, stages
+from pipeline.artifacts import Artifact
+from pipeline.cache import MANIFEST, Store, XXHashChecker, key_of, tree_manifest
 from pipeline.errors import UserError
+from pipeline.project import Project
 
 # -- key_of ---------------------------------------------------------------------------------------------
 
@@ -140,14 +143,18 @@ def tgz_project(root: Path) -> Path:
     store = Store(root / "cache")
     for k in ("parentkey1", "parentkey2"):
         with store.build("tgz", k, {"k": k}) as w:
-            (w / stages.TGZ).write_bytes(k.encode())
-    store.point("base", stages.TGZ, store.entry("tgz", "parentkey1") / stages.TGZ)
+            (w / Artifact.TGZ).write_bytes(k.encode())
+    store.point("base", Artifact.TGZ, store.entry("tgz", "parentkey1") / Artifact.TGZ)
     return root
 
 
+def tgz_manifest(root: Path, name: str = "app") -> dict:
+    p = Project(root)
+    return stages.manifest(p, p.recipe(name), stages.STAGE["tgz"])
+
+
 def tgz_key(root: Path, client) -> str:
-    p = stages.Project(root)
-    return key_of(stages.tgz_manifest(p, p.recipe("app"), client))
+    return key_of(tgz_manifest(root))
 
 
 @pytest.fixture
@@ -156,20 +163,21 @@ def project(tmp_path):
 
 
 @pytest.fixture
-def client():
-    return SimpleNamespace(images=FakeImages({"debian:bookworm": "sha256:base1"}))
+def client(monkeypatch):
+    fake = SimpleNamespace(images=FakeImages({"debian:bookworm": "sha256:base1"}))
+    monkeypatch.setattr(docker, "client", lambda: fake)  # the engine's image ids, without an engine
+    return fake
 
 
 def test_tgz_manifest_contents(project, client):
-    p = stages.Project(project)
-    m = stages.tgz_manifest(p, p.recipe("app"), client)
-    assert m["stage"] == "tgz" and m["version"] == stages.VERSIONS["tgz"] and m["hostname"] == "app"
+    m = tgz_manifest(project)
+    assert m["stage"] == "tgz" and m["version"] == stages.STAGE["tgz"].version and m["hostname"] == "app"
     assert [e["path"] for e in m["context"]] == [".dockerignore", "Dockerfile", "files/data.txt", "files/run.sh",
                                                  "link"]
-    assert m["build_args"] == {"V": "1"}
+    assert m["settings"]["build_args"] == {"V": "1"}
     assert m["parents"] == {"base": "parentkey1"}
     assert m["bases"] == {"debian:bookworm": "sha256:base1"}
-    assert "bootstrap" in stages.tgz_manifest(p, p.recipe("base"))
+    assert tgz_manifest(project, "base")["settings"]["bootstrap"]["suite"] == "bookworm"
 
 
 def _app(root: Path) -> Path:
@@ -187,7 +195,7 @@ KEY_CHANGES = {
     "new file": lambda root, c: (_app(root) / "files" / "more").write_text(""),
     "build arg": lambda root, c: (_app(root) / "recipe.toml").write_text('[build]\nargs = { V = "2" }\n'),
     "parent key": lambda root, c: Store(root / "cache").point(
-        "base", stages.TGZ, Store(root / "cache").entry("tgz", "parentkey2") / stages.TGZ),
+        "base", Artifact.TGZ, Store(root / "cache").entry("tgz", "parentkey2") / Artifact.TGZ),
     "base image id": lambda root, c: c.images.ids.update({"debian:bookworm": "sha256:base2"}),
 }
 
@@ -201,7 +209,8 @@ def test_tgz_key_changes_with_every_input(project, client, change):
 
 def test_tgz_key_changes_with_stage_version(project, client, monkeypatch):
     before = tgz_key(project, client)
-    monkeypatch.setitem(stages.VERSIONS, "tgz", stages.VERSIONS["tgz"] + 1)
+    tgz = stages.STAGE["tgz"]
+    monkeypatch.setitem(stages.STAGE, "tgz", dataclasses.replace(tgz, version=tgz.version + 1))
     assert tgz_key(project, client) != before
 
 
@@ -490,55 +499,10 @@ def test_checker_same_size_other_bytes_is_modified(dep):
     assert XXHashChecker().check_modified(str(dep), os.stat(dep), state) is True
 
 
-# -- inputs_changed --------------------------------------------------------------------------------------
+# -- the checker, through doit itself ---------------------------------------------------------------------------
 
 
-def fake_task():
-    return SimpleNamespace(value_savers=[])
-
-
-def saved_values(task) -> dict:
-    values: dict = {}
-    for saver in task.value_savers:
-        values.update(saver())
-    return values
-
-
-def test_inputs_changed_saves_digest_and_compares_it():
-    task = fake_task()
-    up = inputs_changed({"a": 1, "b": [1, 2]})
-    up.configure_task(task)
-    assert up(task, {}) is False  # never run
-    values = saved_values(task)
-    assert values == {"_inputs_changed": key_of({"a": 1, "b": [1, 2]})}
-    again = inputs_changed({"b": [1, 2], "a": 1})
-    assert again(fake_task(), values) is True
-    assert inputs_changed({"a": 2, "b": [1, 2]})(fake_task(), values) is False
-    assert inputs_changed({"a": 1})(fake_task(), values) is False
-
-
-def test_inputs_changed_evaluates_callables_only_when_checked():
-    calls = []
-
-    def base_ids():
-        calls.append(1)
-        return {"debian:bookworm": "sha256:1"}
-
-    task = fake_task()
-    up = inputs_changed({"bases": base_ids, "v": 1})
-    up.configure_task(task)
-    assert calls == []  # building the task dict asks nothing
-    assert up(task, {}) is False
-    assert calls == [1]
-    assert saved_values(task) == {"_inputs_changed": key_of({"bases": {"debian:bookworm": "sha256:1"}, "v": 1})}
-    assert calls == [1]  # the saver reuses the digest of the check
-    assert "bases" in repr(up)
-
-
-# -- both, through doit itself ---------------------------------------------------------------------------
-
-
-def test_doit_with_the_checker_and_inputs_changed(tmp_path):
+def test_doit_with_the_checker(tmp_path):
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
@@ -546,14 +510,12 @@ def test_doit_with_the_checker_and_inputs_changed(tmp_path):
     src.write_text("one\n")
     os.utime(src, (1000, 1000))
     ran: list[str] = []
-    setting = {"v": 1}
 
     def action():
         ran.append("x")
 
     def task_t():
-        return {"actions": [action], "file_dep": [str(src)],
-                "uptodate": [inputs_changed({"v": lambda: setting["v"]})]}
+        return {"actions": [action], "file_dep": [str(src)]}
 
     dodo = {"task_t": task_t, "DOIT_CONFIG": {"check_file_uptodate": XXHashChecker, "backend": "json",
                                               "dep_file": str(tmp_path / "doit.db"), "verbosity": 0}}
@@ -569,8 +531,6 @@ def test_doit_with_the_checker_and_inputs_changed(tmp_path):
     assert run() == 0
     src.write_text("two\n")  # same size, other bytes
     os.utime(src, (3000, 3000))
-    assert run() == 1
-    setting["v"] = 2  # a non-file input
     assert run() == 1
     assert run() == 0
 

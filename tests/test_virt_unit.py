@@ -1,21 +1,16 @@
-"""pipeline.virt without a VM: the cpio writer and reader, the guest scripts, the qemu command
-line, the fast-boot transformations and the checks."""
+"""pipeline.virt without a VM: the guest scripts, the qemu command line and the checks."""
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import os
 import re
 import shutil
-import stat
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pipeline import virt
+from pipeline import initramfs, virt
 from pipeline.errors import UserError
 from pipeline.qemu import Accel
 from pipeline.virt import VirtOptions
@@ -38,37 +33,6 @@ def qemu_cmd(tmp_path: Path, **opts) -> list[str]:
 
 def option(cmd: list[str], flag: str) -> list[str]:
     return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
-
-
-# ── cpio ────────────────────────────────────────────────────────────────────────────────
-
-
-def test_make_cpio_round_trips_through_our_reader():
-    archive = virt.make_cpio({"b/c/init": b"#!/bin/sh\n", "a": b"x" * 5})
-    members, end = virt.read_cpio(archive)
-    assert end == len(archive)
-    assert [m.name for m in members] == ["a", "b", "b/c", "b/c/init"]
-    modes = {m.name: m.mode for m in members}
-    assert stat.S_ISDIR(modes["b/c"]) and stat.S_ISREG(modes["b/c/init"])
-    assert stat.S_IMODE(modes["b/c/init"]) == 0o755
-    assert all(len(m.raw) % 4 == 0 for m in members)
-
-
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="no cpio tool to cross-check with")
-def test_make_cpio_is_read_by_gnu_cpio(tmp_path: Path):
-    archive = virt.make_cpio({"dir/file": b"content\n", "odd name": b""})
-    subprocess.run(["cpio", "-idm", "--quiet"], input=archive, cwd=tmp_path, check=True)
-    assert (tmp_path / "dir" / "file").read_bytes() == b"content\n"
-    assert (tmp_path / "odd name").exists()
-
-
-def test_make_cpio_refuses_escaping_names():
-    with pytest.raises(ValueError):
-        virt.make_cpio({"../etc/passwd": b""})
-
-
-def test_pad4_aligns_the_appended_archive():
-    assert [len(virt.pad4(n)) for n in range(5)] == [0, 3, 2, 1, 0]
 
 
 # ── the guest scripts ───────────────────────────────────────────────────────────────────
@@ -106,7 +70,7 @@ def test_init_script_is_filled_in_and_parses():
 
 
 def test_virt_cpio_holds_init_and_settings():
-    members, _ = virt.read_cpio(virt.virt_cpio(["true"], options=VirtOptions(ro=True), term=None))
+    members, _ = initramfs.read_cpio(virt.virt_cpio(["true"], options=VirtOptions(ro=True), term=None))
     names = {m.name: m for m in members}
     assert set(names) == {virt.INIT, virt.CONF}
     assert b"LDT_RO=1" in names[virt.CONF].raw
@@ -219,112 +183,3 @@ def test_guest_error_names_the_module_and_the_package():
     assert initrd is not None and "initrd" in initrd.message and "MODULES=most" in initrd.hint
 
 
-# ── fast boot ───────────────────────────────────────────────────────────────────────────
-
-MODULES_DEP = """\
-kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/jbd2/jbd2.ko
-kernel/fs/jbd2/jbd2.ko:
-kernel/lib/crc16.ko:
-kernel/crypto/crc32c_generic.ko:
-kernel/arch/x86/crypto/crc32c-intel.ko:
-kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio.ko
-kernel/drivers/virtio/virtio.ko:
-kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko
-kernel/drivers/gpu/drm/huge.ko:
-"""
-SOFTDEP = "softdep ext4 pre: crypto-crc32c\n"
-ALIAS = "alias crypto-crc32c crc32c_generic\nalias crypto-crc32c crc32c_intel\n"
-
-
-def test_module_closure_follows_deps_softdeps_and_aliases():
-    closure = virt.module_closure(MODULES_DEP, SOFTDEP, ALIAS, ["virtio_pci", "virtio_blk", "ext4", "builtin_x"])
-    assert closure == {
-        "kernel/fs/ext4/ext4.ko", "kernel/lib/crc16.ko", "kernel/fs/jbd2/jbd2.ko",
-        "kernel/crypto/crc32c_generic.ko", "kernel/arch/x86/crypto/crc32c-intel.ko",
-        "kernel/drivers/virtio/virtio_pci.ko", "kernel/drivers/virtio/virtio.ko",
-        "kernel/drivers/block/virtio_blk.ko",
-    }  # fmt: skip
-
-
-def fake_initrd() -> bytes:
-    moddir = "usr/lib/modules/6.1.0-1-amd64"
-    files = {f"{moddir}/{p}": b"\x7fELF module" for p in (line.split(":")[0] for line in MODULES_DEP.splitlines())}
-    files |= {
-        f"{moddir}/modules.dep": MODULES_DEP.encode(),
-        f"{moddir}/modules.softdep": SOFTDEP.encode(),
-        f"{moddir}/modules.alias": ALIAS.encode(),
-        "usr/lib/firmware/big.bin": b"\0" * 1000,
-        "usr/bin/sh": b"#!shell",
-    }
-    early = virt.make_cpio({"kernel/x86/microcode/AuthenticAMD.bin": b"ucode"})
-    main = gzip.compress(virt.make_cpio(files))
-    return early + main
-
-
-def test_slim_initrd_keeps_tools_and_needed_modules_only():
-    slim = virt.slim_initrd(fake_initrd())
-    members, end = virt.read_cpio(slim)
-    assert end == len(slim)
-    names = {m.name for m in members}
-    assert "usr/bin/sh" in names and "kernel/x86/microcode/AuthenticAMD.bin" in names
-    assert "usr/lib/modules/6.1.0-1-amd64/kernel/fs/ext4/ext4.ko" in names
-    assert "usr/lib/modules/6.1.0-1-amd64/modules.dep" in names
-    assert "usr/lib/modules/6.1.0-1-amd64/kernel/drivers/gpu/drm/huge.ko" not in names
-    assert "usr/lib/firmware/big.bin" not in names
-
-
-def test_initrd_archives_rejects_garbage():
-    with pytest.raises(ValueError):
-        virt.initrd_archives(b"not an initrd")
-
-
-def elf_with_notes(notes: list[tuple[bytes, int]]) -> bytes:
-    """A minimal ELF64 header, one PT_NOTE program header and the notes."""
-    blob = b""
-    for name, n_type in notes:
-        name0 = name + b"\0"
-        blob += struct.pack("<III", len(name0), 4, n_type) + name0 + b"\0" * (-len(name0) % 4) + b"\0" * 4
-    header = bytearray(64)
-    header[:5] = b"\x7fELF\x02"
-    struct.pack_into("<Q", header, 0x20, 64)  # e_phoff
-    struct.pack_into("<HH", header, 0x36, 56, 1)  # e_phentsize, e_phnum
-    phdr = struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(blob), len(blob), 4)
-    return bytes(header) + phdr + blob
-
-
-def fake_bzimage(payload: bytes) -> bytes:
-    setup_sects = 4
-    image = bytearray((setup_sects + 1) * 512)
-    image[0x1F1] = setup_sects
-    image[0x202:0x206] = b"HdrS"
-    struct.pack_into("<II", image, 0x248, 0, len(payload))
-    return bytes(image) + payload
-
-
-def test_has_pvh_note():
-    assert virt.has_pvh_note(elf_with_notes([(b"GNU", 3), (b"Xen", 18)]))
-    assert not virt.has_pvh_note(elf_with_notes([(b"Xen", 6)]))
-    assert not virt.has_pvh_note(b"MZ not an elf")
-
-
-def test_extract_vmlinux_from_an_xz_bzimage():
-    elf = elf_with_notes([(b"Xen", 18)])
-    assert virt.extract_vmlinux(fake_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\1\2\3\4")) == elf
-    assert virt.extract_vmlinux(fake_bzimage(gzip.compress(elf))) == elf
-    no_pvh = elf_with_notes([(b"GNU", 3)])
-    assert virt.extract_vmlinux(fake_bzimage(gzip.compress(no_pvh))) is None
-    assert virt.extract_vmlinux(b"not a kernel") is None
-
-
-def test_fast_boot_files_are_cached_and_fall_back(tmp_path: Path):
-    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
-    kernel.write_bytes(fake_bzimage(gzip.compress(elf_with_notes([(b"Xen", 18)]))))
-    initrd.write_bytes(fake_initrd())
-    cache = tmp_path / "cache"
-    k, i = virt.fast_boot_files(kernel, initrd, cache)
-    assert k.name == "vmlinux" and i.name == "initrd.cpio"
-    assert virt.fast_boot_files(kernel, initrd, cache) == (k, i)
-    # unusable inputs: boot the originals
-    kernel.write_bytes(b"not a bzImage")
-    initrd.write_bytes(b"garbage")
-    assert virt.fast_boot_files(kernel, initrd, cache) == (kernel, initrd)

@@ -1,0 +1,24 @@
+"""The files the stages make: one name each, the same in the store, the pointers and doit's targets."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Artifact(enum.StrEnum):
+    """A file a stage makes; its value is the file name in the entry and under cache/recipes/<name>/."""
+
+    TGZ = "rootfs.tgz"
+    KERNEL = "vmlinuz"
+    INITRD = "initrd.img"
+    OS_RELEASE = "os-release"
+    EXT4 = "rootfs.ext4"
+    BIOS_IMG = "bios.img"
+    UEFI_IMG = "uefi.img"
+    BIOS_QCOW2 = "bios.qcow2"
+    UEFI_QCOW2 = "uefi.qcow2"
+    FAST_KERNEL = "fast.kernel"  # virt's kernel: the uncompressed vmlinux when QEMU can boot it (PVH)
+    FAST_INITRD = "fast.initrd"  # virt's initrd: one uncompressed archive, only the modules it loads
+
+
+EPOCH = "epoch"  # in a tgz entry: the time every later image stage stamps into its files

@@ -1,0 +1,214 @@
+"""What each stage of the table in stages.py does: one builder per stage, each filling an empty
+work dir with the stage's `makes`, plus the tgz stage's inputs and hooks. The heavy work lives
+in the concern's own module (docker, tgz, rootfs, disk, initramfs); these only connect it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.artifacts import EPOCH, Artifact
+from pipeline.cache import tree_manifest
+from pipeline.errors import UserError
+from pipeline.files import link_or_copy
+from pipeline.recipes import Recipe, from_images, recipe_of_image
+from pipeline.run import log
+
+if TYPE_CHECKING:
+    from pipeline.project import Project
+    from pipeline.stages import Build
+
+A = Artifact
+MiB = 1 << 20
+IMAGE_CONFIG = "image-config.json"  # in a tgz entry: the built image's config (ENTRYPOINT, CMD, ENV…)
+
+
+# -- tgz ----------------------------------------------------------------------------------------
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH when set, else now (recorded once per tgz entry)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(epoch) if epoch else int(time.time())
+
+
+def external_bases(r: Recipe) -> list[str]:
+    """FROM images that are not recipe images (e.g. debian:bookworm from a registry)."""
+    refs = from_images(r.dockerfile.read_text(), dict(r.build_args))
+    return [ref for ref in refs if recipe_of_image(ref) is None]
+
+
+def recipe_files(r: Recipe) -> list[str]:
+    """The recipe folder's files but recipe.toml (a superset of the build context: cheap to list, never
+    misses one); recipe.toml's settings reach each stage through its manifest instead."""
+    return sorted(str(f) for f in r.dir.rglob("*") if (f.is_file() or f.is_symlink()) and f != r.toml)
+
+
+def tgz_sources(p: Project, r: Recipe) -> list[str]:
+    """doit's file_dep of build_tgz: the recipe's files and its parents' tgz pointers (ordering)."""
+    return recipe_files(r) + [str(p.store.pointer(parent, A.TGZ)) for parent in r.parents]
+
+
+def tgz_inputs(p: Project, r: Recipe) -> dict[str, Any]:
+    """The tgz's inputs besides its settings: the build context, the parents' entries and the
+    engine's ids of external base images (asked only when the recipe has any)."""
+    m: dict[str, Any] = {"hostname": r.name}
+    if r.bootstrap is not None:
+        return m
+    from pipeline import docker
+
+    m["context"] = tree_manifest(r.dir, docker.context_files(r.dir))
+    m["parents"] = {parent: p.store.current_key(parent, A.TGZ) for parent in r.parents}
+    bases = external_bases(r)
+    if bases:
+        client = docker.client()
+        m["bases"] = {ref: docker.image_id(client, ref) for ref in bases}
+    return m
+
+
+def _bootstraps(p: Project) -> list[str]:
+    """Bootstrap recipes, for hints; an unreadable recipes/ only loses the hint."""
+    try:
+        return [n for n, x in p.recipes.items() if x.bootstrap is not None]
+    except UserError:
+        return []
+
+
+def tgz_prepare(p: Project, r: Recipe) -> None:
+    """External base images must be in the engine before their ids go into the key."""
+    if r.bootstrap is not None or not external_bases(r):
+        return
+    from pipeline import docker
+
+    client = docker.client()
+    for ref in external_bases(r):
+        docker.ensure_base(client, ref, r.name, _bootstraps(p))
+
+
+def tgz(b: Build) -> None:
+    """mmdebstrap for a bootstrap recipe; docker build + export otherwise."""
+    r = b.recipe
+    (b.work / EPOCH).write_text(f"{source_date_epoch()}\n")
+    if r.bootstrap is not None:
+        from pipeline.tgz import bootstrap
+
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        bootstrap(r.bootstrap, b.out(A.TGZ), r.name, int(epoch) if epoch else None)
+        return
+    from pipeline import docker
+    from pipeline.tgz import Fixups, write_tgz
+
+    client = docker.client()
+    for parent in r.parents:  # the engine must hold the parent's current image
+        ensure_image(b.project, client, parent)
+    log(f"{r.name}: docker build {r.dir}")
+    image = docker.build(client, r.dir, f"{r.image}:{b.key}", buildargs=dict(r.build_args), platform=r.platform,
+                         recipe=r.name, known_recipes=_bootstraps(b.project),
+                         echo=_echo)
+    (b.work / IMAGE_CONFIG).write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
+    with docker.exported(client, image) as chunks:
+        write_tgz(chunks, b.out(A.TGZ), Fixups(hostname=r.name), f"export {r.name}")
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def tgz_after(p: Project, r: Recipe, entry: Path) -> None:
+    ensure_image(p, None, r.name)
+
+
+def ensure_image(p: Project, client, name: str) -> str:
+    """Make ldt/<name>:latest the image of the recipe's current tgz entry (import it if gone)."""
+    from pipeline import docker
+
+    if client is None:
+        client = docker.client()
+    entry = p.store.current(name, A.TGZ)
+    if entry is None:
+        raise UserError(f"recipe '{name}' has no rootfs.tgz yet", hint=f"run `doit build_tgz:{name}`")
+    r = p.recipe(name)
+    keyed = f"{r.image}:{entry.name}"
+    if docker.image_id(client, keyed) is None:
+        cfg_file = entry / IMAGE_CONFIG
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        log(f"{name}: importing {entry / A.TGZ} into the engine as {keyed}")
+        docker.import_tgz(client, entry / A.TGZ, keyed, docker.config_changes(cfg))
+    docker.tag(client, keyed, f"{r.image}:latest")
+    return keyed
+
+
+# -- image stages -------------------------------------------------------------------------------
+
+
+def boot(b: Build) -> None:
+    from pipeline import rootfs
+
+    rootfs.extract_boot(b.inputs[A.TGZ], b.work, recipe=b.recipe.name, version=b.recipe.kernel,
+                        require_initrd=b.recipe.initrd)
+
+
+def ext4(b: Build) -> None:
+    from pipeline import rootfs
+
+    r = b.recipe
+    assert b.epoch is not None
+    sizing: dict[str, Any] = {"headroom_bytes": r.headroom_mib * MiB}
+    if r.size_mib:
+        sizing["size_bytes"] = r.size_mib * MiB
+    params = rootfs.Ext4Params.for_key(b.key, epoch=b.epoch, label="root", **sizing)
+    rootfs.build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params)
+
+
+def bios(b: Build) -> None:
+    from pipeline import disk
+
+    assert b.epoch is not None
+    disk.build_bios_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.EXT4], b.out(A.BIOS_IMG), key=b.key,
+                         epoch=b.epoch, extra_cmdline=b.recipe.cmdline.split())
+
+
+def uefi(b: Build) -> None:
+    from pipeline import disk
+
+    assert b.epoch is not None
+    disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
+                         b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=b.recipe.cmdline.split())
+
+
+QCOW2_OF = {A.BIOS_IMG: A.BIOS_QCOW2, A.UEFI_IMG: A.UEFI_QCOW2}
+
+
+def qcow2(b: Build) -> None:
+    from pipeline import disk
+
+    (raw,) = b.inputs
+    disk.to_qcow2(b.inputs[raw], b.out(QCOW2_OF[raw]), compress=True)
+
+
+def fast_boot(b: Build) -> None:
+    fast_boot_into(b.inputs[A.KERNEL], b.inputs[A.INITRD], b.work)
+
+
+def fast_boot_into(kernel: Path, initrd: Path, work: Path) -> None:
+    """virt's kernel and initrd: the uncompressed vmlinux (QEMU boots it through its PVH entry)
+    and the initrd as one archive with only the modules virt loads. Whatever cannot be done (no
+    PVH note, an unknown compression) keeps the original file: slower, same result."""
+    from pipeline import initramfs
+
+    start = time.monotonic()
+    elf = initramfs.extract_vmlinux(kernel.read_bytes())
+    if elf is not None:
+        (work / A.FAST_KERNEL).write_bytes(elf)
+    else:
+        link_or_copy(kernel, work / A.FAST_KERNEL)
+    try:
+        (work / A.FAST_INITRD).write_bytes(initramfs.slim_initrd(initrd.read_bytes()))
+    except (ValueError, OSError, EOFError, UserError) as e:
+        log(f"virt: booting the original initrd ({e})")
+        link_or_copy(initrd, work / A.FAST_INITRD)
+    log(f"virt: prepared the fast-boot kernel and initrd in {time.monotonic() - start:.1f}s")

@@ -1,0 +1,59 @@
+"""Writing files so that a reader sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """A temporary path beside dest (same folder, so the rename is atomic), renamed over dest when
+    the block succeeds and removed when it fails. Whatever the block creates there (a file, a
+    symlink, a folder) replaces dest whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        _remove(tmp)
+
+
+def write_atomic(dest: Path, data: bytes | str) -> Path:
+    with atomic_path(dest) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return dest
+
+
+def link_or_copy(src: Path, dest: Path) -> Path:
+    """dest as a hard link of src where the file system allows it (free), else a sparse copy."""
+    with atomic_path(dest) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return dest
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,199 @@
+"""The doit edge: task dicts made from the stage table, and the actions doit runs.
+
+Actions are `(module_level_function, [root, recipe name, …])`: picklable for `doit -n N`. Each
+looks the names up once and turns a UserError into doit's TaskFailed (one line and a hint),
+the only place that conversion happens for the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from pipeline import stages, vm
+from pipeline.errors import UserError
+from pipeline.project import Project
+from pipeline.qemu import Mode
+from pipeline.recipes import Recipe
+
+
+def doit_edge(func: Callable[..., Any]) -> Callable[..., Any]:
+    """doit action wrapper: a UserError becomes one line plus hint, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as e:
+            return TaskFailed(e.render())
+        except KeyboardInterrupt:
+            return TaskFailed("interrupted; nothing was stored")
+
+    return wrapper
+
+
+def recipes_or_exit(p: Project) -> dict[str, Recipe]:
+    """Recipes for dodo.py: a bad recipe is one line and exit status 2, not a traceback."""
+    try:
+        return p.recipes
+    except UserError as e:
+        print(e.render(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+
+@doit_edge
+def build_action(root: str, name: str, stage: str) -> None:
+    p = Project(Path(root))
+    stages.materialize(p, p.recipe(name), stages.STAGE[stage])
+
+
+@doit_edge
+def run_action(root: str, name: str, mode: str, memory: str = "", cpus: int = 0, cmdline: str = "",
+               forward: str = "", net: bool = True, persist: str = "", accel: str = "") -> TaskFailed | None:
+    """doit passes the task's params (RUN_PARAMS) by these names."""
+    p = Project(Path(root))
+    options = vm.RunOptions(memory=memory, cpus=cpus, cmdline=cmdline, forward=forward, net=net, persist=persist,
+                            accel=accel)
+    status = vm.run_recipe(p, p.recipe(name), Mode(mode), options)
+    return TaskFailed(f"qemu exited with status {status}") if status != 0 else None
+
+
+@doit_edge
+def check_action(root: str, name: str) -> None:
+    p = Project(Path(root))
+    vm.check_boot(p, p.recipe(name))
+
+
+@doit_edge
+def store_action(root: str) -> None:
+    print(Project(Path(root)).store.listing())
+
+
+@doit_edge
+def store_gc_action(root: str) -> None:
+    removed = Project(Path(root)).store.gc()
+    for e in removed:
+        print(f"removed {e}")
+    print(f"{len(removed)} removed")
+
+
+# -- task dicts ---------------------------------------------------------------------------------
+
+
+class StageUptodate:
+    """doit uptodate object: the task is up to date when, for each of its stages, the recipe's
+    pointers lead to the entry whose key the stage's manifest gives now (stages.up_to_date).
+    The store is the one record: no second list of inputs for doit to keep in step."""
+
+    def __init__(self, p: Project, r: Recipe, task_stages: tuple[stages.Stage, ...]) -> None:
+        self.p, self.r, self.stages = p, r, task_stages
+
+    def __call__(self, task, values) -> bool:
+        return all(stages.up_to_date(self.p, self.r, s) for s in self.stages)
+
+    def __repr__(self) -> str:
+        return f"StageUptodate({self.r.name}: {', '.join(s.name for s in self.stages)})"
+
+
+def stage_tasks(p: Project, recipes: dict[str, Recipe], task: str) -> Iterator[dict[str, Any]]:
+    """The group entry, then one subtask per recipe that has the task's stages."""
+    group = stages.task_stages(task)
+    yield {"name": None, "doc": group[0].doc}
+    for r in recipes.values():
+        own = tuple(s for s in group if s.applies(r))
+        if not own:
+            continue
+        made = {a for s in own for a in s.makes_for(r)}
+        needed = {a for s in own for a in s.needs_for(r)} - made
+        sources = [f for s in own if s.sources for f in s.sources(p, r)]
+        yield {
+            "name": r.name,
+            "doc": f"{group[0].doc} ({r.name})",
+            "actions": [(build_action, [str(p.root), r.name, s.name]) for s in own],
+            "file_dep": sorted({*sources, *(str(p.store.pointer(r.name, a)) for a in needed)}),
+            "targets": [str(p.store.pointer(r.name, a)) for s in own for a in s.makes_for(r)],
+            "uptodate": [StageUptodate(p, r, own)],
+            "clean": True,
+        }
+
+
+RUN_PARAMS = [
+    {"name": "memory", "long": "memory", "default": "", "help": "guest memory, e.g. 2G (default: recipe.toml)"},
+    {"name": "cpus", "long": "cpus", "type": int, "default": 0, "help": "guest CPUs (default: recipe.toml)"},
+    {"name": "cmdline", "long": "cmdline", "default": "", "help": "extra kernel command line (run_tgz only)"},
+    {"name": "forward", "long": "forward", "default": "", "help": "host port forwards HOST:GUEST[,HOST:GUEST]"},
+    {"name": "net", "long": "net", "inverse": "no-net", "type": bool, "default": True,
+     "help": "user-mode networking (--no-net: none)"},
+    {"name": "persist", "long": "persist", "default": "",
+     "help": "keep changes in this disk file (a copy made on first use) instead of a throwaway snapshot"},
+    {"name": "accel", "long": "accel", "default": "", "help": "kvm, tcg or auto (default: $LDT_ACCEL or auto)"},
+]
+
+
+def run_tasks(p: Project, recipes: dict[str, Recipe], mode: Mode) -> Iterator[dict[str, Any]]:
+    yield {"name": None, "doc": mode.doc}
+    for r in recipes.values():
+        if not r.bootable:
+            continue
+        yield {
+            "name": r.name,
+            "doc": f"boot {r.name} ({mode}) on this terminal",
+            "actions": [(run_action, [str(p.root), r.name, str(mode)])],
+            "file_dep": [str(p.store.pointer(r.name, a)) for a in mode.needs(initrd=r.initrd)],
+            "params": RUN_PARAMS,
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+
+
+CHECK_DOC = "Boot matrix: each mode headless to the boot marker; a table (passes cached per image)"
+
+
+def check_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, Any]]:
+    yield {"name": None, "doc": CHECK_DOC}
+    for r in recipes.values():
+        if not (r.bootable and r.check):
+            continue
+        needs = dict.fromkeys(a for mode in Mode for a in mode.needs(initrd=r.initrd))
+        yield {
+            "name": r.name,
+            "doc": f"boot {r.name} in every mode to its marker",
+            "actions": [(check_action, [str(p.root), r.name])],
+            "file_dep": [str(p.store.pointer(r.name, a)) for a in needs],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+
+
+def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[[], Any]]:
+    """Every task_* of dodo.py: the stage tasks from the table, a run task per Mode, check_boot,
+    store and store_gc."""
+
+    def creator(make: Callable[[], Any], doc: str) -> Callable[[], Any]:
+        def task() -> Any:
+            return make()
+
+        task.__doc__ = doc
+        return task
+
+    out: dict[str, Callable[[], Any]] = {}
+    for task in stages.TASKS:
+        out[f"task_{task}"] = creator(functools.partial(stage_tasks, p, recipes, task), stages.task_stages(task)[0].doc)
+    for mode in Mode:
+        out[f"task_{mode.run_task}"] = creator(functools.partial(run_tasks, p, recipes, mode), mode.doc)
+    out["task_check_boot"] = creator(functools.partial(check_tasks, p, recipes), CHECK_DOC)
+    out["task_store"] = creator(lambda: {"actions": [(store_action, [str(p.root)])], "uptodate": [False],
+                                         "verbosity": 2},
+                                "Show the content-hash store: entries, sizes, which recipe points where")
+    out["task_store_gc"] = creator(lambda: {"actions": [(store_gc_action, [str(p.root)])], "uptodate": [False],
+                                            "verbosity": 2},
+                                   "Remove store entries no recipe points at, and unfinished work dirs")
+    return out

@@ -1,0 +1,159 @@
+"""The stage table: what each stage reads goes into its key, nothing else does; the task dicts
+doit gets follow from the table; the guest scripts are shellcheck-clean."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline import graph, stages, virt
+from pipeline.artifacts import EPOCH, Artifact
+from pipeline.cache import key_of
+from pipeline.errors import UserError
+from pipeline.project import Project
+from pipeline.qemu import Mode
+from pipeline.recipes import Bootstrap, Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A value different from the default for every setting of a recipe (Recipe.settings() keys).
+OTHER = {
+    "build_args": ("build_args", (("X", "1"),)),
+    "platform": ("platform", "linux/arm64"),
+    "bootstrap": ("bootstrap", Bootstrap(suite="trixie")),
+    "kernel": ("kernel", "6.1.0-99-amd64"),
+    "initrd": ("initrd", False),
+    "cmdline": ("cmdline", "quiet"),
+    "headroom_mib": ("headroom_mib", 512),
+    "size_mib": ("size_mib", 4096),
+    "qcow2": ("qcow2", True),
+    "memory": ("memory", "2G"),
+    "cpus": ("cpus", 4),
+    "boot_marker": ("boot_marker", "Welcome"),
+    "bootable": ("bootable", False),
+    "check": ("check", False),
+    "boot_timeout": ("boot_timeout", 9),
+}
+
+
+@pytest.fixture
+def project(tmp_path) -> tuple[Project, Recipe]:
+    """A bootstrap recipe (no engine needed for its tgz key) with an entry for every stage."""
+    r = Recipe(name="base", dir=tmp_path / "recipes" / "base", bootstrap=Bootstrap())
+    p = Project(tmp_path, extra=(r,))
+    for s in stages.STAGES:
+        with p.store.build(s.name, f"key-{s.name}", {"stage": s.name}) as work:
+            for a in s.makes:
+                (work / a).write_bytes(b"x")
+            if s.name == "tgz":
+                (work / EPOCH).write_text("1700000000\n")
+        for a in s.makes:
+            p.store.point(r.name, a, p.store.entry(s.name, f"key-{s.name}") / a)
+    return p, r
+
+
+def test_every_setting_is_covered_here():
+    assert set(OTHER) == set(Recipe(name="x", dir=Path("/x")).settings())
+
+
+@pytest.mark.parametrize("stage", stages.STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize("setting", OTHER)
+def test_a_stage_key_changes_with_exactly_the_settings_it_reads(project, stage, setting):
+    p, r = project
+    field, value = OTHER[setting]
+    before = key_of(stages.manifest(p, r, stage))
+    changed = dataclasses.replace(r, **{field: value})
+    after = key_of(stages.manifest(Project(p.root, extra=(changed,)), changed, stage))
+    assert (after != before) == (setting in stage.reads)
+
+
+@pytest.mark.parametrize("stage", [s for s in stages.STAGES if s.needs], ids=lambda s: s.name)
+def test_a_stage_key_changes_with_the_entries_it_needs(project, stage):
+    p, r = project
+    before = key_of(stages.manifest(p, r, stage))
+    maker = stages.MAKER[stage.needs[0]]
+    with p.store.build(maker.name, "another", {"stage": maker.name}) as work:
+        for a in maker.makes:
+            (work / a).write_bytes(b"y")
+    for a in maker.makes:
+        p.store.point(r.name, a, p.store.entry(maker.name, "another") / a)
+    assert key_of(stages.manifest(p, r, stage)) != before
+
+
+@pytest.mark.parametrize("stage", stages.STAGES, ids=lambda s: s.name)
+def test_a_stage_key_changes_with_its_version(project, stage):
+    p, r = project
+    newer = dataclasses.replace(stage, version=stage.version + 1)
+    assert key_of(stages.manifest(p, r, newer)) != key_of(stages.manifest(p, r, stage))
+
+
+def test_the_table_is_consistent():
+    assert len(stages.STAGE) == len(stages.STAGES)
+    for s in stages.STAGES:
+        assert s.makes, s.name
+        for a in s.needs:  # made by an earlier stage
+            assert stages.STAGES.index(stages.MAKER[a]) < stages.STAGES.index(s), (s.name, a)
+        assert set(s.reads) <= set(OTHER)
+    assert set(stages.MAKER) == set(Artifact)  # every artifact has one maker
+    for mode in Mode:  # every boot mode boots what a stage makes
+        assert all(a in stages.MAKER for a in mode.needs(initrd=True))
+
+
+def test_up_to_date_follows_the_pointers(project):
+    p, r = project
+    ext4 = stages.STAGE["ext4"]
+    assert not stages.up_to_date(p, r, ext4)  # the fixture's entry is not the one of the manifest's key
+    key = key_of(stages.manifest(p, r, ext4))
+    with p.store.build("ext4", key, {}) as work:
+        (work / Artifact.EXT4).write_bytes(b"z")
+    p.store.point(r.name, Artifact.EXT4, p.store.entry("ext4", key) / Artifact.EXT4)
+    assert stages.up_to_date(p, r, ext4)
+    changed = dataclasses.replace(r, headroom_mib=999)
+    assert not stages.up_to_date(Project(p.root, extra=(changed,)), changed, ext4)
+
+
+def test_task_dicts_come_from_the_table(project):
+    p, r = project
+    qcow = dataclasses.replace(r, qcow2=True)
+    tasks = list(graph.stage_tasks(p, {"base": qcow}, "build_syslinux_bios"))
+    assert tasks[0] == {"name": None, "doc": stages.STAGE["bios"].doc}
+    (t,) = tasks[1:]
+    pointer = lambda a: str(p.store.pointer("base", a))  # noqa: E731
+    assert [a[1][2] for a in t["actions"]] == ["bios", "bios_qcow2"]
+    assert t["targets"] == [pointer(Artifact.BIOS_IMG), pointer(Artifact.BIOS_QCOW2)]
+    assert t["file_dep"] == sorted(pointer(a) for a in (Artifact.KERNEL, Artifact.INITRD, Artifact.EXT4))
+    no_initrd = dataclasses.replace(r, initrd=False)
+    (t,) = list(graph.stage_tasks(p, {"base": no_initrd}, "build_syslinux_bios"))[1:]
+    assert pointer(Artifact.INITRD) not in t["file_dep"]
+    assert list(graph.stage_tasks(p, {"base": dataclasses.replace(r, bootable=False)}, "build_rootfs"))[1:] == []
+
+
+def test_missing_input_names_the_task_that_makes_it(tmp_path):
+    r = Recipe(name="app", dir=tmp_path)
+    with pytest.raises(UserError) as info:
+        stages.current(Project(tmp_path, extra=(r,)), r, (Artifact.KERNEL,))
+    assert info.value.message == "recipe 'app' has no vmlinuz yet" and info.value.hint == "run `doit extract_boot:app`"
+
+
+GUEST_SCRIPTS = sorted((ROOT / "pipeline" / "guest").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", GUEST_SCRIPTS, ids=lambda p: p.name)
+def test_guest_scripts_are_shellcheck_clean(script):
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is installed by ./setup.sh"
+    proc = subprocess.run([shellcheck, "-s", "sh", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_virt_init_uses_the_literals_virt_py_expects():
+    script = virt.init_script()
+    assert f"echo \"{virt.ERROR_TAG} $*\"" in script
+    assert f". /{virt.CONF}" in script
+    assert f"msize={virt.MSIZE}," in script
+    assert f"{virt.MOUNT_TAG} $R/work" in script
+    assert f"PATH={virt.GUEST_PATH}\n" in script
