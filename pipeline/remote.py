@@ -52,6 +52,7 @@ import urllib3
 import zstandard
 
 from pipeline.errors import UserError
+from pipeline.run import log, verbose
 
 MANIFEST = "manifest.json"  # = cache.MANIFEST (not imported: cache.py stays free of the network)
 
@@ -303,6 +304,8 @@ class _Client:
         headers = dict(kwargs.pop("headers", None) or {})
         if self.authorization and authorize:
             headers["Authorization"] = self.authorization
+        if verbose():  # method and path only: headers and bodies may carry credentials
+            log(f"remote: {method} {urllib.parse.urlsplit(url).path}")
         try:
             return self.session.request(method, url, headers=headers, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                                         allow_redirects=True, **kwargs)

@@ -140,3 +140,68 @@ def env_without_credentials() -> dict[str, str]:
     """os.environ minus anything that could hand the client credentials from the developer's machine."""
     drop = {"LDT_REMOTE", "LDT_REMOTE_USER", "LDT_REMOTE_PASSWORD", "LDT_REMOTE_PUSH", "DOCKER_CONFIG"}
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@contextlib.contextmanager
+def token_gate(upstream: Registry, user: str, password: str) -> Iterator[tuple[str, list[str]]]:
+    """A Bearer-token front for a registry, the way GHCR, Harbor and the clouds ask: yields its host.
+
+    Requests without `Authorization: Bearer <token>` get a 401 naming a token realm; the realm
+    hands out the token for the right Basic credentials; everything else is passed upstream
+    (with Host kept, so the registry's upload Locations point back at the gate).
+    Yields (host, the "METHOD path" of every request it saw).
+    """
+    import base64
+    import http.server
+    import threading
+
+    token = "tok-" + os.urandom(8).hex()
+    good = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    seen: list[str] = []
+
+    class Gate(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _reply(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            seen.append(f"{self.command} {self.path.split('?')[0]}")
+            if self.path.startswith("/token"):
+                ok = self.headers.get("Authorization") == good
+                self._reply(200 if ok else 401, {"Content-Type": "application/json"},
+                            b'{"token": "%s"}' % token.encode() if ok else b"{}")
+                return
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                challenge = f'Bearer realm="http://{self.headers["Host"]}/token",service="gate",scope="repository:x:pull"'
+                self._reply(401, {"WWW-Authenticate": challenge, "Content-Type": "application/json"},
+                            b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                return
+            fwd = {k: v for k, v in self.headers.items() if k.lower() not in ("authorization", "content-length")}
+            resp = requests.request(self.command, f"http://{upstream.host}{self.path}", data=body, headers=fwd,
+                                    allow_redirects=False, timeout=30)
+            drop = ("content-length", "transfer-encoding", "connection", "content-encoding")
+            self._reply(resp.status_code, {k: v for k, v in resp.headers.items() if k.lower() not in drop},
+                        resp.content)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gate)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -290,10 +290,11 @@ def test_no_credentials_is_remote_unavailable(auth_registry, tmp_path):  # noqa:
         remote.remote_keys(Remote.parse(auth_registry.url), "authed", env=NO_CREDS)
 
 
-def test_wrong_password_is_refused_without_showing_it(auth_registry, tmp_path, capfd):  # noqa: F811
+def test_wrong_password_is_refused_without_showing_it(auth_registry, tmp_path, capfd, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("LDT_VERBOSE", "1")
     r = Remote.parse(auth_registry.url)
     wrong = "Wr0ng-pa55word-XYZ"
-    envs = [{**NO_CREDS, "LDT_REMOTE_USER": auth_registry.user, "LDT_REMOTE_PASSWORD": wrong, "LDT_VERBOSE": "1"},
+    envs = [{**NO_CREDS, "LDT_REMOTE_USER": auth_registry.user, "LDT_REMOTE_PASSWORD": wrong},
             _docker_config(tmp_path, auth_registry.host, auth_registry.user, wrong)]
     for env in envs:
         for call in (lambda env=env: remote.remote_keys(r, "authed", env=env),
@@ -305,6 +306,7 @@ def test_wrong_password_is_refused_without_showing_it(auth_registry, tmp_path, c
             assert wrong not in shown
             assert base64.b64encode(f"{auth_registry.user}:{wrong}".encode()).decode() not in shown
     out, err = capfd.readouterr()
+    assert "remote: GET /v2/ldt/authed/tags/list" in err  # verbose did log the requests
     assert wrong not in out + err
 
 
@@ -399,3 +401,24 @@ def test_push_and_pull_of_a_2g_sparse_disk_stay_small(registry, tmp_path):  # no
     assert os.stat(work / "disk.img").st_size == size
     assert os.stat(work / "disk.img").st_blocks * 512 < 64 << 20  # written sparse
     assert remote.file_records(work) == json.loads((entry / "manifest.json").read_text())["files"]
+
+
+def test_bearer_token_auth(registry, tmp_path):  # noqa: F811
+    """The token dance of GHCR/Harbor/cloud registries, through a gate in front of the real registry."""
+    from tests.registry import token_gate
+
+    with token_gate(registry, "robot", "t0ken-pass") as (host, seen):
+        r = Remote.parse(f"oci://{host}/ldt")
+        env = {**NO_CREDS, "LDT_REMOTE_USER": "robot", "LDT_REMOTE_PASSWORD": "t0ken-pass"}
+        entry = make_entry(tmp_path / "e", {"f": os.urandom(50_000)})
+        assert remote.push_entry(r, "gated", "k1", entry, env=env)
+        work = tmp_path / "w"
+        work.mkdir()
+        assert remote.pull_entry(r, "gated", "k1", work, env=env)
+        assert same_tree(entry, work)
+        assert {"GET /token", "PATCH", "PUT /v2/ldt/gated/manifests/k1"} <= {s if "/uploads/" not in s else
+                                                                            s.split()[0] for s in seen}
+        with pytest.raises(RemoteUnavailable, match="refused the credentials"):
+            remote.remote_keys(r, "gated", env={**env, "LDT_REMOTE_PASSWORD": "nope"})
+        with pytest.raises(RemoteUnavailable, match="wants credentials"):
+            remote.remote_keys(r, "gated", env=NO_CREDS)
