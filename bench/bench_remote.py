@@ -30,9 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' registry helper, as pytest sees it
+
+from registry import serve  # noqa: E402
 
 from pipeline import remote  # noqa: E402
-from tests.registry import serve  # noqa: E402
 
 STEP = """
 import json, resource, sys, time

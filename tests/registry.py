@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from tests.conftest import IN_CI
+from conftest import IN_CI
 
 BINARY = "docker-registry"
 

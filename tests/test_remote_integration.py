@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from registry import auth_registry, env_without_credentials, registry  # noqa: F401 - fixtures
 
 from pipeline import remote
 from pipeline.remote import EntryCorrupt, Remote, RemoteUnavailable
-from tests.registry import auth_registry, env_without_credentials, registry  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration
 
@@ -405,7 +405,7 @@ def test_push_and_pull_of_a_2g_sparse_disk_stay_small(registry, tmp_path):  # no
 
 def test_bearer_token_auth(registry, tmp_path):  # noqa: F811
     """The token dance of GHCR/Harbor/cloud registries, through a gate in front of the real registry."""
-    from tests.registry import token_gate
+    from registry import token_gate
 
     with token_gate(registry, "robot", "t0ken-pass") as (host, seen):
         r = Remote.parse(f"oci://{host}/ldt")
