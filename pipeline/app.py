@@ -230,13 +230,13 @@ class Identity:
 
 
 def _table(text: str | None, fields: int) -> list[list[str]]:
+    """Lines of passwd/group split on ':', padded to `fields` (short lines count, as in runc)."""
     rows = []
     for line in (text or "").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split(":")
-        if len(parts) >= fields:
-            rows.append(parts)
+        rows.append(parts + [""] * (fields - len(parts)))
     return rows
 
 
