@@ -120,14 +120,16 @@ exec 3<&-
 # SIGTERM is `docker stop`: it becomes the image's STOPSIGNAL. Note: a non-interactive shell
 # starts background commands with SIGINT and SIGQUIT ignored (POSIX), so a forwarded SIGINT
 # reaches apps that install their own handler, as with docker, where the app is PID 1.
-trap '"$BB" kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
-trap '"$BB" kill -s INT "$app" 2>/dev/null' INT
+# From here on only builtins (kill, wait, [): a command in a child process would make the shell
+# reap the app behind our back, and `kill -0` would then miss it.
+trap 'kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
+trap 'kill -s INT "$app" 2>/dev/null' INT
 
-# `wait` returns early (>128) when a trapped signal arrives: wait again while the app lives.
-# While waiting, the shell also reaps every orphan that the kernel re-parents to PID 1.
+# `wait` returns early (>128) when a trapped signal arrives: wait again while the app lives (a
+# zombie counts). While waiting, the shell also reaps the orphans the kernel gives PID 1.
 while :; do
   wait "$app"
   status=$?
-  "$BB" kill -0 "$app" 2>/dev/null || break
+  kill -0 "$app" 2>/dev/null || break
 done
 finish "$status"
