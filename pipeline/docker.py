@@ -7,7 +7,9 @@ client (see `client()`), so tests can pass a fake one.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,13 +189,48 @@ def _build_error(message: str, step: str, log: list[str], recipe: str, known: li
                      hint=f"fix recipes/{recipe}/Dockerfile; the full log is above")
 
 
+LABEL = "org.ldt.pipeline"  # on every container the pipeline creates: "<host>:<pid>" of its creator
+
+
+def creator_label() -> dict[str, str]:
+    return {LABEL: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _creator_gone(value: str) -> bool:
+    """The creator named by a label ran on this host and has exited."""
+    host, _, pid = value.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_leftovers(c) -> list[str]:
+    """Remove the containers of pipeline runs that were killed (their creator is gone); their names."""
+    removed = []
+    for container in c.containers.list(all=True, filters={"label": LABEL}):
+        if _creator_gone(container.labels.get(LABEL, "")):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+                removed.append(container.name)
+    return removed
+
+
 @contextlib.contextmanager
 def exported(c, image: str, chunk_size: int = 1 << 20) -> Iterator[Iterator[bytes]]:
     """The filesystem of `image` as a stream of tar chunks, from a temporary container.
 
-    The container is removed on every path: success, failure and Ctrl-C.
+    The container is removed on every path: success, failure and Ctrl-C; one a killed run
+    left (kill -9) carries the label and is removed by the next export or `doit store_gc`.
     """
-    container = c.containers.create(image, command=["/bin/true"], entrypoint=[], network_disabled=True)
+    remove_leftovers(c)
+    container = c.containers.create(image, command=["/bin/true"], entrypoint=[], network_disabled=True,
+                                    labels=creator_label())
     try:
         yield container.export(chunk_size=chunk_size)
     finally:

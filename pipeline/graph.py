@@ -74,7 +74,7 @@ def check_action(root: str, name: str) -> None:
 
 @doit_edge
 def store_action(root: str) -> None:
-    print(Project(Path(root)).store.listing())
+    print(Project(Path(root)).store.listing([*stages.STAGE, vm.CHECK_STAGE]))
 
 
 @doit_edge
@@ -83,6 +83,30 @@ def store_gc_action(root: str) -> None:
     for e in removed:
         print(f"removed {e}")
     print(f"{len(removed)} removed")
+    _remove_leftover_containers()
+
+
+def _remove_leftover_containers() -> None:
+    """Containers a killed run left behind (kill -9 mid-export); without an engine, nothing to do."""
+    from pipeline import docker
+
+    try:
+        client = docker.client()
+    except UserError:
+        return
+    for name in docker.remove_leftovers(client):
+        print(f"removed leftover container {name}")
+
+
+@doit_edge
+def store_verify_action(root: str) -> TaskFailed | None:
+    store = Project(Path(root)).store
+    count = len(store.entries())
+    bad = store.verify_all()
+    for entry, problem in bad:
+        print(f"{entry.parent.name}/{entry.name}: {problem}; removed")
+    print(f"{count} entries rehashed, {len(bad)} damaged and removed (the next run makes them again)")
+    return None
 
 
 # -- task dicts ---------------------------------------------------------------------------------
@@ -195,5 +219,9 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
                                 "Show the content-hash store: entries, sizes, which recipe points where")
     out["task_store_gc"] = creator(lambda: {"actions": [(store_gc_action, [str(p.root)])], "uptodate": [False],
                                             "verbosity": 2},
-                                   "Remove store entries no recipe points at, and unfinished work dirs")
+                                   "Remove store entries no recipe points at, unfinished work dirs and containers "
+                                   "a killed run left")
+    out["task_store_verify"] = creator(lambda: {"actions": [(store_verify_action, [str(p.root)])],
+                                                "uptodate": [False], "verbosity": 2},
+                                       "Rehash every store entry against its manifest.json; remove the damaged ones")
     return out

@@ -11,7 +11,6 @@ from pipeline.artifacts import EPOCH, Artifact
 from pipeline.builders import source_date_epoch
 from pipeline.cache import hash_file, tree_manifest
 from pipeline.errors import UserError
-from pipeline.files import link_or_copy
 from pipeline.project import Project
 from pipeline.recipes import Recipe
 from pipeline.run import run
@@ -31,7 +30,8 @@ def import_tgz(p: Project, tgz: Path, r: Recipe) -> None:
 
     def build(work: Path, key: str) -> None:
         (work / EPOCH).write_text(f"{int(tgz.stat().st_mtime)}\n")
-        link_or_copy(tgz, work / Artifact.TGZ)  # same file system: free
+        # a copy, never a hard link: entries are read-only and must not change with the user's file
+        run(["cp", "--reflink=auto", tgz, work / Artifact.TGZ])
 
     stage = STAGE["tgz"]
     store_entry(p, r, stage, {**head(stage), "file_xxh3": hash_file(tgz)}, build)

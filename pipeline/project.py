@@ -20,9 +20,10 @@ class Project:
     def recipes_dir(self) -> Path:
         return self.root / "recipes"
 
-    @property
+    @functools.cached_property
     def store(self) -> Store:
-        return Store(self.root / "cache")
+        """cache/, shared through $LDT_REMOTE when that is set."""
+        return Store.from_env(self.root / "cache")
 
     @functools.cached_property
     def recipes(self) -> dict[str, Recipe]:

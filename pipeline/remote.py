@@ -42,7 +42,7 @@ import os
 import re
 import tempfile
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -698,3 +698,130 @@ def remote_keys(remote: Remote, stage: str, *, env: Mapping[str, str] | None = N
                 nxt = r.links.get("next", {}).get("url")
                 url = urllib.parse.urljoin(r.url, nxt) if nxt else ""
     return sorted(keys)
+
+
+# -- published images: one OCI artifact per recipe revision ------------------------------------------
+#
+#   <host>/<prefix>/<recipe>:<content tag> and :<moving tag> (latest, or a name the user gives)
+#     artifactType  application/vnd.ldt.image.v1
+#     config        application/vnd.ldt.image.config.v1+json   {recipe, keys, os_release, kernel, created}
+#     layers        application/vnd.ldt.image.file.v1+zstd     one per artifact (bios.img, uefi.img, vmlinuz,
+#                   initrd.img, rootfs.tgz, the qcow2 images), titled "<name>.zst" (what `oras pull`
+#                   saves), with vnd.ldt.file.size / vnd.ldt.file.sha256 of the file itself
+#     annotations   org.opencontainers.image.created (the images' own epoch), .title, vnd.ldt.*
+
+IMAGE_TYPE = "application/vnd.ldt.image.v1"
+IMAGE_CONFIG_TYPE = "application/vnd.ldt.image.config.v1+json"
+IMAGE_FILE_TYPE = "application/vnd.ldt.image.file.v1+zstd"
+ZST = ".zst"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    remote: Remote
+    repository: str  # the full repository path on the registry
+    tag: str
+
+    @classmethod
+    def parse(cls, ref: str) -> ImageRef:
+        """oci://HOST[:PORT]/REPO[/…]:TAG (the tag defaults to latest)."""
+        scheme, sep, rest = ref.partition("://")
+        host, _, path = rest.partition("/")
+        repo, _, tag = path.rpartition(":") if ":" in path else (path, "", "latest")
+        if not sep or not scheme.startswith("oci") or not host or not repo or not _TAG.fullmatch(tag) \
+                or not all(_COMPONENT.fullmatch(c) for c in repo.split("/")):
+            raise UserError(f"{ref!r} is not an image reference", hint="write oci://HOST[:PORT]/REPOSITORY:TAG, "
+                            "e.g. oci://127.0.0.1:5000/ldt/hello:latest")
+        return cls(Remote.parse(f"{scheme}://{host}"), repo, tag)
+
+    def __str__(self) -> str:
+        return f"oci://{self.remote.host}/{self.repository}:{self.tag}"
+
+
+def image_artifact_manifest(config: Blob, layers: Mapping[str, tuple[Blob, Mapping[str, Any]]],
+                            annotations: Mapping[str, str]) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": IMAGE_TYPE,
+        "config": descriptor(IMAGE_CONFIG_TYPE, config),
+        "layers": [
+            descriptor(IMAGE_FILE_TYPE, blob, {TITLE: name + ZST, A_SIZE: str(rec["size"]), A_SHA256: rec["sha256"]})
+            for name, (blob, rec) in sorted(layers.items())
+        ],
+        "annotations": dict(annotations),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def push_image(ref: ImageRef, files: Mapping[str, tuple[Path, Mapping[str, Any]]], config: Mapping[str, Any],
+               annotations: Mapping[str, str], tags: Sequence[str], *, tmp_dir: str | os.PathLike[str] | None = None,
+               env: Mapping[str, str] | None = None) -> str:
+    """Push files ({name: (path, its {size, sha256} record)}) as one artifact under every tag; its digest."""
+    for t in tags:
+        if not _TAG.fullmatch(t):
+            raise UserError(f"{t!r} is not a valid tag", hint="letters, digits, '_', '.', '-'; at most 128")
+    config_raw = json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode()
+    with _client(ref.remote, env) as c:
+        repo = ref.repository
+        cblob = Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
+        if not _head(c, f"/{repo}/blobs/{cblob.digest}"):
+            _upload_bytes(c, repo, cblob, config_raw)
+        layers: dict[str, tuple[Blob, Mapping[str, Any]]] = {}
+        with tempfile.TemporaryDirectory(prefix="ldt-publish-", dir=tmp_dir) as tmp:
+            for name in sorted(files):
+                path, record = files[name]
+                packed = Path(tmp) / "blob.zst"
+                blob = compress_file(path, packed, record)
+                if not _head(c, f"/{repo}/blobs/{blob.digest}"):
+                    _upload_file(c, repo, blob, packed)
+                packed.unlink()
+                layers[name] = (blob, record)
+        raw = image_artifact_manifest(cblob, layers, annotations)
+        for t in tags:
+            c.request("PUT", f"/{repo}/manifests/{t}", ok=(200, 201), data=raw,
+                      headers={"Content-Type": OCI_MANIFEST}).close()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def image_digest(ref: ImageRef, *, env: Mapping[str, str] | None = None) -> str | None:
+    """The digest the tag names now (None: no such tag)."""
+    with _client(ref.remote, env) as c:
+        r = c.request("GET", f"/{ref.repository}/manifests/{ref.tag}", ok=(200, 404),
+                      headers={"Accept": OCI_MANIFEST}, stream=True)
+        with contextlib.closing(r):
+            if r.status_code == 404:
+                return None
+            return "sha256:" + hashlib.sha256(_read_limited(r, f"manifest {ref}")).hexdigest()
+
+
+def pull_image(ref: ImageRef, digest: str, work_dir: str | os.PathLike[str], *,
+               env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The artifact `digest` of ref's repository into work_dir, every byte checked; its config."""
+    work = Path(work_dir)
+    with _client(ref.remote, env) as c:
+        repo = ref.repository
+        r = c.request("GET", f"/{repo}/manifests/{digest}", ok=(200,), headers={"Accept": OCI_MANIFEST}, stream=True)
+        with contextlib.closing(r):
+            raw = _read_limited(r, f"manifest {ref}")
+        if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+            raise EntryCorrupt(f"the manifest of {ref} does not match its digest")
+        try:
+            doc = json.loads(raw)
+            if doc.get("artifactType") != IMAGE_TYPE:
+                raise EntryCorrupt(f"{ref} is not an image published by LDT (artifactType "
+                                   f"{doc.get('artifactType')!r})")
+            config = _blob(doc["config"])
+            layers = [(d["annotations"][TITLE], _blob(d), {"size": int(d["annotations"][A_SIZE]),
+                                                           "sha256": d["annotations"][A_SHA256]})
+                      for d in doc["layers"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise EntryCorrupt(f"the manifest of {ref} is malformed ({type(e).__name__})") from None
+        with contextlib.closing(c.request("GET", f"/{repo}/blobs/{config.digest}", ok=(200,), stream=True)) as r:
+            config_raw = _read_limited(r, f"config of {ref}")
+        if "sha256:" + hashlib.sha256(config_raw).hexdigest() != config.digest:
+            raise EntryCorrupt(f"the config of {ref} does not match its digest")
+        for title, blob, record in layers:
+            name = _check_name(title.removesuffix(ZST))
+            _fetch_file(c, repo, blob, record, work / name, f"{ref} {name}")
+    return json.loads(config_raw)

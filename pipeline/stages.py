@@ -199,18 +199,13 @@ def manifest(p: Project, r: Recipe, stage: Stage) -> dict[str, Any]:
 
 def stored(p: Project, stage: Stage, m: dict[str, Any], build: Callable[[Path, str], None], *, who: str,
            quiet: bool = False) -> Path:
-    """The entry of manifest m (which starts with head(stage)): a store hit, or built atomically
-    in a work dir. The door every entry goes through (the CLI's imports and virt's files too)."""
-    key = key_of(m)
-    store = p.store
-    entry = store.lookup(stage.name, key)
-    if entry is not None:
-        if not quiet:
-            log(f"{who}: {', '.join(stage.makes)} restored from the store ({key[:12]}), nothing built")
-        return entry
-    with store.build(stage.name, key, m) as work:
-        build(work, key)
-    return store.entry(stage.name, key)
+    """The entry of manifest m (which starts with head(stage)): a local store hit, a pull from the
+    shared store, or built atomically in a work dir (and shared). The door every entry goes
+    through (the CLI's imports and virt's files too)."""
+    entry, how = p.store.fetch(stage.name, key_of(m), m, build)
+    if how == "local" and not quiet:
+        log(f"{who}: {', '.join(stage.makes)} restored from the store ({entry.name[:12]}), nothing built")
+    return entry
 
 
 def store_entry(p: Project, r: Recipe, stage: Stage, m: dict[str, Any], build: Callable[[Path, str], None]) -> Path:

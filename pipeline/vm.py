@@ -19,7 +19,7 @@ from pipeline.recipes import Recipe
 from pipeline.run import log, run
 
 CHECK_STAGE = "check"  # store entries of passed boots: cache/store/check/<key>/result.json
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 
 
 def memory_mib(size: str) -> int:
@@ -131,7 +131,7 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     manifest = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode), "booted": list(b.keys),
                 "marker": marker, "cmdline": b.cmdline}
     key = key_of(manifest)
-    entry = p.store.lookup(CHECK_STAGE, key)
+    entry = p.store.lookup(CHECK_STAGE, key) or p.store.pull(CHECK_STAGE, key, manifest)
     if entry is not None:
         res = json.loads((entry / "result.json").read_text())
         return CheckResult(mode, True, res["seconds"], cached=True)
@@ -143,6 +143,7 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     if res.ok:  # only passes are remembered: a failure is retried next time
         with p.store.build(CHECK_STAGE, key, manifest) as work:
             (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel)}))
+        p.store.push_entry(CHECK_STAGE, key)
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail))
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -265,8 +267,9 @@ def test_successful_build_stores_artifact_and_sorted_manifest(store):
     assert entry == store.root / "store" / "tgz" / "k1"
     assert (entry / "rootfs.tgz").read_bytes() == b"data"
     text = (entry / MANIFEST).read_text()
-    assert json.loads(text) == manifest
-    assert text == json.dumps(manifest, sort_keys=True, indent=1) + "\n"
+    files = {"rootfs.tgz": {"size": 4, "sha256": hashlib.sha256(b"data").hexdigest()}}
+    assert json.loads(text) == {**manifest, "files": files}
+    assert text == json.dumps({**manifest, "files": files}, sort_keys=True, indent=1) + "\n"
     assert text.index('"a"') < text.index('"m"') < text.index('"z"') and text.index('"b"') < text.index('"y"')
     assert work_dirs(store) == []
 
@@ -305,8 +308,9 @@ def test_rename_failure_stores_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache.os, "rename", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError) as info:  # one line naming the stage and the folder, no traceback
         build(store, "k1")
+    assert info.value.message.startswith(f"tgz: no space left on the disk holding {store.root}")
     monkeypatch.undo()
     assert store.lookup("tgz", "k1") is None
     assert not store.entry("tgz", "k1").exists()
@@ -440,8 +444,8 @@ def test_listing_shows_who_points_where(store):
     (a,) = [ln for ln in lines if "aaaa1111" in ln]
     (b,) = [ln for ln in lines if "bbbb2222" in ln]
     assert a.startswith("tgz") and "hello/rootfs.tgz" in a and "other/rootfs.tgz" in a
-    assert "(unreferenced)" in b
-    assert lines[-1].startswith("2 entries") and "1 unfinished work dirs" in lines[-1]
+    assert "(unreferenced)" in b and " local " in b
+    assert lines[-1].startswith("2 local entries") and "1 unfinished work dirs" in lines[-1]
 
 
 # -- XXHashChecker ---------------------------------------------------------------------------------------
@@ -546,3 +550,122 @@ def test_gc_keeps_the_work_dir_of_a_running_build(store):
             assert live not in removed and live.is_dir()
         finally:
             builder.kill()
+
+
+# -- integrity ---------------------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_stored_entries_are_read_only_and_record_their_files(tmp_path):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1", b"abc")
+    assert stat.S_IMODE(os.stat(entry).st_mode) == 0o555
+    assert stat.S_IMODE(os.stat(entry / "rootfs.tgz").st_mode) == 0o444
+    files = json.loads((entry / MANIFEST).read_text())["files"]
+    assert files == {"rootfs.tgz": {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}}
+    assert cache.verify(entry) is None and cache.verify(entry, deep=True) is None
+
+
+def test_a_changed_entry_is_found_evicted_and_named(tmp_path, capsys):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1", b"abcdef")
+    flip_byte(entry / "rootfs.tgz", 2)  # same size, newer mtime: rehashed
+    assert "sha256" in cache.verify(entry)
+    assert store.lookup("tgz", "k1") is None
+    assert not entry.exists()
+    assert "store entry tgz/k1 has a changed rootfs.tgz" in capsys.readouterr().err
+
+
+def test_a_flip_with_the_old_mtime_is_found_by_a_deep_check(tmp_path):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1", b"abcdef")
+    st = os.stat(entry / "rootfs.tgz")
+    flip_byte(entry / "rootfs.tgz")
+    os.utime(entry / "rootfs.tgz", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.verify(entry) is None  # the quick check trusts size and mtime, like doit's checker
+    assert "sha256" in cache.verify(entry, deep=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove", "no record"])
+def test_size_loss_and_old_entries_are_found(tmp_path, damage):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1", b"abcdef")
+    os.chmod(entry, 0o755)
+    if damage == "truncate":
+        os.chmod(entry / "rootfs.tgz", 0o644)
+        os.truncate(entry / "rootfs.tgz", 2)
+    elif damage == "remove":
+        (entry / "rootfs.tgz").unlink()
+    else:
+        m = json.loads((entry / MANIFEST).read_text())
+        del m["files"]
+        os.chmod(entry / MANIFEST, 0o644)
+        (entry / MANIFEST).write_text(json.dumps(m))
+    assert cache.verify(entry) is not None
+    assert store.lookup("tgz", "k1") is None
+
+
+def test_current_does_not_lead_to_a_changed_entry(tmp_path):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1", b"abcdef")
+    store.point("hello", "rootfs.tgz", entry / "rootfs.tgz")
+    flip_byte(entry / "rootfs.tgz")
+    assert store.current("hello", "rootfs.tgz") is None
+
+
+def test_a_body_that_writes_the_manifest_keeps_its_records_only_for_the_same_inputs(tmp_path):
+    store = Store(tmp_path / "cache")
+    files = {"rootfs.tgz": {"size": 2, "sha256": hashlib.sha256(b"ab").hexdigest()}}
+    with store.build("tgz", "k1", {"in": (1, 2)}) as work:  # a pulled entry: files + manifest.json
+        (work / "rootfs.tgz").write_bytes(b"ab")
+        (work / MANIFEST).write_text(json.dumps({"in": [1, 2], "files": files}))
+    assert json.loads((store.entry("tgz", "k1") / MANIFEST).read_text())["files"] == files
+    with pytest.raises(UserError, match="does not match the inputs"):
+        with store.build("tgz", "k2", {"in": 3}) as work:
+            (work / "rootfs.tgz").write_bytes(b"ab")
+            (work / MANIFEST).write_text(json.dumps({"in": 4, "files": files}))
+    assert store.lookup("tgz", "k2") is None and work_dirs(store) == []
+
+
+def test_absent_stores_nothing(tmp_path):
+    store = Store(tmp_path / "cache")
+    with store.build("tgz", "k1", {}) as work:
+        (work / "rootfs.tgz").write_bytes(b"half")
+        raise cache.Absent
+    assert store.lookup("tgz", "k1") is None and work_dirs(store) == []
+
+
+@pytest.mark.parametrize("how", ["oserror", "tool"])
+def test_a_full_disk_is_one_line_and_stores_nothing(tmp_path, how):
+    store = Store(tmp_path / "cache")
+    with pytest.raises(UserError) as info:
+        with store.build("ext4", "k1", {}) as work:
+            (work / "rootfs.ext4").write_bytes(b"x" * 5000)
+            if how == "oserror":
+                raise OSError(28, "No space left on device")
+            raise UserError("command failed with exit status 1: mkfs.ext4 …\n  No space left on device")
+    message = info.value.render()
+    assert message.startswith(f"error: ext4: no space left on the disk holding {store.root} (the stage had "
+                              "written 4.9K when it filled")
+    assert "store_gc" in info.value.hint and "Traceback" not in message
+    assert store.lookup("ext4", "k1") is None and work_dirs(store) == []
+
+
+def test_gc_removes_read_only_entries(tmp_path):
+    store = Store(tmp_path / "cache")
+    entry = build(store, "k1")
+    assert store.gc() == [entry] and not entry.exists()
+
+
+def test_from_env_reads_the_remote_and_push_switch(tmp_path):
+    s = Store.from_env(tmp_path, {"LDT_REMOTE": "oci://127.0.0.1:5000/ldt", "LDT_REMOTE_PUSH": "0"})
+    assert s.remote_url == "oci://127.0.0.1:5000/ldt" and s.push is False
+    assert Store.from_env(tmp_path, {}).remote_url is None and Store.from_env(tmp_path, {}).push is True

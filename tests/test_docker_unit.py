@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,11 @@ class FakeImages:
 
 
 class FakeContainer:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "c", labels: dict | None = None) -> None:
         self.removed: list[dict] = []
         self.exported = False
+        self.name = name
+        self.labels = labels or {}
 
     def export(self, chunk_size):
         self.exported = True
@@ -86,10 +90,16 @@ class FakeContainers:
     def __init__(self) -> None:
         self.created: list[tuple[str, dict]] = []
         self.container = FakeContainer()
+        self.existing: list[FakeContainer] = []
+        self.filters: list[dict] = []
 
     def create(self, image, **kwargs):
         self.created.append((image, kwargs))
         return self.container
+
+    def list(self, all=False, filters=None):
+        self.filters.append(filters)
+        return self.existing
 
 
 class FakeClient:
@@ -292,7 +302,27 @@ def test_exported_streams_and_removes_the_container():
         assert list(chunks) == [b"aaaa", b"b"]
     (image, kwargs), = c.containers.created
     assert image == "sha256:img" and kwargs["network_disabled"] is True
+    assert kwargs["labels"] == {docker.LABEL: f"{socket.gethostname()}:{os.getpid()}"}
     assert c.containers.container.removed == [{"force": True}]
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept():
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    c = FakeClient()
+    gone = FakeContainer("gone", {docker.LABEL: f"{host}:{dead.pid}"})
+    live = FakeContainer("live", {docker.LABEL: f"{host}:{os.getpid()}"})
+    elsewhere = FakeContainer("elsewhere", {docker.LABEL: f"other-host:{dead.pid}"})
+    c.containers.existing = [gone, live, elsewhere]
+    assert docker.remove_leftovers(c) == ["gone"]
+    assert gone.removed == [{"force": True}] and live.removed == [] and elsewhere.removed == []
+    assert c.containers.filters == [{"label": docker.LABEL}]
+    with docker.exported(c, "sha256:img") as chunks:  # the next export sweeps them too
+        next(chunks)
+    assert len(c.containers.filters) == 2
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("export failed"), KeyboardInterrupt(), UserError("truncated")])
