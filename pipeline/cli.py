@@ -93,8 +93,8 @@ def build_tgz_main(argv: Sequence[str] | None) -> int:
                                  "(docker build + export); prints the tgz's path.")
     ap.add_argument("dir", type=Path, help="a folder with a Dockerfile (the build context)")
     args = ap.parse_args(argv)
-    if not (args.dir / "Dockerfile").is_file():
-        raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile")
+    if recipes.build_file(args.dir) is None:  # a Containerfile is a Dockerfile too; both: an error
+        raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile (or Containerfile)")
     r = recipes.load(args.dir.resolve())
     p = Project(project_root(), extra=(r,))
     call(stages.build_tgz, p, r.name)
