@@ -7,6 +7,7 @@ no Docker needed).
 
 from __future__ import annotations
 
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Recipe:
     boot_timeout: int = 600
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
     build_file: str = "Dockerfile"  # or "Containerfile": whichever the folder holds (BUILD_FILES)
+    rootfs: str | None = None  # [build] rootfs: the image's folder that is the root filesystem (e.g. "/mnt")
 
     @property
     def dockerfile(self) -> Path:
@@ -70,6 +72,7 @@ class Recipe:
         return {
             "build_args": dict(self.build_args),
             "platform": self.platform,
+            "rootfs": self.rootfs,
             "bootstrap": None if self.bootstrap is None else {
                 "suite": self.bootstrap.suite,
                 "variant": self.bootstrap.variant,
@@ -97,7 +100,7 @@ def image_name(recipe: str) -> str:
 
 # recipe.toml schema: table -> key -> (type, Recipe field or None for nested handling)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "build": {"args": dict, "platform": str},
+    "build": {"args": dict, "platform": str, "rootfs": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
              "timeout": int},
@@ -173,6 +176,10 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if build.get("platform", "linux/amd64") not in PLATFORMS:
         raise _err(path, text, "build", "platform", f"unsupported platform '{build['platform']}'",
                    f"supported: {', '.join(PLATFORMS)}")
+    rootfs = build.get("rootfs")
+    if rootfs is not None and not valid_rootfs(rootfs):
+        raise _err(path, text, "build", "rootfs", f"rootfs '{rootfs}' is not an absolute folder path",
+                   'the folder of the built image that holds the root filesystem, e.g. rootfs = "/mnt"')
     boot = data.get("bootstrap", {})
     if any(not isinstance(p, str) for p in boot.get("packages", [])):
         raise _err(path, text, "bootstrap", "packages", "packages must be an array of strings",
@@ -195,6 +202,12 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
             raise _err(path, text, "boot", "marker", f"marker is not a regular expression: {e}",
                        "escape special characters, e.g. 'Welcome to Debian'") from e
     return data
+
+
+def valid_rootfs(value: str) -> bool:
+    """An absolute, normalised path other than / itself (leave the key out for the whole image)."""
+    return (value.startswith("/") and not value.startswith("//") and value != "/"
+            and posixpath.normpath(value) == value and "\0" not in value)
 
 
 BUILD_FILES = ("Dockerfile", "Containerfile")  # a Containerfile is a Dockerfile by another name
@@ -263,6 +276,9 @@ def load(recipe_dir: Path) -> Recipe:
         bootstrap = Bootstrap(
             suite=b.get("suite", Bootstrap.suite), variant=b.get("variant", Bootstrap.variant),
             packages=tuple(b.get("packages", ())), mirror=b.get("mirror", Bootstrap.mirror))
+        if "rootfs" in data.get("build", {}):
+            raise UserError(f"{recipe_dir / 'recipe.toml'}: [build] rootfs needs a Dockerfile, not a [bootstrap] table",
+                            hint="mmdebstrap's tree is the root filesystem already: remove rootfs")
     elif dockerfile is None:
         raise UserError(f"{recipe_dir}: no Dockerfile and no [bootstrap] table in recipe.toml",
                         hint="add a Dockerfile or Containerfile (FROM ldt/debian-bookworm) or remove the folder")
@@ -279,7 +295,7 @@ def load(recipe_dir: Path) -> Recipe:
         boot_timeout=boot.get("timeout", Recipe.boot_timeout),
         headroom_mib=disk.get("headroom_mib", Recipe.headroom_mib), size_mib=disk.get("size_mib"),
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
-        parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile",
+        parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile", rootfs=build.get("rootfs"),
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
     )
 

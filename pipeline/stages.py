@@ -96,6 +96,8 @@ def tgz_manifest(p: Project, r: Recipe, client=None) -> dict[str, Any]:
 
     m["context"] = tree_manifest(r.dir, docker.context_files(r.dir))
     m["build_args"] = dict(r.build_args)
+    if r.rootfs:  # [build] rootfs (only when set: other recipes' keys stay as they were)
+        m["rootfs"] = r.rootfs
     m["parents"] = {parent: p.store.current_key(parent, TGZ) for parent in r.parents}
     m["bases"] = {ref: docker.image_id(client, ref) for ref in external_bases(r)} if client else {}
     return m
@@ -139,14 +141,20 @@ def build_tgz(root: str | Project, name: str) -> None:
 
 def _docker_tgz(client, r: Recipe, key: str, work: Path, bootstraps: list[str]) -> None:
     from pipeline import docker
-    from pipeline.tgz import Fixups, write_tgz
+    from pipeline.reroot import reroot_filter
+    from pipeline.tgz import Fixups, filter_tar, write_tgz
 
     log(f"{r.name}: docker build {r.dir}")
-    image = docker.build(client, r.dir, f"{r.image}:{key}", buildargs=dict(r.build_args), platform=r.platform,
+    # [build] rootfs: the built image is only the builder; the tgz is its folder, re-rooted, and ensure_image
+    # imports that tgz as ldt/<name> (so FROM ldt/<name> builds on the tree, not on the builder)
+    ref = f"{r.image}:builder-{key}" if r.rootfs else f"{r.image}:{key}"
+    image = docker.build(client, r.dir, ref, buildargs=dict(r.build_args), platform=r.platform,
                          recipe=r.name, known_recipes=bootstraps, echo=_echo)
-    (work / "image-config.json").write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
+    if not r.rootfs:  # the builder's ENV, CMD… are not the tree's
+        (work / "image-config.json").write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
     with docker.exported(client, image) as chunks:
-        write_tgz(chunks, work / TGZ, Fixups(hostname=r.name), f"export {r.name}")
+        write_tgz(chunks, work / TGZ, Fixups(hostname=r.name), f"export {r.name}",
+                  reroot_filter(r.rootfs) if r.rootfs else filter_tar)
 
 
 def ensure_image(p: Project, client, name: str) -> str:
@@ -522,6 +530,8 @@ def tgz_inputs(r: Recipe) -> dict[str, Any]:
     inputs: dict[str, Any] = {"version": VERSIONS["tgz"], "settings": r.settings()["build_args"],
                               "platform": r.platform, "bootstrap": r.settings()["bootstrap"],
                               "files": [str(f.relative_to(r.dir)) for f in map(Path, recipe_files(r))]}
+    if r.rootfs:  # [build] rootfs (only when set: other recipes' digests stay as they were)
+        inputs["rootfs"] = r.rootfs
     if r.bootstrap is None and external_bases(r):
         inputs["bases"] = functools.partial(_base_ids, external_bases(r))  # asks the engine only when checked
     return inputs
