@@ -271,3 +271,14 @@ def test_rootfs_in_a_bootstrap_recipe_is_an_error(tmp_path):
     (d / "recipe.toml").write_text('[build]\nrootfs = "/mnt"\n[bootstrap]\nsuite = "bookworm"\n')
     with pytest.raises(UserError, match="rootfs needs a Dockerfile"):
         recipes.load(d)
+
+
+def test_rootfs_is_in_the_tgz_key_and_digest_only_when_set(tmp_path):
+    from pipeline.stages import Project, tgz_inputs, tgz_manifest
+
+    p = Project(tmp_path)
+    scratch = {"Dockerfile": "FROM scratch\nCOPY . /mnt\n"}
+    with_rootfs = recipes.load(recipe_dir(tmp_path / "a", '[build]\nrootfs = "/mnt"\n', **scratch))
+    without = recipes.load(recipe_dir(tmp_path / "b", "[vm]\ncpus = 1\n", **scratch))
+    assert tgz_manifest(p, with_rootfs)["rootfs"] == "/mnt" and tgz_inputs(with_rootfs)["rootfs"] == "/mnt"
+    assert "rootfs" not in tgz_manifest(p, without) and "rootfs" not in tgz_inputs(without)  # old keys unchanged
