@@ -59,3 +59,20 @@ def test_run_dir_boots_the_debian_install_tree(installed_tree):
     seen, status = on_console([str(BIN / "run-dir"), "--no-net", str(installed_tree)], installed_tree.parent)
     assert b"root image: " in seen
     assert status == 0
+
+
+def test_build_tgz_builds_a_containerfile_folder(tmp_path):
+    """The engine gets the Containerfile by name (dockerfile=) inside the uploaded context."""
+    require_docker()
+    d = tmp_path / "ldtt-containerfile"
+    d.mkdir()
+    (d / "Containerfile").write_text("FROM ldt/debian-bookworm\nRUN echo built-from-a-containerfile > /marker\n")
+    try:
+        p = subprocess.run([str(BIN / "build-tgz"), str(d)], capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        tgz = Path(p.stdout.strip().splitlines()[-1].removeprefix("rootfs tgz: "))
+        with tarfile.open(tgz) as t:
+            assert t.extractfile("marker").read() == b"built-from-a-containerfile\n"
+    finally:
+        subprocess.run("docker images --format '{{.Repository}}:{{.Tag}}' ldt/ldtt-containerfile | xargs -r docker rmi",
+                       shell=True, capture_output=True)
