@@ -100,18 +100,23 @@ def tgz(b: Build) -> None:
         bootstrap(r.bootstrap, b.out(A.TGZ), r.name, int(epoch) if epoch else None)
         return
     from pipeline import docker
-    from pipeline.tgz import Fixups, write_tgz
+    from pipeline.reroot import reroot_filter
+    from pipeline.tgz import Fixups, filter_tar, write_tgz
 
     client = docker.client()
     for parent in r.parents:  # the engine must hold the parent's current image
         ensure_image(b.project, client, parent)
     log(f"{r.name}: docker build {r.dir}")
-    image = docker.build(client, r.dir, f"{r.image}:{b.key}", buildargs=dict(r.build_args), platform=r.platform,
-                         recipe=r.name, known_recipes=_bootstraps(b.project),
-                         echo=_echo)
-    (b.work / IMAGE_CONFIG).write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
+    # [build] rootfs: the built image is only the builder; the tgz is its folder, re-rooted, and ensure_image
+    # imports that tgz as ldt/<name> (so FROM ldt/<name> builds on the tree, not on the builder)
+    ref = f"{r.image}:builder-{b.key}" if r.rootfs else f"{r.image}:{b.key}"
+    image = docker.build(client, r.dir, ref, buildargs=dict(r.build_args), platform=r.platform,
+                         recipe=r.name, known_recipes=_bootstraps(b.project), echo=_echo)
+    if not r.rootfs:  # the builder's ENV, CMD… are not the tree's
+        (b.work / IMAGE_CONFIG).write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
     with docker.exported(client, image) as chunks:
-        write_tgz(chunks, b.out(A.TGZ), Fixups(hostname=r.name), f"export {r.name}")
+        write_tgz(chunks, b.out(A.TGZ), Fixups(hostname=r.name), f"export {r.name}",
+                  reroot_filter(r.rootfs) if r.rootfs else filter_tar)
 
 
 def _echo(line: str) -> None:

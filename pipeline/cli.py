@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import builders, imports, stages, vm
+from pipeline import access, builders, imports, stages, vm
 from pipeline.artifacts import Artifact
 from pipeline.errors import UserError
 from pipeline.project import Project
@@ -57,6 +57,16 @@ def vm_options(parser: argparse.ArgumentParser, *, cmdline: bool) -> None:
                         help="accelerator (default: $LDT_ACCEL or auto: KVM when it works)")
 
 
+def parse(ap: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The tool's arguments; its --help says what it needs of the host (root, the Docker socket,
+    /dev/kvm), and before any work it says once what is missing or not needed (access.py)."""
+    ap.description = f"{ap.description} {access.help_sentence(ap.prog)}"
+    args = ap.parse_args(argv)
+    cache = Project(project_root()).store.root
+    access.announce(ap.prog, seen=cache / "notices" if os.access(cache, os.W_OK) else None)
+    return args
+
+
 def _run_options(args: argparse.Namespace) -> vm.RunOptions:
     return vm.RunOptions(memory=args.memory, cpus=args.cpus, cmdline=getattr(args, "cmdline", ""),
                          forward=args.forward, net=args.net, persist=args.persist, accel=args.accel)
@@ -92,9 +102,9 @@ def build_tgz_main(argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="build-tgz", description="Build a Dockerfile folder into a cached rootfs tgz "
                                  "(docker build + export); prints the tgz's path.")
     ap.add_argument("dir", type=Path, help="a folder with a Dockerfile (the build context)")
-    args = ap.parse_args(argv)
-    if not (args.dir / "Dockerfile").is_file():
-        raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile")
+    args = parse(ap, argv)
+    if recipes.build_file(args.dir) is None:  # a Containerfile is a Dockerfile too; both: an error
+        raise UserError(f"{args.dir}: no Dockerfile", hint="give a folder holding a Dockerfile (or Containerfile)")
     r = recipes.load(args.dir.resolve())
     p = Project(project_root(), extra=(r,))
     stages.materialize(p, r, stages.STAGE["tgz"])
@@ -108,7 +118,7 @@ def build_tgz_main(argv: Sequence[str] | None) -> int:
 def _build_disk(prog: str, description: str, mode: Mode, what: str, argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     p, r = _from_tgz(args.tgz, "boot", "ext4", stages.MAKER[mode.disk].name)
     _say(what, p.store.pointer(r.name, mode.disk).resolve())
     return 0
@@ -135,7 +145,7 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
                                  "made from it, cached) with the serial console on this terminal.")
     ap.add_argument("tgz", type=Path)
     vm_options(ap, cmdline=True)
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     p, r = _from_tgz(args.tgz, "boot", "ext4")
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
@@ -148,7 +158,7 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
                                  "cached ext4 image keyed by its content and boots like run-tgz.")
     ap.add_argument("dir", type=Path)
     vm_options(ap, cmdline=True)
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     tree = args.dir.resolve()
     if not tree.is_dir():
         raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
@@ -167,7 +177,7 @@ def _run_image(mode: Mode, prog: str, argv: Sequence[str] | None) -> int:
                                  f"terminal; the image is not changed (throwaway snapshot) unless --persist.")
     ap.add_argument("image", type=Path)
     vm_options(ap, cmdline=False)
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if not args.image.is_file():
         raise UserError(f"{args.image}: no such disk image", hint="build one with build-syslinux-bios or build-efistub")
     o = _run_options(args)
@@ -210,7 +220,7 @@ def virt_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--ro", action="store_true", help="a read-only /work")
     ap.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="(default: $LDT_ACCEL or auto)")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("no command given (virt [options] -- CMD ARGS...)")
@@ -251,7 +261,7 @@ def suco_main(argv: Sequence[str] | None) -> int:
                                  "/work; the exit status is passed back. " + SUCO_NOTICE.removeprefix("suco: "))
     ap.add_argument("--image", default="debian-bookworm", help="recipe whose image to use (default: %(default)s)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("no command given")

@@ -46,10 +46,20 @@ def ignore_patterns(context: Path) -> list[str]:
     return patterns
 
 
-def context_files(context: Path, dockerfile: str = "Dockerfile") -> list[str]:
-    """Files of a build context that the engine sees, after .dockerignore (docker's own matcher)."""
+def build_file_name(context: Path) -> str:
+    """The context's build file: Dockerfile, or Containerfile (the same format by another name)."""
+    from pipeline.recipes import build_file
+
+    found = build_file(context)
+    return found.name if found else "Dockerfile"
+
+
+def context_files(context: Path, dockerfile: str | None = None) -> list[str]:
+    """Files of a build context that the engine sees, after .dockerignore (docker's own matcher);
+    the build file (default: whichever of Dockerfile/Containerfile is there) is always one."""
     from docker.utils.build import exclude_paths
 
+    dockerfile = dockerfile or build_file_name(context)
     paths = exclude_paths(str(context), ignore_patterns(context), dockerfile=dockerfile)
     return sorted(p for p in paths if not (context / p).is_dir() or (context / p).is_symlink())
 
@@ -136,8 +146,10 @@ PULL_ERRORS = ("pull access denied", "manifest unknown", "not found: manifest", 
 
 
 def build(c, context: Path, ref: str, *, buildargs: dict[str, str], platform: str, recipe: str,
-          known_recipes: list[str], echo: Callable[[str], None]) -> str:
+          known_recipes: list[str], echo: Callable[[str], None], dockerfile: str | None = None) -> str:
     """docker build with the log streamed live through `echo`; returns the image id.
+
+    `dockerfile`: the build file's name in the context (default: its Dockerfile or Containerfile).
 
     A failing step raises one line naming the step, with the tail of its log.
     """
@@ -148,10 +160,11 @@ def build(c, context: Path, ref: str, *, buildargs: dict[str, str], platform: st
     step = ""
     image = None
     partial = ""  # the engine splits lines across items: echo whole lines only
+    dockerfile = dockerfile or build_file_name(context)
     try:
         # the context is uploaded before the call returns; the log streams afterwards
-        with tar(str(context), exclude=ignore_patterns(context)) as ctx:
-            stream = c.api.build(fileobj=ctx, custom_context=True, tag=ref, buildargs=buildargs,
+        with tar(str(context), exclude=ignore_patterns(context), dockerfile=(dockerfile, None)) as ctx:
+            stream = c.api.build(fileobj=ctx, custom_context=True, tag=ref, buildargs=buildargs, dockerfile=dockerfile,
                                  platform=platform, rm=True, forcerm=True, decode=True, pull=False)
         for item in stream:
             if "stream" in item:

@@ -1,11 +1,13 @@
 """Recipes: discover recipes/<name>/, parse recipe.toml, find FROM edges between recipes.
 
-A recipe is a folder holding a Dockerfile (the folder is the build context) or a
-recipe.toml with a [bootstrap] table (an mmdebstrap base image, no Docker needed).
+A recipe is a folder holding a Dockerfile or a Containerfile (the same format; the folder
+is the build context) or a recipe.toml with a [bootstrap] table (an mmdebstrap base image,
+no Docker needed).
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -50,10 +52,12 @@ class Recipe:
     check: bool = True  # False: not in the boot matrix (an image with no login prompt, like virt's)
     boot_timeout: int = 600
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
+    build_file: str = "Dockerfile"  # or "Containerfile": whichever the folder holds (BUILD_FILES)
+    rootfs: str | None = None  # [build] rootfs: the image's folder that is the root filesystem (e.g. "/mnt")
 
     @property
     def dockerfile(self) -> Path:
-        return self.dir / "Dockerfile"
+        return self.dir / self.build_file
 
     @property
     def toml(self) -> Path:
@@ -68,6 +72,7 @@ class Recipe:
         return {
             "build_args": dict(self.build_args),
             "platform": self.platform,
+            "rootfs": self.rootfs,
             "bootstrap": None if self.bootstrap is None else {
                 "suite": self.bootstrap.suite,
                 "variant": self.bootstrap.variant,
@@ -95,7 +100,7 @@ def image_name(recipe: str) -> str:
 
 # recipe.toml schema: table -> key -> (type, Recipe field or None for nested handling)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "build": {"args": dict, "platform": str},
+    "build": {"args": dict, "platform": str, "rootfs": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
              "timeout": int},
@@ -171,6 +176,10 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if build.get("platform", "linux/amd64") not in PLATFORMS:
         raise _err(path, text, "build", "platform", f"unsupported platform '{build['platform']}'",
                    f"supported: {', '.join(PLATFORMS)}")
+    rootfs = build.get("rootfs")
+    if rootfs is not None and not valid_rootfs(rootfs):
+        raise _err(path, text, "build", "rootfs", f"rootfs '{rootfs}' is not an absolute folder path",
+                   'the folder of the built image that holds the root filesystem, e.g. rootfs = "/mnt"')
     boot = data.get("bootstrap", {})
     if any(not isinstance(p, str) for p in boot.get("packages", [])):
         raise _err(path, text, "bootstrap", "packages", "packages must be an array of strings",
@@ -193,6 +202,24 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
             raise _err(path, text, "boot", "marker", f"marker is not a regular expression: {e}",
                        "escape special characters, e.g. 'Welcome to Debian'") from e
     return data
+
+
+def valid_rootfs(value: str) -> bool:
+    """An absolute, normalised path other than / itself (leave the key out for the whole image)."""
+    return (value.startswith("/") and not value.startswith("//") and value != "/"
+            and posixpath.normpath(value) == value and "\0" not in value)
+
+
+BUILD_FILES = ("Dockerfile", "Containerfile")  # a Containerfile is a Dockerfile by another name
+
+
+def build_file(recipe_dir: Path) -> Path | None:
+    """The folder's Dockerfile or Containerfile (None: neither); both is an error naming both."""
+    found = [recipe_dir / n for n in BUILD_FILES if (recipe_dir / n).is_file()]
+    if len(found) > 1:
+        raise UserError(f"{recipe_dir}: has both a {found[0].name} and a {found[1].name}",
+                        hint="they are the same format: keep one of them")
+    return found[0] if found else None
 
 
 def _example(t: type | tuple[type, ...]) -> str:
@@ -239,24 +266,27 @@ def load(recipe_dir: Path) -> Recipe:
         raise UserError(f"{recipe_dir}: recipe name '{name}' is not a valid image name",
                         hint="use lowercase letters, digits, '.', '_' and '-'")
     data = parse_toml(recipe_dir / "recipe.toml") if (recipe_dir / "recipe.toml").exists() else {}
-    has_dockerfile = (recipe_dir / "Dockerfile").is_file()
+    dockerfile = build_file(recipe_dir)
     bootstrap = None
     if "bootstrap" in data:
-        if has_dockerfile:
-            raise UserError(f"{recipe_dir}: has both a Dockerfile and a [bootstrap] table",
-                            hint="a bootstrap recipe has no Dockerfile; remove one of them")
+        if dockerfile is not None:
+            raise UserError(f"{recipe_dir}: has both a {dockerfile.name} and a [bootstrap] table",
+                            hint=f"a bootstrap recipe has no {dockerfile.name}; remove one of them")
         b = data["bootstrap"]
         bootstrap = Bootstrap(
             suite=b.get("suite", Bootstrap.suite), variant=b.get("variant", Bootstrap.variant),
             packages=tuple(b.get("packages", ())), mirror=b.get("mirror", Bootstrap.mirror))
-    elif not has_dockerfile:
+        if "rootfs" in data.get("build", {}):
+            raise UserError(f"{recipe_dir / 'recipe.toml'}: [build] rootfs needs a Dockerfile, not a [bootstrap] table",
+                            hint="mmdebstrap's tree is the root filesystem already: remove rootfs")
+    elif dockerfile is None:
         raise UserError(f"{recipe_dir}: no Dockerfile and no [bootstrap] table in recipe.toml",
-                        hint="add a Dockerfile (FROM ldt/debian-bookworm) or remove the folder")
+                        hint="add a Dockerfile or Containerfile (FROM ldt/debian-bookworm) or remove the folder")
     build, boot, disk, vm = (data.get(t, {}) for t in ("build", "boot", "disk", "vm"))
     args = tuple(sorted((k, str(v)) for k, v in build.get("args", {}).items()))
     parents: tuple[str, ...] = ()
-    if has_dockerfile:
-        refs = from_images((recipe_dir / "Dockerfile").read_text(), dict(args))
+    if dockerfile is not None:
+        refs = from_images(dockerfile.read_text(), dict(args))
         parents = tuple(dict.fromkeys(p for p in map(recipe_of_image, refs) if p))
     return Recipe(
         name=name, dir=recipe_dir, build_args=args, platform=build.get("platform", "linux/amd64"),
@@ -265,7 +295,7 @@ def load(recipe_dir: Path) -> Recipe:
         boot_timeout=boot.get("timeout", Recipe.boot_timeout),
         headroom_mib=disk.get("headroom_mib", Recipe.headroom_mib), size_mib=disk.get("size_mib"),
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
-        parents=parents,
+        parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile", rootfs=build.get("rootfs"),
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
     )
 

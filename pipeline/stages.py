@@ -105,7 +105,7 @@ def _has_fast_boot(r: Recipe) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("tgz", "build_tgz", 2, "Dockerfile (or [bootstrap] via mmdebstrap) -> cached rootfs tgz",
-          needs=(), makes=(A.TGZ,), reads=("build_args", "platform", "bootstrap"), build=builders.tgz,
+          needs=(), makes=(A.TGZ,), reads=("build_args", "platform", "bootstrap", "rootfs"), build=builders.tgz,
           inputs=builders.tgz_inputs, sources=builders.tgz_sources, prepare=builders.tgz_prepare,
           after=builders.tgz_after),
     Stage("boot", "extract_boot", 2, "Kernel + initrd (+ os-release) out of the rootfs tgz",

@@ -196,8 +196,8 @@ class Progress:
         log(f"{self.what}: {nbytes / 2**20:.1f} MiB in {time.monotonic() - self.start:.1f}s")
 
 
-def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str) -> None:
-    """Filter a tar stream and compress it into `out`."""
+def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str, tar_filter=filter_tar) -> None:
+    """Filter a tar stream and compress it into `out` (tar_filter: filter_tar, or reroot.reroot_filter(…))."""
     cmd = compressor_cmd()
     progress = Progress(what)
     with open(out, "wb") as f, spawn(cmd, stdin=-1, stdout=f) as proc:  # -1: subprocess.PIPE
@@ -210,7 +210,7 @@ def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str) -> 
                 seen += len(chunk)
                 progress.update(seen)
 
-        total = filter_tar(counted(), proc.stdin.write, fixups)
+        total = tar_filter(counted(), proc.stdin.write, fixups)
         proc.stdin.close()
         proc.wait()
         check_exit(proc, cmd)

@@ -25,6 +25,7 @@ OTHER = {
     "build_args": ("build_args", (("X", "1"),)),
     "platform": ("platform", "linux/arm64"),
     "bootstrap": ("bootstrap", Bootstrap(suite="trixie")),
+    "rootfs": ("rootfs", "/mnt"),
     "kernel": ("kernel", "6.1.0-99-amd64"),
     "initrd": ("initrd", False),
     "cmdline": ("cmdline", "quiet"),
