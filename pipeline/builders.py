@@ -16,7 +16,7 @@ from pipeline.cache import tree_manifest
 from pipeline.errors import UserError
 from pipeline.files import link_or_copy
 from pipeline.recipes import Recipe, from_images, recipe_of_image
-from pipeline.run import log
+from pipeline.run import log, verbose
 
 if TYPE_CHECKING:
     from pipeline.project import Project
@@ -214,6 +214,8 @@ def fast_boot_into(kernel: Path, initrd: Path, work: Path) -> None:
     try:
         (work / A.FAST_INITRD).write_bytes(initramfs.slim_initrd(initrd.read_bytes()))
     except (ValueError, OSError, EOFError, UserError) as e:
-        log(f"virt: booting the original initrd ({e})")
+        if verbose():
+            log(f"virt: booting the original initrd ({e})")
         link_or_copy(initrd, work / A.FAST_INITRD)
-    log(f"virt: prepared the fast-boot kernel and initrd in {time.monotonic() - start:.1f}s")
+    if verbose():  # virt's own stderr is the command's: quiet unless asked
+        log(f"virt: prepared the fast-boot kernel and initrd in {time.monotonic() - start:.1f}s")
