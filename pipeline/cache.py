@@ -224,10 +224,12 @@ class Store:
 
     def fetch(self, stage: str, key: str, manifest: dict[str, Any],
               build: Callable[[Path, str], None]) -> tuple[Path, str]:
-        """The entry of `key`: ("local" | "remote" | "built", entry). Local first, then the
-        remote (pulled and verified while it streams), else built here and pushed."""
+        """The entry of `key`: (entry, "local" | "remote" | "built"). Local first (and shared if the
+        remote lacks it), then the remote (pulled and verified while it streams), else built
+        here and pushed."""
         entry = self.lookup(stage, key)
         if entry is not None:
+            self.push_entry(stage, key)
             return entry, "local"
         entry = self.pull(stage, key, manifest)
         if entry is not None:
@@ -272,22 +274,39 @@ class Store:
             return entry
         return None
 
-    def push_entry(self, stage: str, key: str) -> None:
-        """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0)."""
+    def push_entry(self, stage: str, key: str) -> bool:
+        """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0); True if pushed."""
         r = self._remote()
         if r is None or not r.push:
-            return
+            return False
         from pipeline import remote
 
         entry = self.entry(stage, key)
         try:
             if remote.push_entry(r, stage, key, entry, tmp_dir=self.tmp):
                 log(f"{stage}:{key[:12]} pushed to {r}")
+                return True
         except remote.RemoteUnavailable as e:
             self._remote_failed(e)
         except remote.EntryCorrupt as e:
             log(f"not pushed: {e.message}")
             self.check(entry, deep=True)
+        return False
+
+    def push_all(self) -> int:
+        """Push every local entry the remote lacks (after a run whose pushes failed); how many."""
+        if self._remote() is None:
+            raise UserError("no remote store to push to", hint="set LDT_REMOTE=oci://HOST[:PORT]/PREFIX")
+        before = len(_remote_down)
+        pushed = 0
+        for e in self.entries():
+            if self._remote() is None:
+                break
+            if self.push_entry(e.parent.name, e.name):
+                pushed += 1
+        if len(_remote_down) > before:
+            raise UserError(f"the remote store {self.remote_url} went away; {pushed} entries pushed before")
+        return pushed
 
     def remote_keys(self, stage: str) -> set[str] | None:
         """Keys the remote holds for a stage; None without a (reachable) remote."""

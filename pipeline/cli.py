@@ -143,10 +143,10 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
     """run-tgz FILE.tgz: boot a rootfs tgz with -kernel/-initrd on this terminal."""
     ap = argparse.ArgumentParser(prog="run-tgz", description="Boot a rootfs tgz (its kernel and initrd, an ext4 root "
                                  "made from it, cached) with the serial console on this terminal.")
-    ap.add_argument("tgz", type=Path)
+    ap.add_argument("tgz", help="a rootfs tgz, or oci://HOST/REPO:TAG of a published image")
     vm_options(ap, cmdline=True)
     args = parse(ap, argv)
-    p, r = _from_tgz(args.tgz, "boot", "ext4")
+    p, r = _from_tgz(_file_or_pulled(args.tgz, Artifact.TGZ), "boot", "ext4")
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
@@ -175,14 +175,27 @@ def _run_image(mode: Mode, prog: str, argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=f"Boot a raw or qcow2 disk image on "
                                  f"{mode.firmware}, serial console on this "
                                  f"terminal; the image is not changed (throwaway snapshot) unless --persist.")
-    ap.add_argument("image", type=Path)
+    ap.add_argument("image", help="a raw or qcow2 disk image, or oci://HOST/REPO:TAG of a published image")
     vm_options(ap, cmdline=False)
     args = parse(ap, argv)
-    if not args.image.is_file():
-        raise UserError(f"{args.image}: no such disk image", hint="build one with build-syslinux-bios or build-efistub")
+    image = _file_or_pulled(args.image, mode.disk)
+    if not image.is_file():
+        raise UserError(f"{image}: no such disk image", hint="build one with build-syslinux-bios or build-efistub")
     o = _run_options(args)
-    return _booted(vm.boot_interactive(Project(project_root()), mode, vm.Boot(args.image.resolve()), o,
+    return _booted(vm.boot_interactive(Project(project_root()), mode, vm.Boot(image.resolve()), o,
                                        memory=o.memory, cpus=o.cpus))
+
+
+def _file_or_pulled(arg: str, artifact: Artifact) -> Path:
+    """A path as given, or for oci://… the artifact's file in the pulled (verified, cached) image."""
+    if not arg.startswith("oci"):
+        return Path(arg)
+    from pipeline import publish
+
+    f = publish.fetch(Project(project_root()), arg) / artifact
+    if not f.is_file():
+        raise UserError(f"{arg} holds no {artifact}", hint="publish the recipe with its disk images built")
+    return f
 
 
 def run_bios_main(argv: Sequence[str] | None) -> int:

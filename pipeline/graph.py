@@ -109,6 +109,12 @@ def store_verify_action(root: str) -> TaskFailed | None:
     return None
 
 
+@doit_edge
+def store_push_action(root: str) -> None:
+    pushed = Project(Path(root)).store.push_all()
+    print(f"{pushed} entries pushed")
+
+
 # -- task dicts ---------------------------------------------------------------------------------
 
 
@@ -178,6 +184,38 @@ def run_tasks(p: Project, recipes: dict[str, Recipe], mode: Mode) -> Iterator[di
         }
 
 
+@doit_edge
+def publish_action(root: str, name: str, tag: str = "latest") -> None:
+    from pipeline import publish
+
+    p = Project(Path(root))
+    publish.publish(p, p.recipe(name), tag)
+
+
+PUBLISH_DOC = "Push a recipe's disks, kernel, initrd and tgz to $LDT_REMOTE as one OCI artifact (--tag NAME)"
+
+
+def publish_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, Any]]:
+    from pipeline import publish
+
+    yield {"name": None, "doc": PUBLISH_DOC}
+    for r in recipes.values():
+        if not r.bootable:
+            continue
+        files = [a for a in publish.PUBLISHED if stages.wanted(a, r)
+                 and (r.qcow2 or a not in (publish.A.BIOS_QCOW2, publish.A.UEFI_QCOW2))]
+        yield {
+            "name": r.name,
+            "doc": f"publish {r.name}'s images",
+            "actions": [(publish_action, [str(p.root), r.name])],
+            "file_dep": [str(p.store.pointer(r.name, a)) for a in files],
+            "params": [{"name": "tag", "long": "tag", "default": "latest",
+                        "help": "the moving tag besides the content tag (default: latest)"}],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+
+
 CHECK_DOC = "Boot matrix: each mode headless to the boot marker; a table (passes cached per image)"
 
 
@@ -197,6 +235,10 @@ def check_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, An
         }
 
 
+def _store_task(action: Callable[[str], Any], p: Project) -> dict[str, Any]:
+    return {"actions": [(action, [str(p.root)])], "uptodate": [False], "verbosity": 2}
+
+
 def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[[], Any]]:
     """Every task_* of dodo.py: the stage tasks from the table, a run task per Mode, check_boot,
     store and store_gc."""
@@ -214,14 +256,17 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
     for mode in Mode:
         out[f"task_{mode.run_task}"] = creator(functools.partial(run_tasks, p, recipes, mode), mode.doc)
     out["task_check_boot"] = creator(functools.partial(check_tasks, p, recipes), CHECK_DOC)
-    out["task_store"] = creator(lambda: {"actions": [(store_action, [str(p.root)])], "uptodate": [False],
-                                         "verbosity": 2},
-                                "Show the content-hash store: entries, sizes, which recipe points where")
-    out["task_store_gc"] = creator(lambda: {"actions": [(store_gc_action, [str(p.root)])], "uptodate": [False],
-                                            "verbosity": 2},
-                                   "Remove store entries no recipe points at, unfinished work dirs and containers "
-                                   "a killed run left")
-    out["task_store_verify"] = creator(lambda: {"actions": [(store_verify_action, [str(p.root)])],
-                                                "uptodate": [False], "verbosity": 2},
-                                       "Rehash every store entry against its manifest.json; remove the damaged ones")
+    out["task_publish"] = creator(functools.partial(publish_tasks, p, recipes), PUBLISH_DOC)
+    store_tasks = {
+        "store": (store_action, "Show the content-hash store: entries, sizes, which recipe points where (and with "
+                                "$LDT_REMOTE: local, remote or both)"),
+        "store_gc": (store_gc_action, "Remove store entries no recipe points at, unfinished work dirs and containers "
+                                      "a killed run left"),
+        "store_verify": (store_verify_action, "Rehash every store entry against its manifest.json; remove the "
+                                              "damaged ones"),
+        "store_push": (store_push_action, "Push every local store entry $LDT_REMOTE lacks (e.g. after the registry "
+                                          "was down)"),
+    }
+    for name, (action, doc) in store_tasks.items():
+        out[f"task_{name}"] = creator(functools.partial(_store_task, action, p), doc)
     return out

@@ -256,3 +256,18 @@ def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
     return b"".join(slim) + _cpio_entry("TRAILER!!!", 0, b"", 0)
 
 
+
+
+def kernel_version(bzimage: bytes) -> str | None:
+    """The version a bzImage says it is ("6.1.0-28-amd64"), from its setup header's kernel_version
+    pointer (boot protocol 2.00+), or None for anything else."""
+    import struct
+
+    if len(bzimage) < 0x210 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    (pointer,) = struct.unpack_from("<H", bzimage, 0x20E)
+    start = pointer + 0x200
+    if not pointer or start >= len(bzimage):
+        return None
+    text = bzimage[start : start + 256].split(b"\0", 1)[0].decode(errors="replace")
+    return text.split(" ", 1)[0] or None

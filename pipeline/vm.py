@@ -131,7 +131,11 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     manifest = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode), "booted": list(b.keys),
                 "marker": marker, "cmdline": b.cmdline}
     key = key_of(manifest)
-    entry = p.store.lookup(CHECK_STAGE, key) or p.store.pull(CHECK_STAGE, key, manifest)
+    entry = p.store.lookup(CHECK_STAGE, key)
+    if entry is not None:
+        p.store.push_entry(CHECK_STAGE, key)  # the fleet's, if it lacks this pass
+    else:
+        entry = p.store.pull(CHECK_STAGE, key, manifest)
     if entry is not None:
         res = json.loads((entry / "result.json").read_text())
         return CheckResult(mode, True, res["seconds"], cached=True)
