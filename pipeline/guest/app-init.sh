@@ -122,14 +122,21 @@ exec 3<&-
 # reaches apps that install their own handler, as with docker, where the app is PID 1.
 # From here on only builtins (kill, wait, [): a command in a child process would make the shell
 # reap the app behind our back, and `kill -0` would then miss it.
-trap 'kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
-trap 'kill -s INT "$app" 2>/dev/null' INT
+trap 'trapped=1; kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
+trap 'trapped=1; kill -s INT "$app" 2>/dev/null' INT
 
-# `wait` returns early (>128) when a trapped signal arrives: wait again while the app lives (a
-# zombie counts). While waiting, the shell also reaps the orphans the kernel gives PID 1.
+# `wait` returns early (>128) when a trapped signal arrives: then wait again while the app lives
+# (a zombie counts). If it ended while the trap ran, the shell has reaped it already and a last
+# `wait` gives the status it recorded. While waiting, the shell also reaps the orphans the
+# kernel gives PID 1.
 while :; do
+  trapped=
   wait "$app"
   status=$?
-  kill -0 "$app" 2>/dev/null || break
+  [ -n "$trapped" ] || break
+  kill -0 "$app" 2>/dev/null && continue
+  wait "$app"
+  status=$?
+  break
 done
 finish "$status"
