@@ -158,3 +158,14 @@ def test_virt_init_uses_the_literals_virt_py_expects():
     assert f"msize={virt.MSIZE}," in script
     assert f"{virt.MOUNT_TAG} $R/work" in script
     assert f"PATH={virt.GUEST_PATH}\n" in script
+
+
+def test_a_recipe_from_outside_recipes_does_not_read_recipes(tmp_path):
+    """run-tgz FILE.tgz and friends work beside an unrelated broken recipe.toml."""
+    (tmp_path / "recipes" / "bad").mkdir(parents=True)
+    (tmp_path / "recipes" / "bad" / "recipe.toml").write_text("[nonsense\n")
+    r = Recipe(name="tgz-x", dir=tmp_path)
+    p = Project(tmp_path, extra=(r,))
+    assert p.recipe("tgz-x") is r
+    with pytest.raises(UserError):
+        p.recipes  # noqa: B018 - reading recipes/ is what fails
