@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -145,15 +146,28 @@ def resume_args(snap: Snapshot, memory: int, qmp_fd: int) -> list[str]:
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
-def restore(qmp_sock: socket.socket, state_fd_name: str = "state", timeout: float = 30.0) -> None:
-    """Start loading the saved state; the VM runs by itself once loaded. NoSnapshot when QEMU
-    does not get that far. The state file's descriptor was passed to QEMU as fd:N: here N."""
+def restore(qmp_sock: socket.socket, uri: str, marks: dict[str, float], timeout: float = 30.0) -> None:
+    """Start loading the saved state from `uri` (fd:N, the state file passed to QEMU); the VM
+    runs by itself once loaded. NoSnapshot when QEMU does not get that far."""
     try:
         qmp = _Qmp(qmp_sock, timeout)
+        marks["monitor"] = time.monotonic()
         qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-        qmp.call("migrate-incoming", uri=state_fd_name)
+        qmp.call("migrate-incoming", uri=uri)
     except (MakeFailed, OSError, ValueError) as e:
         raise NoSnapshot(f"the restore failed: {e}") from None
+
+
+PHASES = (("host set-up", "entry", "spawned"), ("QEMU start", "spawned", "monitor"),
+          ("state load + guest wake-up", "monitor", "started"), ("fresh state + command", "started", "status"),
+          ("QEMU stop", "status", "ended"))  # fmt: skip
+
+
+def timings(marks: dict[str, float]) -> str:
+    """Where a resumed run's time went, from run_virt()'s start (the interpreter's own start-up
+    and imports come before it)."""
+    parts = [f"{name} {marks[b] - marks[a]:.3f}s" for name, a, b in PHASES if a in marks and b in marks]
+    return "resume timings: " + ", ".join(parts)
 
 
 def qmp_args(fd: int) -> list[str]:
@@ -186,6 +200,15 @@ def find(store: Store, m: dict[str, Any]) -> Snapshot:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NoSnapshot(f"snapshot {key[:12]} unreadable: {e}") from None
     return snap
+
+
+def discard(snap: Snapshot) -> None:
+    """Drop an entry that cannot be restored (made by another QEMU build, say): best effort,
+    the next run makes a new one. Renamed away first, so no run starts on a half-removed one."""
+    gone = snap.entry.with_name(f".gone-{snap.entry.name}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.rename(snap.entry, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -348,14 +371,10 @@ def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports:
         with contextlib.suppress(NoSnapshot):
             return find(store, m)  # made by a concurrent run while this one waited
         if store.lookup(STAGE, key) is not None:  # damaged: make it again
-            import shutil
-
-            shutil.rmtree(store.entry(STAGE, key), ignore_errors=True)
+            discard(Snapshot(store.entry(STAGE, key)))
         try:
             with store.build(STAGE, key, m) as work:
                 with open(work / INITRD, "wb") as f, open(initrd, "rb") as src:
-                    import shutil
-
                     shutil.copyfileobj(src, f)
                     f.write(pad4(f.tell()))
                     f.write(cpio)

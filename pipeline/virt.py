@@ -272,6 +272,7 @@ def run_virt(
     """
     import tempfile
 
+    entry_time = time.monotonic()
     if not argv:
         raise UserError("no command given", hint="virt -- COMMAND [ARGS…]")
     share = check_workdir(workdir)
@@ -284,7 +285,7 @@ def run_virt(
 
         try:
             return _run_resumed(argv, kernel=kernel, initrd=initrd, rootfs=rootfs, share=share, options=options,
-                                accel=accel, qemu=qemu, term=term, cache_dir=cache_dir)
+                                accel=accel, qemu=qemu, term=term, cache_dir=cache_dir, entry_time=entry_time)
         except resume.NoSnapshot as e:
             if verbose():
                 log(f"virt: booting cold: {e}")
@@ -318,7 +319,7 @@ def run_virt(
 
 
 def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, share: Path, options: VirtOptions,
-                 accel: Accel, qemu: str, term: str | None, cache_dir: Path | None) -> int:
+                 accel: Accel, qemu: str, term: str | None, cache_dir: Path | None, entry_time: float) -> int:
     """run_virt() on a restored snapshot; resume.NoSnapshot when this run has to boot cold
     (nothing of the command ran then: the host's stdin is only read once the guest started it)."""
     import functools
@@ -345,6 +346,9 @@ def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, s
         if error is not None:
             raise error from None  # what a cold boot would say too, without booting again
         raise resume.NoSnapshot(str(e)) from None
+    marks = {"entry": entry_time}
+    if verbose():
+        log(f"virt: resuming snapshot {snap.entry.name[:12]}")
     settings = argv_script(argv, ro=options.ro, net=False, term=term, debug=verbose())
     with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp:
         console_log = Path(tmp) / "console.log"
@@ -366,13 +370,21 @@ def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, s
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             ) as proc:
+                marks["spawned"] = time.monotonic()
                 for s in theirs.values():
                     s.close()
-                resume.restore(ours.pop("qmp"), f"fd:{state}")
-                os.close(state)
-                state = -1
-                conf = resume.run_conf(settings, seed=os.urandom(resume.SEED_BYTES), now_ns=time.time_ns())
-                return _supervise(proc, ours, console_log, options.timeout, preamble=conf)
+                try:
+                    resume.restore(ours.pop("qmp"), f"fd:{state}", marks)
+                    os.close(state)
+                    state = -1
+                    conf = resume.run_conf(settings, seed=os.urandom(resume.SEED_BYTES), now_ns=time.time_ns())
+                    status = _supervise(proc, ours, console_log, options.timeout, preamble=conf, marks=marks)
+                    if verbose():
+                        log("virt: " + resume.timings(marks))
+                    return status
+                except resume.NoSnapshot as e:  # it cannot be restored here: the next run makes a new one
+                    resume.discard(snap)
+                    raise resume.NoSnapshot(f"{e}; snapshot {snap.entry.name[:12]} removed") from None
         finally:
             for s in (*theirs.values(), *ours.values()):
                 s.close()
@@ -392,6 +404,7 @@ def _write_initrd(dest: Path, initrd: Path, extra: bytes) -> None:
 def _supervise(
     proc: subprocess.Popen, socks: dict[str, socket.socket], console_log: Path, timeout: float | None,
     preamble: bytes = b"",
+    marks: dict[str, float] | None = None,
 ) -> int:
     """Relay the streams until QEMU exits; the exit status, 124 or 130. QEMU never outlives this.
 
@@ -417,6 +430,8 @@ def _supervise(
         reap(proc)
         relay.close()
         _restore_sigterm(old_term)
+        if marks is not None:
+            marks.update(relay.marks, ended=time.monotonic())
     if verbose():
         log(f"virt: VM ran {time.monotonic() - start:.1f}s")
     console = console_log.read_text(errors="replace") if console_log.exists() else ""
@@ -493,6 +508,7 @@ class _Relay:
         self.to_control = preamble  # a restored guest's settings, not yet sent
         self.started = not preamble  # the guest started the command (host stdin flows only then)
         self.guarded = False  # pump() gave up waiting for the start
+        self.marks: dict[str, float] = {}  # when the guest started the command, when its status came
         for s in socks.values():
             s.setblocking(False)
         self.sel.register(socks["stdout"], selectors.EVENT_READ, "stdout")
@@ -582,6 +598,8 @@ class _Relay:
             if not self.started and b"started\n" in self.control:
                 self._started()
             found = STATUS_LINE.search(self.control)
+            if found and "status" not in self.marks:
+                self.marks["status"] = time.monotonic()
             if found:
                 self.status = int(found.group(1))
                 for name, count in zip(("stdout", "stderr"), found.group(2, 3), strict=True):
@@ -616,6 +634,7 @@ class _Relay:
         import selectors
 
         self.started = True
+        self.marks["started"] = time.monotonic()
         if self.stdin_fd is not None and not self.stdin_eof and self.stdin_fd not in self.sel.get_map():
             self.sel.register(self.stdin_fd, selectors.EVENT_READ, "host-stdin")
 
