@@ -117,6 +117,27 @@ done
 for d in "$IN" "$OUT" "$ERR" "$CTL"; do wait_for -c "$d" || fail no-ports "$d"; done
 
 if [ "$LDT_SNAPSHOT" = 1 ]; then
+    # Nothing of the saved guest may repeat across runs: after a restore the host's clock and
+    # 64 random bytes from the host go into the kernel (clock_settime; written into the pool,
+    # then a reseed of its generator, RNDRESEEDCRNG). perl (Debian's perl-base) makes the
+    # system calls the initrd's tools cannot; started now, it waits inside the snapshot for
+    # its input, so a run does not pay its start-up.
+    mkdir -p $F
+    fresh=
+    if [ -x $R/usr/bin/perl ]; then
+        mkfifo $F/fresh
+        # shellcheck disable=SC2016 # perl's variables
+        chroot $R /usr/bin/perl -e '
+            open(my $ok, ">", "/run/ldt-virt/fresh-waiting") or die; close $ok;
+            open(my $in, "<", "/run/ldt-virt/fresh") or die "fresh: $!";
+            my ($seed, $sec, $nsec) = split(" ", scalar <$in>);
+            open(my $r, ">", "/dev/urandom") or die "urandom: $!"; print $r pack("H*", $seed); close $r;
+            open($r, "<", "/dev/urandom") or die; ioctl($r, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
+            syscall(227, 0, pack("q q", $sec, $nsec)) == 0 or die "clock_settime: $!";
+        ' &
+        fresh=$!
+        wait_for -e $F/fresh-waiting || fail fresh perl
+    fi
     # The snapshot point. The control port stays open on fd 3 across the save and restore;
     # each restored guest reads "conf <lines>" and that many lines of settings from it.
     exec 3<> "$CTL"
@@ -132,16 +153,10 @@ if [ "$LDT_SNAPSHOT" = 1 ]; then
     . /ldt-virt-conf
     echo started >&3
     say resumed
-    # Nothing of the saved guest may repeat across runs: the host's clock and randomness
-    # (written into the pool, then a reseed of the kernel's generator: RNDRESEEDCRNG).
-    if [ -x $R/usr/bin/perl ]; then
-        # shellcheck disable=SC2016 # perl's variables
-        chroot $R /usr/bin/perl -e '
-            open(my $r, ">", "/dev/urandom") or die "urandom: $!"; print $r pack("H*", $ARGV[0]); close $r;
-            open($r, "<", "/dev/urandom") or die; ioctl($r, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
-            syscall(227, 0, pack("q q", $ARGV[1], $ARGV[2])) == 0 or die "clock_settime: $!";
-        ' "$LDT_SEED" "$LDT_SEC" "$LDT_NSEC" || fail fresh perl
-    else
+    if [ -n "$fresh" ]; then
+        echo "$LDT_SEED $LDT_SEC $LDT_NSEC" > $F/fresh
+        wait $fresh || fail fresh perl
+    else  # no perl: the pool gets the bytes, the generator reseeds on its own schedule
         echo "$LDT_SEED" > /dev/urandom
         chroot $R date -s "@$LDT_SEC" > /dev/null || fail fresh date
     fi
