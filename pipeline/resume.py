@@ -2,7 +2,7 @@
 
 Reading order: the stage and its manifest (what a snapshot is keyed by) → the pure builders
 (snapshot_cpio, run_conf, resume_args) → find() (a usable entry, or why not) → make() (boot
-to the snapshot point once, save) → prepare() (find or make; None means: boot cold).
+to the snapshot point once, save) → prepare() (find or make; NoSnapshot means: boot cold).
 
 What is saved. The guest's init (pipeline/guest/virt-init.sh with LDT_SNAPSHOT=1) boots as in
 a cold run up to the point where only per-run things are left: root mounted read-only,

@@ -15,6 +15,11 @@ socketpair to this process, so the streams stay separate and free of kernel mess
 kernel console goes to a log shown only on failure). The exit status and the byte count of
 each output port come back on a fourth port; once every byte has arrived, QEMU is stopped.
 
+Most runs do not boot: _run_resumed() restores a VM saved at the point where only the
+command is missing (pipeline/resume.py: what is saved, how it is keyed, what each run makes
+fresh) and sends the settings on the control port instead of in the cpio. A run that cannot
+resume boots as above (`--cold` always does).
+
 Every process goes through pipeline.run.spawn()/run(); nothing here changes the images.
 """
 
