@@ -342,6 +342,7 @@ def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, s
     m = resume.manifest(kernel=kernel, initrd=initrd, rootfs=rootfs, qemu=qemu, bios=bios, init=init,
                         memory=options.memory, cpus=options.cpus, accel=str(accel),
                         cmd_shape=resume.shape(canonical, PORTS))
+    old_term = _on_sigterm()  # SIGTERM while making one: its QEMU is reaped like a run's
     try:
         snap = resume.prepare(Store(cache_dir) if cache_dir is not None else None, m, base_cmd=canonical,
                               ports=PORTS, initrd=initrd, memory=options.memory,
@@ -351,6 +352,10 @@ def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, s
         if error is not None:
             raise error from None  # what a cold boot would say too, without booting again
         raise resume.NoSnapshot(str(e)) from None
+    except _Terminated:
+        return EXIT_TERMINATED
+    finally:
+        _restore_sigterm(old_term)
     marks = {"entry": entry_time}
     if verbose():
         log(f"virt: resuming snapshot {snap.entry.name[:12]}")

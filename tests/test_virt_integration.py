@@ -91,8 +91,9 @@ def _virt_caller(virt_artifacts, accel, fast_boot_cache, mode: str):
 
 
 @pytest.fixture(scope="session")
-def snapshot(virt_artifacts, accel, fast_boot_cache, tmp_path_factory) -> Path:
-    """The session's snapshot entry: made by a first run, which says so under LDT_VERBOSE=1."""
+def snapshot(virt_artifacts, accel, fast_boot_cache, tmp_path_factory) -> Iterator[Path]:
+    """The session's snapshot entry: made by a first run, which says so under LDT_VERBOSE=1;
+    removed at the end (its key is this session's copy of the root image: nothing reuses it)."""
     call = _virt_caller(virt_artifacts, accel, fast_boot_cache, "resumed")
     proc = call("true", cwd=tmp_path_factory.mktemp("snap"), env={"LDT_VERBOSE": "1"})
     err = proc.stderr.decode(errors="replace")
@@ -100,7 +101,8 @@ def snapshot(virt_artifacts, accel, fast_boot_cache, tmp_path_factory) -> Path:
     made = re.search(r"virt: resuming snapshot (\w+)", err)
     assert made is not None and "booting cold" not in err, err[-3000:]
     (entry,) = (ROOT / "cache" / "store" / resume.STAGE).glob(f"{made.group(1)}*")
-    return entry
+    yield entry
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 @pytest.fixture(params=["cold", "resumed"])
