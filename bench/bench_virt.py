@@ -2,8 +2,11 @@
 
     .venv/bin/python bench/bench_virt.py     (needs the virt recipe built: cache/recipes/virt/*)
 
-1. `virt -- true` wall time, median of 5           goal: faster than virtme-ng
-   baseline: `vng -r <the same kernel> -- true`, same vCPUs and memory, both under TCG
+1. `virt -- true` wall time, median of 5           goal: faster than virtme-ng, resumed <= 1.0 s
+   resumed from the snapshot (the default) vs booted (`--cold`) vs
+   baseline: `vng -r <the same kernel> -- true`, same vCPUs and memory, both under TCG;
+   then the time to make the snapshot once, and where a resumed run's time goes (host
+   start-up, QEMU start, state load, the command: virt's LDT_VERBOSE=1 timings line)
 2. `cat big >/dev/null` of a 512 MiB file in the shared current directory, MB/s (10^6 bytes),
    timed inside the guest with `date +%s%N`, one read per fresh VM (cold guest cache, warm
    host page cache), median of 3; baseline: the same with vng (the cwd through its 9p root
@@ -94,12 +97,14 @@ def tail(out: str, n: int = 8) -> str:
 
 
 def virt_cmd(*argv: str) -> list[str]:
-    return [str(VIRT), "--accel", "tcg", "--timeout", str(VM_TIMEOUT), "--cpus", str(CPUS), "--memory", str(MEMORY),
-            "--kernel", str(KERNEL), "--initrd", str(INITRD), "--rootfs", str(ROOTFS), "--", *argv]
+    virt = [str(VIRT)] if VIRT.exists() else [sys.executable, "-c", "from pipeline.cli import virt; virt()"]
+    return [*virt, "--accel", "tcg", "--timeout", str(VM_TIMEOUT), "--cpus", str(CPUS), "--memory", str(MEMORY),
+            "--kernel", str(KERNEL), "--initrd", str(INITRD), "--rootfs", str(ROOTFS), *argv]
 
 
-def virt_run(cwd: Path, *argv: str) -> tuple[str, float]:
-    status, out, seconds = run_limited(virt_cmd(*argv), cwd=cwd)
+def virt_run(cwd: Path, *argv: str, options: tuple[str, ...] = (), verbose: bool = False) -> tuple[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LDT_VERBOSE": "1" if verbose else "0"}
+    status, out, seconds = run_limited([*virt_cmd(*options, "--", *argv)], cwd=cwd, env=env)
     if status != 0:
         raise Failed(f"virt exited {status}: {tail(out)}")
     return out, seconds
@@ -211,12 +216,16 @@ def vng_version() -> str:
 
 
 def bench_true(work: Path, vng: Vng | None) -> None:
-    virt_runs, vng_runs = [], []
-    for _ in range(BOOT_REPEAT):  # alternating: a burst of load on the shared machine hits both
+    virt_runs, cold_runs, vng_runs = [], [], []
+    for _ in range(BOOT_REPEAT):  # alternating: a burst of load on the shared machine hits all
         virt_runs.append(virt_run(work, "true")[1])
+        cold_runs.append(virt_run(work, "true", options=("--cold",))[1])
         if vng is not None:
             vng_runs.append(vng.run(work, "true")[1])
     ours = statistics.median(virt_runs)
+    row(f"virt -- true resumed vs --cold (median of {BOOT_REPEAT})", ours, statistics.median(cold_runs),
+        target="(baseline: virt --cold -- true; goal resumed <= 1.0 s)")
+    note(f"runs: resumed {runs(virt_runs)}; cold {runs(cold_runs)}")
     if vng is None:
         print(f"{f'virt -- true (median of {BOOT_REPEAT})':<46} {ours:8.3f}s  (no virtme-ng baseline)")
         note(f"runs: {runs(virt_runs)}")
@@ -227,6 +236,31 @@ def bench_true(work: Path, vng: Vng | None) -> None:
     _, default = vng.run(work, "true", defaults=True)
     note(f"vng at its defaults (2 vCPUs, virtiofsd tried first): {default:.2f}s (1 run), "
          f"ratio {ours / default:.2f}x")
+
+
+def bench_snapshot(work: Path) -> None:
+    """The snapshot made once (this image, these settings), then where a resumed run's time goes."""
+    for entry in (ROOT / "cache" / "store" / "virt_snapshot").glob("*/vm.json"):
+        shutil.rmtree(entry.parent)  # every snapshot: the next run has to make this one
+    out, seconds = virt_run(work, "true", verbose=True)
+    made = next((line for line in out.splitlines() if "snapshot made:" in line), None)
+    if made is None:
+        raise Failed(f"virt made no snapshot: {tail(out)}")
+    print(f"{'first run: make the snapshot, then resume':<46} {seconds:8.3f}s  "
+          f"({made.split('snapshot made: ', 1)[1]})", flush=True)
+    phases = []
+    for _ in range(BOOT_REPEAT):
+        out, seconds = virt_run(work, "true", verbose=True)
+        line = next((x for x in out.splitlines() if "resume timings:" in x), "")
+        parts = dict(p.rsplit(" ", 1) for p in line.split("resume timings: ", 1)[-1].split(", ") if " " in p)
+        phases.append((seconds, {k: float(v.rstrip("s")) for k, v in parts.items()}))
+    wall = statistics.median(s for s, _ in phases)
+    names = list(phases[0][1])
+    medians = {n: statistics.median(p[n] for _, p in phases if n in p) for n in names}
+    inside = sum(medians.values())
+    note(f"resumed `virt -- true` (LDT_VERBOSE=1, median of {BOOT_REPEAT}): wall {wall:.3f}s = "
+         f"interpreter start-up + imports + checks {wall - inside:.3f}s, "
+         + ", ".join(f"{n} {v:.3f}s" for n, v in medians.items()))
 
 
 # -- 2. reading a big file from the share ------------------------------------------------------------
@@ -284,6 +318,7 @@ def main() -> None:
             vng = None
             note(f"virtme-ng column skipped: {e}")
         bench_true(work, vng)
+        bench_snapshot(work)
         bench_read(work, vng)
     except Failed as e:
         raise SystemExit(f"benchmark failed: {e}") from None

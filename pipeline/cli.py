@@ -232,6 +232,7 @@ def virt_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--net", action="store_true", help="user-mode networking (default: no network)")
     ap.add_argument("--ro", action="store_true", help="a read-only /work")
     ap.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="(default: $LDT_ACCEL or auto)")
+    ap.add_argument("--cold", action="store_true", help="boot the VM instead of resuming a saved post-boot one")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     args = parse(ap, argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -242,7 +243,7 @@ def virt_main(argv: Sequence[str] | None) -> int:
     except FileNotFoundError:
         raise UserError("the current folder does not exist", hint="cd into the folder to share") from None
     options = virt.VirtOptions(memory=args.memory, cpus=args.cpus, timeout=args.timeout, net=args.net, ro=args.ro,
-                               accel=Accel.parse(args.accel, origin="--accel"))
+                               accel=Accel.parse(args.accel, origin="--accel"), cold=args.cold)
     p = Project(project_root())
     explicit = (args.kernel, args.initrd, args.rootfs)
     if any(explicit):

@@ -15,6 +15,11 @@ socketpair to this process, so the streams stay separate and free of kernel mess
 kernel console goes to a log shown only on failure). The exit status and the byte count of
 each output port come back on a fourth port; once every byte has arrived, QEMU is stopped.
 
+Most runs do not boot: _run_resumed() restores a VM saved at the point where only the
+command is missing (pipeline/resume.py: what is saved, how it is keyed, what each run makes
+fresh) and sends the settings on the control port instead of in the cpio. A run that cannot
+resume boots as above (`--cold` always does).
+
 Every process goes through pipeline.run.spawn()/run(); nothing here changes the images.
 """
 
@@ -57,6 +62,7 @@ EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_PIPE = 141  # 128 + SIGPIPE: the host's stdout reader went away
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+RESUME_GUARD = 60.0  # seconds a restored guest may take to start the command before virt boots cold
 MSIZE = 512 * 1024  # 9p message size: the largest virtio transport size, for throughput
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REFUSED_WORKDIRS = ("/", "/proc", "/sys", "/dev", "/run", "/boot")
@@ -80,6 +86,7 @@ class VirtOptions:
     net: bool = False  # user-mode networking (-nic user): outbound TCP/UDP, DNS at 10.0.2.3
     ro: bool = False  # /work read-only
     accel: Accel = Accel.AUTO
+    cold: bool = False  # boot, even when a saved post-boot VM could be resumed (pipeline/resume.py)
 
     def __post_init__(self) -> None:
         if self.memory < MIN_MEMORY_MIB:
@@ -270,6 +277,7 @@ def run_virt(
     """
     import tempfile
 
+    entry_time = time.monotonic()
     if not argv:
         raise UserError("no command given", hint="virt -- COMMAND [ARGS…]")
     share = check_workdir(workdir)
@@ -277,6 +285,15 @@ def run_virt(
     qemu = find_qemu()
     accel = select_accel(options.accel, cache_dir=cache_dir, notice=verbose()).accel
     term = os.environ.get("TERM") if os.isatty(1) else None
+    if not options.cold and not options.net:
+        from pipeline import resume
+
+        try:
+            return _run_resumed(argv, kernel=kernel, initrd=initrd, rootfs=rootfs, share=share, options=options,
+                                accel=accel, qemu=qemu, term=term, cache_dir=cache_dir, entry_time=entry_time)
+        except resume.NoSnapshot as e:
+            if verbose():
+                log(f"virt: booting cold: {e}")
     with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp:
         combined = Path(tmp) / "initrd"
         _write_initrd(combined, initrd, virt_cpio(argv, options=options, term=term))
@@ -306,6 +323,85 @@ def run_virt(
                 s.close()
 
 
+def _run_resumed(argv: list[str], *, kernel: Path, initrd: Path, rootfs: Path, share: Path, options: VirtOptions,
+                 accel: Accel, qemu: str, term: str | None, cache_dir: Path | None, entry_time: float) -> int:
+    """run_virt() on a restored snapshot; resume.NoSnapshot when this run has to boot cold
+    (nothing of the command ran then: the host's stdin is only read once the guest started it)."""
+    import functools
+    import tempfile
+    from dataclasses import replace
+
+    from pipeline import resume
+    from pipeline.cache import Store
+
+    bios = find_qboot()
+    # The snapshot's shape: --ro and --timeout only change what happens after the restore.
+    base = functools.partial(virt_qemu_cmd, kernel=kernel, rootfs=rootfs, accel=accel, qemu=qemu, bios=bios)
+    canonical = functools.partial(base, options=replace(options, ro=False, timeout=None))
+    init = init_script()
+    m = resume.manifest(kernel=kernel, initrd=initrd, rootfs=rootfs, qemu=qemu, bios=bios, init=init,
+                        memory=options.memory, cpus=options.cpus, accel=str(accel),
+                        cmd_shape=resume.shape(canonical, PORTS))
+    old_term = _on_sigterm()  # SIGTERM while making one: its QEMU is reaped like a run's
+    try:
+        snap = resume.prepare(Store(cache_dir) if cache_dir is not None else None, m, base_cmd=canonical,
+                              ports=PORTS, initrd=initrd, memory=options.memory,
+                              cpio=resume.snapshot_cpio(init, init_name=INIT, conf_name=CONF))
+    except resume.MakeFailed as e:
+        error = guest_error(e.console)
+        if error is not None:
+            raise error from None  # what a cold boot would say too, without booting again
+        raise resume.NoSnapshot(str(e)) from None
+    except _Terminated:
+        return EXIT_TERMINATED
+    finally:
+        _restore_sigterm(old_term)
+    marks = {"entry": entry_time}
+    if verbose():
+        log(f"virt: resuming snapshot {snap.entry.name[:12]}")
+    settings = argv_script(argv, ro=options.ro, net=False, term=term, debug=verbose())
+    with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp:
+        console_log = Path(tmp) / "console.log"
+        pairs = {port: socket.socketpair() for port in (*PORTS, "qmp")}
+        ours = {port: a for port, (a, _) in pairs.items()}
+        theirs = {port: b for port, (_, b) in pairs.items()}
+        state = os.open(snap.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            cmd = [
+                *base(workdir=share, initrd=snap.initrd, options=options, console_log=console_log,
+                      fds={p: theirs[p].fileno() for p in PORTS}),
+                *resume.resume_args(snap, options.memory, theirs["qmp"].fileno()),
+            ]  # fmt: skip
+            with spawn(
+                cmd,
+                pass_fds=[*(s.fileno() for s in theirs.values()), state],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            ) as proc:
+                marks["spawned"] = time.monotonic()
+                for s in theirs.values():
+                    s.close()
+                try:
+                    resume.restore(ours.pop("qmp"), f"fd:{state}", marks)
+                    os.close(state)
+                    state = -1
+                    conf = resume.run_conf(settings, seed=os.urandom(resume.SEED_BYTES), now_ns=time.time_ns())
+                    status = _supervise(proc, ours, console_log, options.timeout, preamble=conf, marks=marks)
+                    if verbose():
+                        log("virt: " + resume.timings(marks))
+                    return status
+                except resume.NoSnapshot as e:  # it cannot be restored here: the next run makes a new one
+                    resume.discard(snap)
+                    raise resume.NoSnapshot(f"{e}; snapshot {snap.entry.name[:12]} removed") from None
+        finally:
+            for s in (*theirs.values(), *ours.values()):
+                s.close()
+            if state >= 0:
+                os.close(state)
+
+
 def _write_initrd(dest: Path, initrd: Path, extra: bytes) -> None:
     import shutil
 
@@ -316,15 +412,21 @@ def _write_initrd(dest: Path, initrd: Path, extra: bytes) -> None:
 
 
 def _supervise(
-    proc: subprocess.Popen, socks: dict[str, socket.socket], console_log: Path, timeout: float | None
+    proc: subprocess.Popen, socks: dict[str, socket.socket], console_log: Path, timeout: float | None,
+    preamble: bytes = b"",
+    marks: dict[str, float] | None = None,
 ) -> int:
-    """Relay the streams until QEMU exits; the exit status, 124 or 130. QEMU never outlives this."""
+    """Relay the streams until QEMU exits; the exit status, 124 or 130. QEMU never outlives this.
+
+    With a preamble (a restored guest's settings, sent on the control port) nothing else is
+    relayed until the guest says it started the command; a guest that never does (the restore
+    failed, or took longer than RESUME_GUARD) is resume.NoSnapshot: the caller boots cold."""
     start = time.monotonic()
     deadline = start + timeout if timeout is not None else None
-    relay = _Relay(proc, socks)
+    relay = _Relay(proc, socks, preamble)
     old_term = _on_sigterm()
     try:
-        finished = relay.pump(deadline)
+        finished = relay.pump(deadline, start + RESUME_GUARD)
     except KeyboardInterrupt:
         reap(proc)
         return EXIT_INTERRUPTED
@@ -338,11 +440,21 @@ def _supervise(
         reap(proc)
         relay.close()
         _restore_sigterm(old_term)
+        if marks is not None:
+            marks.update(relay.marks, ended=time.monotonic())
     if verbose():
         log(f"virt: VM ran {time.monotonic() - start:.1f}s")
     console = console_log.read_text(errors="replace") if console_log.exists() else ""
     if verbose():
         log("virt: guest console:\n" + console)
+    if not relay.started:
+        from pipeline import resume
+
+        if finished and not relay.guarded:
+            why = (relay.qemu_stderr().strip().splitlines() or ["QEMU stopped"])[-1]
+            raise resume.NoSnapshot(f"the restore failed: {why}")
+        if finished:
+            raise resume.NoSnapshot(f"the restored guest did not start the command in {RESUME_GUARD:g}s")
     if not finished:
         log(f"virt: timed out after {timeout:g}s, VM killed")
         return EXIT_TIMEOUT
@@ -388,7 +500,7 @@ class _Relay:
     CHUNK = 65536
     MAX_PENDING = 1 << 20  # stop reading host stdin while this much waits for the guest
 
-    def __init__(self, proc: subprocess.Popen, socks: dict[str, socket.socket]) -> None:
+    def __init__(self, proc: subprocess.Popen, socks: dict[str, socket.socket], preamble: bytes = b"") -> None:
         import selectors
 
         self.sel = selectors.PollSelector()  # unlike epoll, poll takes regular files and /dev/null
@@ -403,17 +515,22 @@ class _Relay:
         self.sinks = {"stdout": 1, "stderr": 2}
         self.received = {"stdout": 0, "stderr": 0}
         self.expected: dict[str, int | None] = {}  # bytes each output port sent, from the status line
+        self.to_control = preamble  # a restored guest's settings, not yet sent
+        self.started = not preamble  # the guest started the command (host stdin flows only then)
+        self.guarded = False  # pump() gave up waiting for the start
+        self.marks: dict[str, float] = {}  # when the guest started the command, when its status came
         for s in socks.values():
             s.setblocking(False)
         self.sel.register(socks["stdout"], selectors.EVENT_READ, "stdout")
         self.sel.register(socks["stderr"], selectors.EVENT_READ, "stderr")
-        self.sel.register(socks["control"], selectors.EVENT_READ, "control")
+        self.sel.register(socks["control"], selectors.EVENT_READ | (selectors.EVENT_WRITE if preamble else 0),
+                          "control")
         assert proc.stderr is not None
         self.sel.register(proc.stderr, selectors.EVENT_READ, "qemu")
         self.stdin_fd = self._host_stdin()
         if self.stdin_fd is None:
             self._close_stdin()
-        else:
+        elif self.started:
             self.sel.register(self.stdin_fd, selectors.EVENT_READ, "host-stdin")
 
     @staticmethod
@@ -438,22 +555,33 @@ class _Relay:
                 return False
         return True
 
-    def pump(self, deadline: float | None) -> bool:
+    def pump(self, deadline: float | None, start_guard: float | None = None) -> bool:
         """Relay until the command's output is complete or QEMU has closed every stream;
-        False when the deadline passed first."""
+        False when the deadline passed first. Until the guest started the command,
+        `start_guard` ends the relay too (self.guarded)."""
         while self._open_streams() and not self.complete():
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
+            if not self.started and start_guard is not None and time.monotonic() >= start_guard:
+                self.guarded = True
+                return True
+            ends = [t for t in (deadline, None if self.started else start_guard) if t is not None]
+            wait = None if not ends else min(ends) - time.monotonic()
+            if deadline is not None and deadline <= time.monotonic():
                 return False
-            for key, events in self.sel.select(wait):
+            for key, events in self.sel.select(max(wait, 0) if wait is not None else None):
                 self._handle(key.data, events)
         return True
 
     def _handle(self, what: str, events: int) -> None:
+        import selectors
+
         if what == "host-stdin":
             self._read_host_stdin()
         elif what == "guest-stdin":
             self._write_guest_stdin()
+        elif what == "control" and events & selectors.EVENT_WRITE:
+            self._write_control()
+            if events & selectors.EVENT_READ:
+                self._read_port(what)
         elif what == "qemu":
             assert self.proc.stderr is not None
             data = os.read(self.proc.stderr.fileno(), self.CHUNK)
@@ -477,7 +605,11 @@ class _Relay:
             return
         if port == "control":
             self.control += data
+            if not self.started and b"started\n" in self.control:
+                self._started()
             found = STATUS_LINE.search(self.control)
+            if found and "status" not in self.marks:
+                self.marks["status"] = time.monotonic()
             if found:
                 self.status = int(found.group(1))
                 for name, count in zip(("stdout", "stderr"), found.group(2, 3), strict=True):
@@ -493,6 +625,28 @@ class _Relay:
             raise _PipeClosed from None  # `virt -- yes | head`: end like the writer of a pipe
         except OSError:  # a closed descriptor (2>&-): discard, like /dev/null
             del self.sinks[port]
+
+    def _write_control(self) -> None:
+        import selectors
+
+        sock = self.socks["control"]
+        try:
+            sent = sock.send(self.to_control)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # QEMU is gone: the reads say so
+            sent = len(self.to_control)
+        self.to_control = self.to_control[sent:]
+        if not self.to_control and sock in {k.fileobj for k in self.sel.get_map().values()}:
+            self.sel.modify(sock, selectors.EVENT_READ, "control")
+
+    def _started(self) -> None:
+        import selectors
+
+        self.started = True
+        self.marks["started"] = time.monotonic()
+        if self.stdin_fd is not None and not self.stdin_eof and self.stdin_fd not in self.sel.get_map():
+            self.sel.register(self.stdin_fd, selectors.EVENT_READ, "host-stdin")
 
     def _read_host_stdin(self) -> None:
         try:

@@ -3,12 +3,15 @@ read-only /work, timeouts and the image checks.
 
 Each case is one `virt` process (real stdin/stdout/stderr descriptors)
 with its own timeout, so no guest outlives a test. Each boot costs a few seconds under TCG.
+The `virt` cases run twice: booted (--cold) and resumed from the snapshot (pipeline/resume.py)
+the session makes once; the resumed-only cases check what each restore must make fresh.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import doit
 
-from pipeline import qemu
+from pipeline import qemu, resume
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
@@ -66,28 +69,56 @@ def fast_boot_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("virt-cache")
 
 
-@pytest.fixture
-def virt(virt_artifacts, accel, fast_boot_cache):
+def _virt_caller(virt_artifacts, accel, fast_boot_cache, mode: str):
     """virt(*command, cwd=…, input=b"…", options=[…], user=[…]) -> CompletedProcess (bytes)."""
     kernel, initrd, rootfs = virt_artifacts
+    cold = ["--cold"] if mode == "cold" else []
 
     def call(*command: str, cwd: Path, input: bytes = b"", options=(), python=sys.executable, prefix=(),
              env=None, rootfs_path: Path = rootfs) -> subprocess.CompletedProcess:  # fmt: skip
         args = [
             *prefix, python, "-c", VIRT,
             "--kernel", kernel, "--initrd", initrd, "--rootfs", rootfs_path, "--accel", accel,
-            *options, "--", *command,
+            *cold, *options, "--", *command,
         ]  # fmt: skip
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(fast_boot_cache), **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(fast_boot_cache)}
         full_env.pop("LDT_VERBOSE", None)
+        full_env.update(env or {})
         start = time.monotonic()
         proc = subprocess.run(
             [os.fspath(a) for a in args], cwd=cwd, input=input, capture_output=True, env=full_env, timeout=GUARD
         )
-        print(f"virt {' '.join(command)!r}: exit {proc.returncode} in {time.monotonic() - start:.1f}s")
+        print(f"virt {mode} {' '.join(command)!r}: exit {proc.returncode} in {time.monotonic() - start:.1f}s")
         return proc
 
     return call
+
+
+@pytest.fixture(scope="session")
+def snapshot(virt_artifacts, accel, fast_boot_cache, tmp_path_factory) -> Iterator[Path]:
+    """The session's snapshot entry: made by a first run, which says so under LDT_VERBOSE=1;
+    removed at the end (its key is this session's copy of the root image: nothing reuses it)."""
+    call = _virt_caller(virt_artifacts, accel, fast_boot_cache, "resumed")
+    proc = call("true", cwd=tmp_path_factory.mktemp("snap"), env={"LDT_VERBOSE": "1"})
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, err[-3000:]
+    made = re.search(r"virt: resuming snapshot (\w+)", err)
+    assert made is not None and "booting cold" not in err, err[-3000:]
+    (entry,) = (ROOT / "cache" / "store" / resume.STAGE).glob(f"{made.group(1)}*")
+    yield entry
+    shutil.rmtree(entry, ignore_errors=True)
+
+
+@pytest.fixture(params=["cold", "resumed"])
+def virt(request, virt_artifacts, accel, fast_boot_cache):
+    if request.param == "resumed":
+        request.getfixturevalue("snapshot")
+    return _virt_caller(virt_artifacts, accel, fast_boot_cache, request.param)
+
+
+@pytest.fixture
+def resumed(virt_artifacts, accel, fast_boot_cache, snapshot):
+    return _virt_caller(virt_artifacts, accel, fast_boot_cache, "resumed")
 
 
 def test_true_exits_0_with_empty_streams(virt, tmp_path: Path):
@@ -214,3 +245,87 @@ def test_image_option_boots_another_recipe(built_hello, tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", VIRT, "--image", "hello", "--", "cat", "/etc/hostname"],
                           cwd=tmp_path, capture_output=True, timeout=GUARD)
     assert (proc.returncode, proc.stdout) == (0, b"hello\n"), proc.stderr.decode(errors="replace")[-2000:]
+
+
+# -- what a resumed run must make fresh ---------------------------------------------------------
+
+
+def test_a_resumed_run_says_so_only_when_verbose(resumed, snapshot, tmp_path: Path):
+    quiet = resumed("true", cwd=tmp_path)
+    loud = resumed("true", cwd=tmp_path, env={"LDT_VERBOSE": "1"})
+    assert (quiet.returncode, quiet.stderr) == (0, b"")
+    assert f"virt: resuming snapshot {snapshot.name[:12]}" in loud.stderr.decode()
+
+
+def test_two_runs_never_share_random_state(resumed, tmp_path: Path):
+    script = "cat /proc/sys/kernel/random/uuid; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    first, second = (resumed("sh", "-c", script, cwd=tmp_path) for _ in range(2))
+    assert first.returncode == second.returncode == 0, (first.stderr, second.stderr)
+    a, b = first.stdout.split(), second.stdout.split()
+    assert len(a) == len(b) == 2
+    assert a[0] != b[0] and a[1] != b[1]
+
+
+def test_the_guest_clock_is_the_hosts(resumed, tmp_path: Path):
+    before = time.time()
+    proc = resumed("date", "+%s", cwd=tmp_path)
+    after = time.time()
+    assert proc.returncode == 0, proc.stderr
+    assert before - 2 <= int(proc.stdout) <= after + 2
+
+
+def test_writes_outside_work_do_not_reach_the_next_run(resumed, tmp_path: Path):
+    first = resumed("sh", "-c", "echo leak > /etc/ldt-leak && echo leak > /root/ldt-leak && sync", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = resumed("sh", "-c", "ls /etc/ldt-leak /root/ldt-leak 2>/dev/null; echo checked", cwd=tmp_path)
+    assert second.stdout == b"checked\n"
+
+
+def test_two_runs_at_once_from_one_snapshot(virt_artifacts, accel, fast_boot_cache, snapshot, tmp_path: Path):
+    kernel, initrd, rootfs = virt_artifacts
+    args = [sys.executable, "-c", VIRT, "--kernel", kernel, "--initrd", initrd, "--rootfs", rootfs, "--accel", accel,
+            "--", "sh", "-c", "cat; echo $0 > \"$0\"; exit 5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(fast_boot_cache)}
+    env.pop("LDT_VERBOSE", None)
+    procs = [subprocess.Popen([*map(os.fspath, args[:-1]), args[-1], name], cwd=tmp_path, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name in ("one", "two")]  # fmt: skip
+    outs = [p.communicate(input=name.encode(), timeout=GUARD) for p, name in zip(procs, ("one", "two"), strict=True)]
+    assert [p.returncode for p in procs] == [5, 5], outs
+    assert [o for o, _ in outs] == [b"one", b"two"]
+    assert (tmp_path / "one").read_text() == "one\n" and (tmp_path / "two").read_text() == "two\n"
+
+
+def _damage_truncated(entry: Path) -> None:
+    with open(entry / resume.STATE, "r+b") as f:
+        f.truncate(4096)
+
+
+def _damage_unloadable(entry: Path) -> None:
+    """What a state written by another QEMU build looks like to this one: the entry's checks
+    pass (sizes, hash), QEMU refuses the stream."""
+    import json
+
+    from pipeline.cache import hash_file
+
+    state = entry / resume.STATE
+    state.write_bytes(b"QEVM" + os.urandom(state.stat().st_size - 4))
+    info = json.loads((entry / resume.INFO).read_text())
+    info["state_xxh3"] = hash_file(state)
+    (entry / resume.INFO).write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda e: shutil.rmtree(e), "no snapshot for this image and these settings yet"),
+    (_damage_truncated, "has the wrong size (damaged)"),
+    (_damage_unloadable, "the restore failed"),
+], ids=["deleted", "truncated", "unloadable"])  # fmt: skip
+def test_a_bad_snapshot_is_never_an_error(resumed, snapshot, tmp_path: Path, damage, reason):
+    damage(snapshot)
+    proc = resumed("sh", "-c", "echo ran", cwd=tmp_path, env={"LDT_VERBOSE": "1"})
+    err = proc.stderr.decode(errors="replace")
+    assert (proc.returncode, proc.stdout) == (0, b"ran\n"), err[-3000:]
+    assert reason in err
+    again = resumed("true", cwd=tmp_path)  # a good snapshot again (made now, or by this run)
+    assert (again.returncode, again.stderr) == (0, b"")
+    assert (snapshot / resume.INFO).is_file()

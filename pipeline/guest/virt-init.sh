@@ -6,6 +6,13 @@
 # argv_script()); failures are "ldt-virt-error: <kind> <what>" lines on the console, which
 # virt.guest_error() turns into one line with a hint. The literals shared with virt.py
 # (ldt-virt-error:, ldt-virt-conf, ldtwork, the 9p msize) are checked by tests/test_virt_unit.py.
+#
+# With LDT_SNAPSHOT=1 in its settings (pipeline/resume.py) the script stops at the snapshot
+# point instead: root mounted read-only (so the disk stays byte-identical to the image and a
+# restored guest sees the same blocks on a fresh overlay), modules loaded, ports found, no 9p
+# mount (QEMU refuses to migrate a mounted export). It says "ready" on the control port, the
+# host saves the VM, and every restored copy reads its own settings from that port: the
+# command, the host's clock and fresh randomness, then goes on like a cold boot.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 R=/root
@@ -49,7 +56,11 @@ for m in virtio_pci virtio_blk ext4; do
     modprobe -q "$m" || fail initrd-module "$m"
 done
 wait_for -b /dev/vda || fail no-disk /dev/vda
-mount -t ext4 /dev/vda $R || fail mount-root /dev/vda
+if [ "$LDT_SNAPSHOT" = 1 ]; then
+    mount -t ext4 -o ro /dev/vda $R || fail mount-root /dev/vda
+else
+    mount -t ext4 /dev/vda $R || fail mount-root /dev/vda
+fi
 [ -x $R/bin/sh ] || fail no-shell /bin/sh
 
 say root mounted
@@ -73,11 +84,6 @@ mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
-say mounting work
-mkdir -p $R/work
-opts=trans=virtio,version=9p2000.L,msize=524288,cache=mmap
-[ "$LDT_RO" = 1 ] && opts=$opts,ro
-mount -t 9p -o $opts ldtwork $R/work || fail mount-work ldtwork
 
 echo ldt-virt > /proc/sys/kernel/hostname
 ipconfig -c none -d lo > /dev/null 2>&1
@@ -109,6 +115,61 @@ while :; do
     sleep 0.05
 done
 for d in "$IN" "$OUT" "$ERR" "$CTL"; do wait_for -c "$d" || fail no-ports "$d"; done
+
+if [ "$LDT_SNAPSHOT" = 1 ]; then
+    # Nothing of the saved guest may repeat across runs: after a restore the host's clock and
+    # 64 random bytes from the host go into the kernel (clock_settime; written into the pool,
+    # then a reseed of its generator, RNDRESEEDCRNG). perl (Debian's perl-base) makes the
+    # system calls the initrd's tools cannot; started now, it waits inside the snapshot for
+    # its input, so a run does not pay its start-up.
+    mkdir -p $F
+    fresh=
+    if [ -x $R/usr/bin/perl ]; then
+        mkfifo $F/fresh
+        # shellcheck disable=SC2016 # perl's variables
+        chroot $R /usr/bin/perl -e '
+            open(my $ok, ">", "/run/ldt-virt/fresh-waiting") or die; close $ok;
+            open(my $in, "<", "/run/ldt-virt/fresh") or die "fresh: $!";
+            my ($seed, $sec, $nsec) = split(" ", scalar <$in>);
+            open(my $r, ">", "/dev/urandom") or die "urandom: $!"; print $r pack("H*", $seed); close $r;
+            open($r, "<", "/dev/urandom") or die; ioctl($r, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
+            syscall(227, 0, pack("q q", $sec, $nsec)) == 0 or die "clock_settime: $!";
+        ' &
+        fresh=$!
+        wait_for -e $F/fresh-waiting || fail fresh perl
+    fi
+    # The snapshot point. The control port stays open on fd 3 across the save and restore;
+    # each restored guest reads "conf <lines>" and that many lines of settings from it.
+    exec 3<> "$CTL"
+    echo ready >&3
+    IFS= read -r head <&3
+    n=${head#conf }
+    while [ "$n" -gt 0 ]; do
+        IFS= read -r line <&3
+        printf '%s\n' "$line"
+        n=$((n - 1))
+    done > /ldt-virt-conf
+    # shellcheck source=/dev/null
+    . /ldt-virt-conf
+    echo started >&3
+    say resumed
+    if [ -n "$fresh" ]; then
+        echo "$LDT_SEED $LDT_SEC $LDT_NSEC" > $F/fresh
+        wait $fresh || fail fresh perl
+    else  # no perl: the pool gets the bytes, the generator reseeds on its own schedule
+        echo "$LDT_SEED" > /dev/urandom
+        chroot $R date -s "@$LDT_SEC" > /dev/null || fail fresh date
+    fi
+    mount -o remount,rw /dev/vda $R || fail mount-root /dev/vda
+else
+    exec 3> "$CTL"
+fi
+
+say mounting work
+mkdir -p $R/work
+opts=trans=virtio,version=9p2000.L,msize=524288,cache=mmap
+[ "$LDT_RO" = 1 ] && opts=$opts,ro
+mount -t 9p -o $opts ldtwork $R/work || fail mount-work ldtwork
 
 # A port opens only once: the command gets FIFOs (reopening /dev/stderr works), and cat
 # relays them to the ports.
@@ -163,6 +224,6 @@ mkdir -p /sys/kernel/debug
 mount -t debugfs debugfs /sys/kernel/debug 2> /dev/null
 out=$(sent "$OUT")
 err=$(sent "$ERR")
-echo "status $status $out $err" > "$CTL"
+echo "status $status $out $err" >&3
 if [ "$out" = - ] || [ "$err" = - ]; then sleep 1; echo b > /proc/sysrq-trigger; fi
 while :; do sleep 3600; done

@@ -1,0 +1,384 @@
+"""virt's fast path: resume a saved post-boot VM instead of booting one (issue 12).
+
+Reading order: the stage and its manifest (what a snapshot is keyed by) → the pure builders
+(snapshot_cpio, run_conf, resume_args) → find() (a usable entry, or why not) → make() (boot
+to the snapshot point once, save) → prepare() (find or make; NoSnapshot means: boot cold).
+
+What is saved. The guest's init (pipeline/guest/virt-init.sh with LDT_SNAPSHOT=1) boots as in
+a cold run up to the point where only per-run things are left: root mounted read-only,
+modules loaded, ports found, the control port open. It says "ready"; the host stops the VM
+and migrates its device state to a file (`vm.state`). The guest's RAM is not in that stream:
+it lives in a memory-backend-file (`vm.ram`, sparse, share=on while making) and migration
+skips it (x-ignore-shared). A run maps vm.ram privately (share=off: copy-on-write, the file
+never changes, any number of runs share it) and loads vm.state with `-incoming fd:N`, so a
+restore costs the device state, not the guest's memory.
+
+What is fresh per run. The disk: the same root image under a new throwaway overlay
+(snapshot=on); nothing was written before the snapshot point (read-only mount), so the
+restored guest's caches match it, and the guest remounts it read-write after the restore.
+The share: the 9p export is mounted only after the restore (QEMU refuses to migrate a
+mounted one), from this run's -fsdev. The ports: new socketpairs behind the same devices.
+The settings: the guest reads them from the control port ("conf <lines>", then that many
+lines): the command, the host's clock (clock_settime) and 64 random bytes from the host,
+written into the kernel's pool followed by a reseed (RNDRESEEDCRNG), so no two runs share
+random state.
+
+Keyed by: the kernel, initrd and root image (path, size, mtime: store entries never change,
+an explicit --rootfs that changes gets a new key), the qemu binary (same), the firmware, the
+init script's content, memory, cpus, the accelerator and the whole QEMU command line shape.
+A missing, damaged or unusable snapshot is never an error: prepare() returns None and says
+why under LDT_VERBOSE=1, and virt boots cold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Store, hash_file, key_of
+from pipeline.initramfs import make_cpio
+from pipeline.run import log, reap, spawn, verbose
+
+STAGE = "virt_snapshot"  # the store folder cache/store/virt_snapshot/<key>/
+VERSION = 1  # bump when what a snapshot holds changes: every key changes
+RAM, STATE, INITRD, INFO = "vm.ram", "vm.state", "vm.initrd", "vm.json"
+RAM_ID = "ldt-ram"
+READY = b"ready\n"
+STARTED = b"started\n"
+MAKE_GUARD = 300.0  # seconds: a boot to the snapshot point that takes longer is given up
+SEED_BYTES = 64
+
+
+class NoSnapshot(Exception):
+    """Why this run boots cold (shown under LDT_VERBOSE=1)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    entry: Path
+
+    @property
+    def ram(self) -> Path:
+        return self.entry / RAM
+
+    @property
+    def state(self) -> Path:
+        return self.entry / STATE
+
+    @property
+    def initrd(self) -> Path:
+        return self.entry / INITRD
+
+
+# ── the manifest ────────────────────────────────────────────────────────────────────────
+
+
+def identity(path: Path | str) -> str:
+    """A file as the key sees it: where it really is, its size and mtime (no hashing per run)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def manifest(*, kernel: Path, initrd: Path, rootfs: Path, qemu: str, bios: Path | None, init: str,
+             memory: int, cpus: int, accel: str, cmd_shape: Sequence[str]) -> dict[str, Any]:
+    """Every input of a snapshot; its key is the entry's name."""
+    return {
+        "stage": STAGE,
+        "version": VERSION,
+        "files": {
+            "kernel": identity(kernel),
+            "initrd": identity(initrd),
+            "rootfs": identity(rootfs),
+            "qemu": identity(qemu),
+            "bios": identity(bios) if bios is not None else None,
+        },
+        "init": key_of({"script": init}),
+        "memory": memory,
+        "cpus": cpus,
+        "accel": accel,
+        "qemu_argv": list(cmd_shape),
+    }
+
+
+# ── pure builders ───────────────────────────────────────────────────────────────────────
+
+
+def snapshot_cpio(init: str, *, init_name: str, conf_name: str) -> bytes:
+    """The archive appended to the initrd of a snapshot: the init script in snapshot mode."""
+    return make_cpio({init_name: init.encode(), conf_name: b"LDT_SNAPSHOT=1\nLDT_NET=0\nLDT_DEBUG=0\n"})
+
+
+def run_conf(settings: str, *, seed: bytes, now_ns: int) -> bytes:
+    """What a restored guest reads from the control port: "conf <lines>", then the lines:
+    the run's settings (virt.argv_script()), the host's clock and fresh randomness."""
+    sec, nsec = divmod(now_ns, 1_000_000_000)
+    text = f"{settings}LDT_SEED={seed.hex()}\nLDT_SEC={sec}\nLDT_NSEC={nsec}\n"
+    return f"conf {text.count(chr(10))}\n{text}".encode()
+
+
+def memory_args(ram: Path, memory: int, *, share: bool) -> list[str]:
+    """Guest RAM in a file: shared while making (the file becomes the snapshot), private
+    (copy-on-write) when resuming. Migration skips it (x-ignore-shared)."""
+    backend = f"memory-backend-file,id={RAM_ID},size={memory}M,mem-path={_opt(ram)},share={'on' if share else 'off'}"
+    return [
+        "-object", backend,
+        "-machine", f"memory-backend={RAM_ID}",
+    ]  # fmt: skip
+
+
+def resume_args(snap: Snapshot, memory: int, qmp_fd: int) -> list[str]:
+    """The state comes in once restore() set the capability migration needs (QEMU 7.2 has no
+    command-line switch for x-ignore-shared)."""
+    return [*memory_args(snap.ram, memory, share=False), *qmp_args(qmp_fd), "-incoming", "defer"]
+
+
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
+
+
+def restore(qmp_sock: socket.socket, uri: str, marks: dict[str, float], timeout: float = 30.0) -> None:
+    """Start loading the saved state from `uri` (fd:N, the state file passed to QEMU); the VM
+    runs by itself once loaded. NoSnapshot when QEMU does not get that far."""
+    try:
+        qmp = _Qmp(qmp_sock, timeout)
+        marks["monitor"] = time.monotonic()
+        qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+        qmp.call("migrate-incoming", uri=uri)
+    except (MakeFailed, OSError, ValueError) as e:
+        raise NoSnapshot(f"the restore failed: {e}") from None
+
+
+PHASES = (("host set-up", "entry", "spawned"), ("QEMU start", "spawned", "monitor"),
+          ("state load + guest wake-up", "monitor", "started"), ("fresh state + command", "started", "status"),
+          ("QEMU stop", "status", "ended"))  # fmt: skip
+
+
+def timings(marks: dict[str, float]) -> str:
+    """Where a resumed run's time went, from run_virt()'s start (the interpreter's own start-up
+    and imports come before it)."""
+    parts = [f"{name} {marks[b] - marks[a]:.3f}s" for name, a, b in PHASES if a in marks and b in marks]
+    return "resume timings: " + ", ".join(parts)
+
+
+def qmp_args(fd: int) -> list[str]:
+    return ["-chardev", f"socket,id=qmp,fd={fd}", "-mon", "chardev=qmp,mode=control"]
+
+
+def _opt(path: Path) -> str:
+    return os.fspath(path).replace(",", ",,")
+
+
+# ── finding a snapshot ──────────────────────────────────────────────────────────────────
+
+
+def find(store: Store, m: dict[str, Any]) -> Snapshot:
+    """The entry of manifest m, checked; NoSnapshot says why there is none usable."""
+    key = key_of(m)
+    entry = store.lookup(STAGE, key)
+    if entry is None:
+        raise NoSnapshot(f"no snapshot for this image and these settings yet ({key[:12]})")
+    snap = Snapshot(entry)
+    try:
+        info = json.loads((entry / INFO).read_text())
+        for name in (RAM, STATE, INITRD):
+            if os.stat(entry / name).st_size != info["sizes"][name]:
+                raise NoSnapshot(f"snapshot {key[:12]}: {name} has the wrong size (damaged)")
+        if hash_file(snap.state) != info["state_xxh3"]:
+            raise NoSnapshot(f"snapshot {key[:12]}: {STATE} is damaged")
+        if not os.access(snap.ram, os.R_OK | os.W_OK):  # QEMU opens it read-write (mapped private)
+            raise NoSnapshot(f"snapshot {key[:12]}: {RAM} is not readable and writable for this user")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NoSnapshot(f"snapshot {key[:12]} unreadable: {e}") from None
+    return snap
+
+
+def discard(snap: Snapshot) -> None:
+    """Drop an entry that cannot be restored (made by another QEMU build, say): best effort,
+    the next run makes a new one. Renamed away first, so no run starts on a half-removed one."""
+    gone = snap.entry.with_name(f".gone-{snap.entry.name}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.rename(snap.entry, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(store: Store, key: str) -> Iterator[None]:
+    """One maker per key: a second run waits for the first's snapshot instead of making its own."""
+    import fcntl
+
+    store.tmp.mkdir(parents=True, exist_ok=True)
+    with open(store.tmp / f"{STAGE}-{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+# ── making one ──────────────────────────────────────────────────────────────────────────
+
+
+class MakeFailed(Exception):
+    """Making the snapshot failed; `console` is the guest's console (virt.guest_error reads it)."""
+
+    def __init__(self, message: str, console: str = "") -> None:
+        super().__init__(message)
+        self.console = console
+
+
+BaseCmd = Callable[..., list[str]]  # virt_qemu_cmd with everything but these fixed:
+# (workdir=, initrd=, fds=, console_log=) -> the argv of a cold run
+
+
+def shape(base_cmd: BaseCmd, ports: Sequence[str]) -> list[str]:
+    """The command line every snapshot of these settings is made and resumed with, per-run
+    values (the share, the sockets, the console log) left as placeholders."""
+    fds = {p: 100 + i for i, p in enumerate(ports)}
+    return base_cmd(workdir=Path("/WORK"), initrd=Path("/INITRD"), fds=fds, console_log=Path("/CONSOLE"))
+
+
+def make(work: Path, *, base_cmd: BaseCmd, ports: Sequence[str], memory: int, guard: float = MAKE_GUARD) -> None:
+    """Boot to the snapshot point and save the VM into work/ (which holds INITRD already)."""
+    import tempfile
+
+    pairs = {p: socket.socketpair() for p in (*ports, "qmp")}
+    ours = {p: a for p, (a, _) in pairs.items()}
+    theirs = {p: b for p, (_, b) in pairs.items()}
+    start = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ldt-virt-snap-") as tmp:
+            share, console_log, err = Path(tmp) / "share", Path(tmp) / "console.log", Path(tmp) / "qemu.err"
+            share.mkdir()
+            cmd = [
+                *base_cmd(workdir=share, initrd=work / INITRD, fds={p: theirs[p].fileno() for p in ports},
+                          console_log=console_log),
+                *memory_args(work / RAM, memory, share=True),
+                *qmp_args(theirs["qmp"].fileno()),
+            ]  # fmt: skip
+            with open(err, "wb") as err_file, spawn(
+                cmd, pass_fds=[s.fileno() for s in theirs.values()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True,
+            ) as proc:  # fmt: skip
+                for s in theirs.values():
+                    s.close()
+                if not _wait_for(ours["control"], READY, start + guard):
+                    reap(proc)
+                    console = console_log.read_text(errors="replace") if console_log.exists() else ""
+                    qemu_err = err.read_text(errors="replace").strip()
+                    raise MakeFailed(f"the guest did not reach the snapshot point{': ' + qemu_err if qemu_err else ''}",
+                                     console)
+                booted = time.monotonic()
+                qmp = _Qmp(ours["qmp"])
+                # No `stop` first: migration stops the VM when it completes, and the restored
+                # one then starts by itself (it takes over the saved "running" state).
+                qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+                qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+                qmp.call("migrate", uri=f"exec:cat > {shlex.quote(os.fspath(work / STATE))}")
+                while (status := qmp.call("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+                    time.sleep(0.01)
+                if status != "completed":
+                    raise MakeFailed(f"saving the VM state {status}: {err.read_text(errors='replace').strip()}")
+                qmp.call("quit")
+                proc.wait(timeout=30)
+    finally:
+        for s in (*ours.values(), *theirs.values()):
+            s.close()
+    sizes = {name: os.stat(work / name).st_size for name in (RAM, STATE, INITRD)}
+    info = {"sizes": sizes, "state_xxh3": hash_file(work / STATE), "boot_s": round(booted - start, 3),
+            "save_s": round(time.monotonic() - booted, 3)}
+    (work / INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    if verbose():
+        log(f"virt: snapshot made: boot {info['boot_s']}s, save {info['save_s']}s, "
+            f"state {sizes[STATE] >> 10} KiB, RAM {_allocated(work / RAM) >> 20} MiB of {sizes[RAM] >> 20}")
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _wait_for(sock: socket.socket, line: bytes, deadline: float) -> bool:
+    """True once `line` came on sock; False on EOF (QEMU is gone) or at the deadline."""
+    got = b""
+    while line not in got:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        got += data
+    return True
+
+
+class _Qmp:
+    """The QEMU monitor protocol over a socket: one command at a time, events skipped."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 60.0) -> None:
+        sock.settimeout(timeout)
+        self.f = sock.makefile("rwb")
+        self._reply()  # the greeting
+        self.call("qmp_capabilities")
+
+    def _reply(self) -> dict[str, Any]:
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise MakeFailed("QEMU closed its monitor")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def call(self, command: str, **arguments: Any) -> dict[str, Any]:
+        self.f.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.f.flush()
+        msg = self._reply()
+        if "error" in msg:
+            raise MakeFailed(f"qmp {command}: {msg['error'].get('desc', msg['error'])}")
+        return msg.get("return", {}) if isinstance(msg.get("return"), dict) else {}
+
+
+# ── find or make ────────────────────────────────────────────────────────────────────────
+
+
+def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports: Sequence[str], initrd: Path,
+            cpio: bytes, memory: int) -> Snapshot:
+    """The snapshot of manifest m: found, or made now (once: concurrent runs wait for one
+    maker). NoSnapshot when there is none and none can be made; MakeFailed from the guest."""
+    from pipeline.initramfs import pad4
+
+    if store is None:
+        raise NoSnapshot("no writable store for a snapshot")
+    try:
+        return find(store, m)
+    except NoSnapshot as e:
+        if verbose():
+            log(f"virt: {e}; making one")
+    key = key_of(m)
+    with _lock(store, key):
+        with contextlib.suppress(NoSnapshot):
+            return find(store, m)  # made by a concurrent run while this one waited
+        if store.lookup(STAGE, key) is not None:  # damaged: make it again
+            discard(Snapshot(store.entry(STAGE, key)))
+        try:
+            with store.build(STAGE, key, m) as work:
+                with open(work / INITRD, "wb") as f, open(initrd, "rb") as src:
+                    shutil.copyfileobj(src, f)
+                    f.write(pad4(f.tell()))
+                    f.write(cpio)
+                make(work, base_cmd=base_cmd, ports=ports, memory=memory)
+        except OSError as e:
+            raise NoSnapshot(f"could not make a snapshot: {e}") from None
+        return find(store, m)
