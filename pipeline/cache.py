@@ -159,14 +159,17 @@ class Store:
         shutil.rmtree(entry, ignore_errors=True)
 
     @contextlib.contextmanager
-    def build(self, stage: str, key: str, manifest: dict[str, Any]) -> Iterator[Path]:
+    def build(self, stage: str, key: str, manifest: dict[str, Any], *,
+              writable: Iterable[str] = ()) -> Iterator[Path]:
         """Yield an empty work dir; on success it becomes the entry <stage>/<key>, atomically.
 
         On any exception (KeyboardInterrupt included) the work dir is removed and nothing
         is stored; Absent from the body is swallowed (nothing to store). The manifest, with
         each file's size and sha256, is written last, and lookup() requires it. A body that
         wrote a manifest.json itself (a pulled entry) keeps its file records, once its inputs
-        are found to be exactly `manifest`. A full disk is one line naming the stage.
+        are found to be exactly `manifest`. A full disk is one line naming the stage. Files
+        named in `writable` stay writable by their owner (a file QEMU must open read-write to
+        map it privately); verify() finds a write to them all the same.
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
         work = self.tmp / f"{stage}-{key}-{os.getpid()}-{time.monotonic_ns()}"
@@ -176,7 +179,7 @@ class Store:
             (work / MANIFEST).write_text(manifest_json({**manifest, "files": self._records(work, manifest)}))
             for f in work.iterdir():
                 fsync_path(f)
-                os.chmod(f, READ_ONLY_FILE)
+                os.chmod(f, 0o644 if f.name in writable else READ_ONLY_FILE)
             fsync_path(work)
             final = self.entry(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ from pipeline.initramfs import make_cpio
 from pipeline.run import log, reap, spawn, verbose
 
 STAGE = "virt_snapshot"  # the store folder cache/store/virt_snapshot/<key>/
-VERSION = 1  # bump when what a snapshot holds changes: every key changes
+VERSION = 2  # bump when what a snapshot holds changes: every key changes
 RAM, STATE, INITRD, INFO = "vm.ram", "vm.state", "vm.initrd", "vm.json"
 RAM_ID = "ldt-ram"
 READY = b"ready\n"
@@ -96,7 +96,7 @@ def manifest(*, kernel: Path, initrd: Path, rootfs: Path, qemu: str, bios: Path 
     return {
         "stage": STAGE,
         "version": VERSION,
-        "files": {
+        "inputs": {
             "kernel": identity(kernel),
             "initrd": identity(initrd),
             "rootfs": identity(rootfs),
@@ -195,7 +195,7 @@ def find(store: Store, m: dict[str, Any]) -> Snapshot:
                 raise NoSnapshot(f"snapshot {key[:12]}: {name} has the wrong size (damaged)")
         if hash_file(snap.state) != info["state_xxh3"]:
             raise NoSnapshot(f"snapshot {key[:12]}: {STATE} is damaged")
-        if not os.access(snap.ram, os.R_OK | os.W_OK):  # QEMU opens it read-write (mapped private)
+        if not os.access(snap.ram, os.R_OK | os.W_OK):  # QEMU 7.2 opens it read-write (mapped private)
             raise NoSnapshot(f"snapshot {key[:12]}: {RAM} is not readable and writable for this user")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NoSnapshot(f"snapshot {key[:12]} unreadable: {e}") from None
@@ -373,7 +373,7 @@ def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports:
         if store.lookup(STAGE, key) is not None:  # damaged: make it again
             discard(Snapshot(store.entry(STAGE, key)))
         try:
-            with store.build(STAGE, key, m) as work:
+            with store.build(STAGE, key, m, writable=(RAM,)) as work:
                 with open(work / INITRD, "wb") as f, open(initrd, "rb") as src:
                     shutil.copyfileobj(src, f)
                     f.write(pad4(f.tell()))
