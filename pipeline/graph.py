@@ -99,14 +99,13 @@ def _remove_leftover_containers() -> None:
 
 
 @doit_edge
-def store_verify_action(root: str) -> TaskFailed | None:
+def store_verify_action(root: str) -> None:
     store = Project(Path(root)).store
     count = len(store.entries())
     bad = store.verify_all()
     for entry, problem in bad:
         print(f"{entry.parent.name}/{entry.name}: {problem}; removed")
     print(f"{count} entries rehashed, {len(bad)} damaged and removed (the next run makes them again)")
-    return None
 
 
 @doit_edge
