@@ -93,15 +93,18 @@ def run_doit(project: Path, *args: str, remote: str | None) -> Run:
     return run
 
 
-def timed(project: Path, remote: str | None, repeat: int = 5) -> tuple[float, str]:
-    """Median wall time of a bare `doit`, and the output of the last run."""
-    times, out = [], ""
+def timed(cases: dict[str, tuple[Path, str | None]], repeat: int = 5) -> dict[str, tuple[float, str]]:
+    """Median wall time of a bare `doit` per case (project, LDT_REMOTE), the cases interleaved so a
+    load change on the machine hits them alike; with the output of each case's last run."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    out: dict[str, str] = {}
     for _ in range(repeat):
-        t = time.perf_counter()
-        proc = subprocess.run(DOIT, cwd=project, env=env_for(remote), capture_output=True, text=True, check=True)
-        times.append(time.perf_counter() - t)
-        out = proc.stdout + proc.stderr
-    return statistics.median(times), out
+        for name, (project, remote) in cases.items():
+            t = time.perf_counter()
+            proc = subprocess.run(DOIT, cwd=project, env=env_for(remote), capture_output=True, text=True, check=True)
+            times[name].append(time.perf_counter() - t)
+            out[name] = proc.stdout + proc.stderr
+    return {name: (statistics.median(times[name]), out[name]) for name in cases}
 
 
 # -- the projects and the engine -----------------------------------------------------------------
@@ -184,6 +187,15 @@ TASK_LINE = re.compile(r"^(?:\.|--) +(\S+)$")
 PULLED = re.compile(r"^ldt: (\w+):([0-9a-f]{12}) pulled from ")
 PUSHED = re.compile(r"^ldt: (\w+):([0-9a-f]{12}) pushed to ")
 IMPORTING = re.compile(r"^ldt: (\S+): importing ")
+BUILT = {"docker build": re.compile(r"^ldt: \S+: docker build "),  # what a runner that only pulls never does
+         "mmdebstrap": re.compile(r"^ldt: bootstrap \S+: [\d.]+ MiB in ")}
+
+
+def tasks(run: Run) -> list[tuple[str, float]]:
+    """(task, seconds from its start line to the next task's, or to the end) of the tasks doit ran."""
+    starts = [(m.group(1), t) for t, line in run.lines if (m := TASK_LINE.match(line)) and line.startswith(".")]
+    ends = [t for _, t in starts[1:]] + [run.seconds]
+    return [(name, end - t) for (name, t), end in zip(starts, ends, strict=True)]
 
 
 def pulls(run: Run) -> list[tuple[str, str, float]]:
@@ -250,6 +262,7 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     print(f"registry {url}, storage {reg.root}")
     print(f"runner A: doit {' '.join(TASKS)} (empty cache/, LDT_REMOTE set) ...", flush=True)
     run_a = run_doit(a, *TASKS, remote=url)
+    print(f"runner A, {run_a.seconds:.1f}s: " + ", ".join(f"{n} {s:.1f}s" for n, s in tasks(run_a)), flush=True)
     steps = sum(1 for _, ln in run_a.lines if re.match(r"^Step \d+/\d+ : (?!FROM)", ln))
     cached = run_a.text.count("Using cache")
     a_digests = digests(a)
@@ -261,12 +274,13 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     b = make_project(tmp / "b", recipes, seed_store=False)
     print("runner B: the same command, a fresh clone (empty cache/) ...", flush=True)
     run_b = run_doit(b, *TASKS, remote=url)
-    built = [w for w in ("docker build", "mmdebstrap") if w in run_b.text]
+    built = [w for w, pattern in BUILT.items() if any(pattern.match(ln) for _, ln in run_b.lines)]
     same = digests(b) == a_digests
     ratio = run_b.seconds / run_a.seconds
     print(f"\n1. B / A                      {ratio:6.3f}x   (B {run_b.seconds:.1f}s, A {run_a.seconds:.1f}s; "
           f"goal <= 0.15)")
-    print(f"   A: mmdebstrap {'ran' if 'mmdebstrap' in run_a.text else 'did not run'}; docker build: "
+    ran = [w for w, pattern in BUILT.items() if any(pattern.match(ln) for _, ln in run_a.lines)]
+    print(f"   A ran {' and '.join(ran) or 'neither mmdebstrap nor docker build (!)'}; docker build: "
           f"{cached} of {steps} steps from the engine's layer cache"
           + ("" if cold_docker else " (--no-docker-cache for none)"))
     pushes = before_line(run_a, PUSHED)
@@ -312,10 +326,11 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     new_entries = {k: v for k, v in entries(reg).items() if k not in entries_a}
     print(f"   growth per revision / its tgz    {grown / tgz_rev:6.2f}x   ({grown / MIB:.0f} MiB new blobs "
           f"for {len(new_entries)} new entries, rebuild+push {run_rev.seconds:.0f}s; tgz {tgz_rev / MIB:.0f} MiB)")
-    shared = sum(len(v) for v in new_entries.values()) - len(fresh)
+    shared = {d for layers in new_entries.values() for d in layers} - fresh
     for stage, size in sorted(by_stage(new_entries, fresh).items(), key=lambda x: -x[1]):
         print(f"     {stage:<10} {size / MIB:8.1f} MiB")
-    print(f"     blobs already in the registry, not sent again: {shared}")
+    print(f"     blobs of the new entries already in the registry, not sent again: {len(shared)} "
+          f"({sum(after_a[d] for d in shared) / MIB:.1f} MiB)")
     summary.append(("registry after A / hello's tgz", f"{stored_a / MIB:.0f}MiB", f"{tgz_a / MIB:.0f}MiB",
                     f"{stored_a / tgz_a:.2f}x", ""))
     summary.append(("registry growth per revision / its tgz", f"{grown / MIB:.0f}MiB", f"{tgz_rev / MIB:.0f}MiB",
@@ -332,12 +347,13 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     empty = tmp / "empty"
     empty.mkdir()
     (empty / "dodo.py").write_text("def task_nothing():\n    return {'actions': None}\n")
-    bare, _ = timed(empty, None)
-    unset, _ = timed(noop, None)
-    live, live_out = timed(noop, url)
     dead_url = f"oci://127.0.0.1:{free_port()}/ldt"  # nothing listens there
-    dead, dead_out = timed(noop, dead_url)
+    before = blobs(reg)
+    t = timed({"bare": (empty, None), "unset": (noop, None), "live": (noop, url), "dead": (noop, dead_url)})
+    (bare, _), (unset, _), (live, live_out), (dead, dead_out) = t["bare"], t["unset"], t["live"], t["dead"]
     remote_said = [ln for ln in (live_out + dead_out).splitlines() if re.search(r"warning|pushed|pulled|remote", ln)]
+    if blobs(reg) != before:
+        remote_said.append("(!) the registry changed during the no-op runs")
     print(f"4. no-op, LDT_REMOTE set / unset    {live / unset:6.2f}x   ({live:.3f}s vs {unset:.3f}s; "
           f"bare doit on an empty dodo.py {bare:.3f}s; goal < 0.5 s)")
     print(f"   no-op, nothing listening / unset {dead / unset:6.2f}x   ({dead:.3f}s at {dead_url}); "
