@@ -191,6 +191,12 @@ BUILT = {"docker build": re.compile(r"^ldt: \S+: docker build "),  # what a runn
          "mmdebstrap": re.compile(r"^ldt: bootstrap \S+: [\d.]+ MiB in ")}
 
 
+def layer_cache(run: Run) -> tuple[int, int]:
+    """(steps the engine's layer cache served, steps) of the docker builds in a run (FROM not counted)."""
+    steps = sum(1 for _, line in run.lines if re.match(r"^Step \d+/\d+ : (?!FROM)", line))
+    return run.text.count("Using cache"), steps
+
+
 def tasks(run: Run) -> list[tuple[str, float]]:
     """(task, seconds from its start line to the next task's, or to the end) of the tasks doit ran."""
     starts = [(m.group(1), t) for t, line in run.lines if (m := TASK_LINE.match(line)) and line.startswith(".")]
@@ -263,8 +269,7 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     print(f"runner A: doit {' '.join(TASKS)} (empty cache/, LDT_REMOTE set) ...", flush=True)
     run_a = run_doit(a, *TASKS, remote=url)
     print(f"runner A, {run_a.seconds:.1f}s: " + ", ".join(f"{n} {s:.1f}s" for n, s in tasks(run_a)), flush=True)
-    steps = sum(1 for _, ln in run_a.lines if re.match(r"^Step \d+/\d+ : (?!FROM)", ln))
-    cached = run_a.text.count("Using cache")
+    cached, steps = layer_cache(run_a)
     a_digests = digests(a)
     after_a = blobs(reg)
     entries_a = entries(reg)
@@ -326,6 +331,10 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     new_entries = {k: v for k, v in entries(reg).items() if k not in entries_a}
     print(f"   growth per revision / its tgz    {grown / tgz_rev:6.2f}x   ({grown / MIB:.0f} MiB new blobs "
           f"for {len(new_entries)} new entries, rebuild+push {run_rev.seconds:.0f}s; tgz {tgz_rev / MIB:.0f} MiB)")
+    cached, steps = layer_cache(run_rev)
+    print(f"     its docker build: {cached} of {steps} steps from the layer cache"
+          + ("" if cached + 1 >= steps else " (packages installed anew, so kernel and initrd differ too: "
+             "untagging ldt/ldtf-* before B dropped A's layer cache)"))
     shared = {d for layers in new_entries.values() for d in layers} - fresh
     for stage, size in sorted(by_stage(new_entries, fresh).items(), key=lambda x: -x[1]):
         print(f"     {stage:<10} {size / MIB:8.1f} MiB")
