@@ -76,8 +76,14 @@ def test_stage_commands_have_help_and_clear_errors(tmp_path):
                  "virt", "suco"):
         p = cli(name, "--help")
         assert p.returncode == 0 and "usage:" in p.stdout, name
+        assert "root" in p.stdout.lower(), name  # what it needs of the host: root, the Docker socket, /dev/kvm
     p = cli("run-bios", str(tmp_path / "missing.img"))
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    # before the error, at most the tool's one-time note (e.g. that root is not needed)
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert lines[-2:] == [f"error: {tmp_path / 'missing.img'}: no such disk image",
+                          "  hint: build one with build-syslinux-bios or build-efistub"]
+    assert all(ln.startswith("run-bios: ") for ln in lines[:-2])
     p = cli("build-syslinux-bios", str(tmp_path / "missing.tgz"))
     assert p.returncode == 2 and "no such file" in p.stderr
 
