@@ -252,7 +252,9 @@ def virt_main(argv: Sequence[str] | None) -> int:
         kernel, initrd, rootfs = explicit
     else:
         r = p.recipe(args.image)
-        run_doit(p, [f"build_rootfs:{r.name}", f"fast_boot:{r.name}"])  # cached: quick when up to date
+        # the graph's own up-to-date checks, in this process: no doit start-up on the fast path
+        if not all(stages.up_to_date(p, x, s) for s, x in _virt_stages(p, r)):
+            run_doit(p, [f"build_rootfs:{r.name}", f"fast_boot:{r.name}"])
         kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in (A.FAST_KERNEL, A.FAST_INITRD, A.EXT4))
     writable = os.access(p.store.root, os.W_OK)
     if any(explicit) and writable:
@@ -260,6 +262,15 @@ def virt_main(argv: Sequence[str] | None) -> int:
     cache = p.store.root if writable else None  # another user's checkout: the probe is not remembered
     return virt.run_virt(command, kernel=kernel, initrd=initrd, rootfs=rootfs, workdir=workdir, options=options,
                          cache_dir=cache)
+
+
+def _virt_stages(p: Project, r: Recipe) -> list[tuple[stages.Stage, Recipe]]:
+    """Every stage virt's files of r come from: the tgz of each recipe it builds FROM, then its own."""
+    from pipeline import recipes
+
+    tgz = stages.STAGE["tgz"]
+    return [*((tgz, p.recipe(a)) for a in recipes.ancestors(p.recipes, r.name)),
+            *((stages.STAGE[n], r) for n in ("tgz", "boot", "ext4", "fast_boot"))]
 
 
 # -- suco -------------------------------------------------------------------------------------
