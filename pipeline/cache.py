@@ -285,6 +285,7 @@ class Store:
         from pipeline import remote
 
         entry = self.entry(stage, key)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         try:
             if remote.push_entry(r, stage, key, entry, tmp_dir=self.tmp):
                 log(f"{stage}:{key[:12]} pushed to {r}")

@@ -74,6 +74,7 @@ def publish(p: Project, r: Recipe, tag: str = "latest") -> list[str]:
     ref = remote.ImageRef(base, f"{base.prefix}/{r.name}" if base.prefix else r.name, tag)
     tags = [content_tag(keys), tag]
     config = {"recipe": r.name, "keys": keys, "files": {n: rec for n, (_, rec) in files.items()}}
+    p.store.tmp.mkdir(parents=True, exist_ok=True)
     digest = remote.push_image(ref, files, config, annotations(p, r, keys, epoch), tags, tmp_dir=p.store.tmp)
     refs = [f"oci://{base.host}/{ref.repository}:{t}" for t in tags]
     for line in refs:
