@@ -137,19 +137,21 @@ class Store:
     def entry(self, stage: str, key: str) -> Path:
         return self.store / stage / key
 
-    def lookup(self, stage: str, key: str) -> Path | None:
-        """The finished local entry, verified (quickly: see verify()); a damaged one is evicted."""
+    def lookup(self, stage: str, key: str, *, quiet: bool = False) -> Path | None:
+        """The finished local entry, verified (quickly: see verify()); a damaged one is evicted
+        (and named in one line, unless quiet: virt's stderr belongs to its command)."""
         e = self.entry(stage, key)
         if not (e / MANIFEST).is_file():
             return None
-        return e if self.check(e) else None
+        return e if self.check(e, quiet=quiet) else None
 
-    def check(self, entry: Path, *, deep: bool = False) -> bool:
+    def check(self, entry: Path, *, deep: bool = False, quiet: bool = False) -> bool:
         """verify(), and on a failure one line naming the entry, which is evicted."""
         problem = verify(entry, deep=deep)
         if problem is None:
             return True
-        log(f"store entry {entry.parent.name}/{entry.name} {problem}; removed, it will be made again")
+        if not quiet:
+            log(f"store entry {entry.parent.name}/{entry.name} {problem}; removed, it will be made again")
         self.evict(entry)
         return False
 

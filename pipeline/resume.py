@@ -184,7 +184,7 @@ def _opt(path: Path) -> str:
 def find(store: Store, m: dict[str, Any]) -> Snapshot:
     """The entry of manifest m, checked; NoSnapshot says why there is none usable."""
     key = key_of(m)
-    entry = store.lookup(STAGE, key)
+    entry = store.lookup(STAGE, key, quiet=not verbose())  # a damaged one: named only under LDT_VERBOSE
     if entry is None:
         raise NoSnapshot(f"no snapshot for this image and these settings yet ({key[:12]})")
     snap = Snapshot(entry)

@@ -308,16 +308,21 @@ def _damage_unloadable(entry: Path) -> None:
 
     from pipeline.cache import hash_file
 
+    from pipeline.cache import MANIFEST, file_record, manifest_json
+
     state = entry / resume.STATE
     state.write_bytes(b"QEVM" + os.urandom(state.stat().st_size - 4))
     info = json.loads((entry / resume.INFO).read_text())
     info["state_xxh3"] = hash_file(state)
     (entry / resume.INFO).write_text(json.dumps(info))
+    stored = json.loads((entry / MANIFEST).read_text())  # the store's record agrees too: a consistent entry
+    stored["files"].update({n: file_record(entry / n) for n in (resume.STATE, resume.INFO)})
+    (entry / MANIFEST).write_text(manifest_json(stored))
 
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda e: shutil.rmtree(e), "no snapshot for this image and these settings yet"),
-    (_damage_truncated, "has the wrong size (damaged)"),
+    (_damage_truncated, "has a changed vm.state (size 4096"),
     (_damage_unloadable, "the restore failed"),
 ], ids=["deleted", "truncated", "unloadable"])  # fmt: skip
 def test_a_bad_snapshot_is_never_an_error(resumed, snapshot, tmp_path: Path, damage, reason):
