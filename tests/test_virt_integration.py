@@ -306,9 +306,7 @@ def _damage_unloadable(entry: Path) -> None:
     pass (sizes, hash), QEMU refuses the stream."""
     import json
 
-    from pipeline.cache import hash_file
-
-    from pipeline.cache import MANIFEST, file_record, manifest_json
+    from pipeline.cache import MANIFEST, file_record, hash_file, manifest_json
 
     state = entry / resume.STATE
     state.write_bytes(b"QEVM" + os.urandom(state.stat().st_size - 4))
