@@ -109,7 +109,7 @@ def _build_disk(prog: str, description: str, mode: Mode, what: str, argv: Sequen
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
     args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, "boot", "ext4", stages.MAKER[mode.disk].name)
+    p, r = _from_tgz(args.tgz, "app", "boot", "ext4", stages.MAKER[mode.disk].name)
     _say(what, p.store.pointer(r.name, mode.disk).resolve())
     return 0
 
@@ -136,7 +136,7 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("tgz", type=Path)
     vm_options(ap, cmdline=True)
     args = ap.parse_args(argv)
-    p, r = _from_tgz(args.tgz, "boot", "ext4")
+    p, r = _from_tgz(args.tgz, "app", "boot", "ext4")
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
@@ -155,7 +155,7 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     r = imports.adhoc_recipe(tree, "dir")
     p = Project(project_root(), extra=(r,))
     imports.import_tree(p, tree, r)
-    for name in ("boot", "ext4"):
+    for name in ("app", "boot", "ext4"):
         stages.materialize(p, r, stages.STAGE[name])
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
