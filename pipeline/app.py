@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.rootfs import member_path, open_tar, resolve_link
+from pipeline.rootfs import kernel_version, member_path, open_tar, resolve_link
 
 # docker's PATH for a Linux container whose image sets none (moby: system.DefaultPathEnv)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -352,23 +352,28 @@ class RootfsFacts:
     symlinks: Mapping[str, str]
     passwd: str | None  # /etc/passwd text, None when absent
     group: str | None
+    kernels: tuple[str, ...] = ()  # versions of the kernels in /boot (none: the VM borrows one)
 
 
 def scan_rootfs(tgz: Path) -> RootfsFacts:
-    """One pass over a rootfs archive: its executables, symlinks, /etc/passwd and /etc/group."""
+    """One pass over a rootfs archive: its executables, symlinks, /etc/passwd, /etc/group, kernels."""
     files: set[str] = set()
     symlinks: dict[str, str] = {}
     texts: dict[str, str] = {}
+    kernels: set[str] = set()
     with open_tar(tgz) as tar:
         for member in tar:
             path = member_path(member)
+            if (member.isreg() or member.issym()) and (version := kernel_version(path)):
+                kernels.add(version)
             if member.issym():
                 symlinks[path] = member.linkname
             elif (member.isreg() or member.islnk()) and member.mode & 0o111:
                 files.add(path)
             if path in ("etc/passwd", "etc/group") and member.isreg():
                 texts[path] = tar.read(member).decode(errors="replace")
-    return RootfsFacts(frozenset(files), symlinks, texts.get("etc/passwd"), texts.get("etc/group"))
+    return RootfsFacts(frozenset(files), symlinks, texts.get("etc/passwd"), texts.get("etc/group"),
+                       tuple(sorted(kernels)))
 
 
 def resolve(config: AppConfig, facts: RootfsFacts, *, hostname: str) -> App:
@@ -477,6 +482,69 @@ def guest_files(app: App, kind: InitKind, busybox: Path = HOST_BUSYBOX) -> tuple
         GuestFile(INIT, mode=0o755, data=guest_script("app-init.sh")),
         GuestFile(INIT_CONFIG, data=app_init_config(app).encode()),
     )
+
+
+VERSION = 1  # of what this module writes into an image: bump when guest_files() changes its output
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the app stage decided for one image (its app.json): the app and the init that runs it
+    (both None: the image boots as an OS), the TCP ports to forward, the image's own kernels."""
+
+    app: App | None = None
+    init: InitKind | None = None
+    tcp_ports: tuple[int, ...] = ()
+    kernels: tuple[str, ...] = ()
+
+    @property
+    def kernel_args(self) -> str:
+        return self.init.kernel_args if self.init is not None else ""
+
+    def describe(self) -> str:
+        if self.app is None:
+            return "no app: the image boots as an OS"
+        who = self.app.identity.name or f"uid {self.app.identity.uid}"
+        ports = f", TCP ports {', '.join(map(str, self.tcp_ports))}" if self.tcp_ports else ""
+        assert self.init is not None
+        by = "a systemd unit" if self.init is InitKind.SYSTEMD else "our init"
+        return f"app {shlex.join(self.app.argv)} as {who} in {self.app.cwd}, run by {by}{ports}"
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.app
+        return {
+            "app": None if a is None else {
+                "argv": list(a.argv), "exe": a.exe, "env": [list(kv) for kv in a.env], "cwd": a.cwd,
+                "uid": a.identity.uid, "gid": a.identity.gid, "home": a.identity.home, "user": a.identity.name,
+                "groups": list(a.identity.groups), "stop_signal": int(a.stop_signal), "hostname": a.hostname},
+            "init": None if self.init is None else str(self.init),
+            "tcp_ports": list(self.tcp_ports),
+            "kernels": list(self.kernels),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        a = data.get("app")
+        app = None if a is None else App(
+            argv=tuple(a["argv"]), exe=a["exe"], env=tuple((n, v) for n, v in a["env"]), cwd=a["cwd"],
+            identity=Identity(uid=a["uid"], gid=a["gid"], home=a["home"], name=a["user"], groups=tuple(a["groups"])),
+            stop_signal=a["stop_signal"], hostname=a["hostname"])
+        init = data.get("init")
+        return cls(app, None if init is None else InitKind(init), tuple(data.get("tcp_ports", ())),
+                   tuple(data.get("kernels", ())))
+
+
+def plan(image_config: Mapping[str, Any], settings: AppSettings, facts: RootfsFacts, *, hostname: str) -> Plan:
+    """The image config and the recipe's [app] against the root filesystem: what the VM runs.
+    A UserError (no such executable, user or group) before anything is built or booted."""
+    config = apply(settings, AppConfig.from_image_config(image_config))
+    if config is None:
+        return Plan(kernels=facts.kernels)
+    resolved = resolve(config, facts, hostname=hostname)
+    kind = init_kind(facts.files, facts.symlinks)
+    if kind is InitKind.SYSTEMD:
+        systemd_unit(resolved)  # its UserErrors (no passwd entry, an unwritable WORKDIR) now, not at boot
+    return Plan(resolved, kind, config.tcp_ports, facts.kernels)
 
 
 def exit_status(console: str) -> int | None:

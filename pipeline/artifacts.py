@@ -9,9 +9,12 @@ class Artifact(enum.StrEnum):
     """A file a stage makes; its value is the file name in the entry and under cache/recipes/<name>/."""
 
     TGZ = "rootfs.tgz"
+    APP = "app.json"  # what the VM runs: the image's app (or none), its init, ports, the image's kernels
+    APP_FILES = "app.tar"  # the files that make the root filesystem run it (our init, or a systemd unit)
     KERNEL = "vmlinuz"
     INITRD = "initrd.img"
     OS_RELEASE = "os-release"
+    MODULES = "modules.tar"  # a borrowed kernel's /lib/modules/<version> (empty: the image's own kernel)
     EXT4 = "rootfs.ext4"
     BIOS_IMG = "bios.img"
     UEFI_IMG = "uefi.img"

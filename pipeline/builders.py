@@ -4,10 +4,15 @@ in the concern's own module (docker, tgz, rootfs, disk, initramfs); these only c
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import stat
 import sys
+import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,14 +152,144 @@ def ensure_image(p: Project, client, name: str) -> str:
     return keyed
 
 
+# -- app ----------------------------------------------------------------------------------------
+
+GUEST_SCRIPTS = ("app-init.sh", "app-exit.sh")
+
+
+def app_inputs(p: Project, r: Recipe) -> dict[str, Any]:
+    """What the app stage writes into an image besides the image itself (its config is in the
+    tgz entry): app.py's VERSION, the guest scripts and the static busybox our init runs on."""
+    from pipeline import app
+    from pipeline.cache import hash_file
+
+    busybox = app.HOST_BUSYBOX
+    return {"app_py": app.VERSION,
+            "guest": {name: hashlib.sha256(app.guest_script(name)).hexdigest() for name in GUEST_SCRIPTS},
+            "busybox": hash_file(busybox) if busybox.is_file() else None}
+
+
+def image_config(tgz_entry: Path) -> dict[str, Any]:
+    """The image config the tgz stage recorded; {} for bootstrap recipes and imported archives."""
+    f = tgz_entry / IMAGE_CONFIG
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def app(b: Build) -> None:
+    """Resolve the image's app against its root filesystem (errors now, not at boot) and write
+    app.json plus the files that run it, as a tar the ext4 stage lays over the image."""
+    from pipeline import app as app_mod
+
+    r = b.recipe
+    tgz = b.inputs[A.TGZ]
+    assert b.epoch is not None
+    facts = app_mod.scan_rootfs(tgz)
+    plan = app_mod.plan(image_config(tgz.parent), r.app, facts, hostname=r.name)
+    log(f"{r.name}: {plan.describe()}")
+    (b.out(A.APP)).write_text(json.dumps(plan.to_json(), indent=1, sort_keys=True) + "\n")
+    files: tuple[app_mod.GuestFile, ...] = ()
+    if plan.app is not None and plan.init is not None:
+        busybox = app_mod.host_busybox() if plan.init is app_mod.InitKind.LDT else app_mod.HOST_BUSYBOX
+        files = app_mod.guest_files(plan.app, plan.init, busybox)
+    write_guest_tar(files, b.out(A.APP_FILES), mtime=b.epoch)
+
+
+def write_guest_tar(files: Sequence[Any], out: Path, *, mtime: int) -> None:
+    """app.GuestFile values as a tar owned by root (directories, files, symlinks)."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            info = tarfile.TarInfo(f.path.lstrip("/"))
+            info.mtime, info.mode = mtime, f.mode & 0o7777
+            if f.link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, f.link
+                tar.addfile(info)
+            elif stat.S_ISDIR(f.mode):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                data = f.source.read_bytes() if f.source is not None else f.data
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def current_plan(p: Project, name: str) -> Any:
+    """The app.Plan of a recipe's current app entry (UserError when it has none yet)."""
+    from pipeline import app
+
+    entry = p.store.current(name, A.APP)
+    if entry is None:
+        raise UserError(f"recipe '{name}' has no {A.APP} yet", hint=f"run `doit build_app:{name}`")
+    return app.Plan.from_json(json.loads((entry / A.APP).read_text()))
+
+
 # -- image stages -------------------------------------------------------------------------------
+
+DEFAULT_KERNEL_RECIPE = "virt"  # whose kernel boots images that have none
+
+
+def kernel_recipe(p: Project, r: Recipe) -> str | None:
+    """The recipe whose kernel, initrd and modules boot r; None: r's own. Own when [boot] kernel
+    names a version or kernel_from names r itself; kernel_from's recipe when it names another;
+    else own when the image has a kernel, DEFAULT_KERNEL_RECIPE when it has none."""
+    if r.kernel_from is not None:
+        return None if r.kernel_from == r.name else r.kernel_from
+    if r.kernel is not None or r.name == DEFAULT_KERNEL_RECIPE:
+        return None
+    if current_plan(p, r.name).kernels:
+        return None
+    return DEFAULT_KERNEL_RECIPE
+
+
+BORROWED = (A.KERNEL, A.INITRD, A.OS_RELEASE, A.TGZ)  # what the boot stage reads of the kernel recipe
+
+
+def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
+    """A borrowed kernel: the kernel recipe's boot and tgz entries are inputs of the boot stage."""
+    k = kernel_recipe(p, r)
+    if k is None:
+        return {}
+    return {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
+                            "tgz": p.store.current_key(k, A.TGZ)}}
+
+
+def boot_sources(p: Project, r: Recipe) -> list[str]:
+    """doit's file_dep besides the needs: the kernel recipe's files, when one may be borrowed
+    (ordering only; before the first app.json nobody knows, so the default recipe's are listed)."""
+    try:
+        k = kernel_recipe(p, r)
+    except UserError:
+        k = DEFAULT_KERNEL_RECIPE if r.kernel is None and r.kernel_from is None else None
+    try:
+        known = k is not None and k != r.name and p.recipe(k).bootable
+    except UserError:
+        known = False
+    if not known:
+        return []
+    assert k is not None
+    return [str(p.store.pointer(k, a)) for a in BORROWED if a is not A.INITRD or p.recipe(k).initrd]
 
 
 def boot(b: Build) -> None:
     from pipeline import rootfs
 
-    rootfs.extract_boot(b.inputs[A.TGZ], b.work, recipe=b.recipe.name, version=b.recipe.kernel,
-                        require_initrd=b.recipe.initrd)
+    p, r = b.project, b.recipe
+    k = kernel_recipe(p, r)
+    if k is None:
+        rootfs.extract_boot(b.inputs[A.TGZ], b.work, recipe=r.name, version=r.kernel, require_initrd=r.initrd)
+        write_guest_tar((), b.out(A.MODULES), mtime=0)
+        return
+    files = {a: p.store.pointer(k, a).resolve() for a in BORROWED}
+    for a in (A.KERNEL, A.INITRD, A.OS_RELEASE):
+        if files[a].is_file():
+            link_or_copy(files[a], b.out(a))
+    if r.initrd and not files[A.INITRD].is_file():
+        raise UserError(f"recipe {r.name}: the kernel of recipe '{k}' boots without an initrd",
+                        hint="set [boot] initrd = false, or use another kernel_from")
+    version = rootfs.bzimage_release(files[A.KERNEL])
+    if version is None:
+        raise UserError(f"recipe {k}: {files[A.KERNEL]} is not an x86 bzImage", hint="use another kernel_from")
+    count = rootfs.extract_modules(files[A.TGZ], version, b.out(A.MODULES), recipe=k)
+    log(f"{r.name}: no kernel of its own, booting {k}'s {version} ({count} entries of /lib/modules/{version})")
 
 
 def ext4(b: Build) -> None:
@@ -166,7 +301,15 @@ def ext4(b: Build) -> None:
     if r.size_mib:
         sizing["size_bytes"] = r.size_mib * MiB
     params = rootfs.Ext4Params.for_key(b.key, epoch=b.epoch, label="root", **sizing)
-    rootfs.build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params)
+    rootfs.build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params, extra=(b.inputs[A.MODULES], b.inputs[A.APP_FILES]))
+
+
+def disk_cmdline(b: Build) -> list[str]:
+    """The recipe's extra kernel command line, and what the app's init needs (init=/.ldt/init)."""
+    from pipeline import app
+
+    plan = app.Plan.from_json(json.loads(b.inputs[A.APP].read_text()))
+    return [*plan.kernel_args.split(), *b.recipe.cmdline.split()]
 
 
 def bios(b: Build) -> None:
@@ -174,7 +317,7 @@ def bios(b: Build) -> None:
 
     assert b.epoch is not None
     disk.build_bios_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.EXT4], b.out(A.BIOS_IMG), key=b.key,
-                         epoch=b.epoch, extra_cmdline=b.recipe.cmdline.split())
+                         epoch=b.epoch, extra_cmdline=disk_cmdline(b))
 
 
 def uefi(b: Build) -> None:
@@ -182,7 +325,7 @@ def uefi(b: Build) -> None:
 
     assert b.epoch is not None
     disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
-                         b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=b.recipe.cmdline.split())
+                         b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=disk_cmdline(b))
 
 
 QCOW2_OF = {A.BIOS_IMG: A.BIOS_QCOW2, A.UEFI_IMG: A.UEFI_QCOW2}

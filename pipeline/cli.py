@@ -119,7 +119,7 @@ def _build_disk(prog: str, description: str, mode: Mode, what: str, argv: Sequen
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
     args = parse(ap, argv)
-    p, r = _from_tgz(args.tgz, "boot", "ext4", stages.MAKER[mode.disk].name)
+    p, r = _from_tgz(args.tgz, "app", "boot", "ext4", stages.MAKER[mode.disk].name)
     _say(what, p.store.pointer(r.name, mode.disk).resolve())
     return 0
 
@@ -146,7 +146,7 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("tgz", help="a rootfs tgz, or oci://HOST/REPO:TAG of a published image")
     vm_options(ap, cmdline=True)
     args = parse(ap, argv)
-    p, r = _from_tgz(_file_or_pulled(args.tgz, Artifact.TGZ), "boot", "ext4")
+    p, r = _from_tgz(_file_or_pulled(args.tgz, Artifact.TGZ), "app", "boot", "ext4")
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
@@ -165,7 +165,7 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     r = imports.adhoc_recipe(tree, "dir")
     p = Project(project_root(), extra=(r,))
     imports.import_tree(p, tree, r)
-    for name in ("boot", "ext4"):
+    for name in ("app", "boot", "ext4"):
         stages.materialize(p, r, stages.STAGE[name])
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
@@ -270,7 +270,7 @@ def _virt_stages(p: Project, r: Recipe) -> list[tuple[stages.Stage, Recipe]]:
 
     tgz = stages.STAGE["tgz"]
     return [*((tgz, p.recipe(a)) for a in recipes.ancestors(p.recipes, r.name)),
-            *((stages.STAGE[n], r) for n in ("tgz", "boot", "ext4", "fast_boot"))]
+            *((stages.STAGE[n], r) for n in ("tgz", "app", "boot", "ext4", "fast_boot"))]
 
 
 # -- suco -------------------------------------------------------------------------------------

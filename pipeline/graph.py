@@ -62,7 +62,10 @@ def run_action(root: str, name: str, mode: str, memory: str = "", cpus: int = 0,
     p = Project(Path(root))
     options = vm.RunOptions(memory=memory, cpus=cpus, cmdline=cmdline, forward=forward, net=net, persist=persist,
                             accel=accel)
-    status = vm.run_recipe(p, p.recipe(name), Mode(mode), options)
+    r = p.recipe(name)
+    status = vm.run_recipe(p, r, Mode(mode), options)
+    if status != 0 and vm.runs_app(p, r):
+        raise SystemExit(status)  # doit exits with the app's status, like `docker run` (its db is saved)
     return TaskFailed(f"qemu exited with status {status}") if status != 0 else None
 
 

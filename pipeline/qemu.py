@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -75,10 +75,10 @@ class Mode(enum.StrEnum):
         return {Mode.TGZ: Artifact.EXT4, Mode.BIOS: Artifact.BIOS_IMG, Mode.UEFI: Artifact.UEFI_IMG}[self]
 
     def needs(self, *, initrd: bool) -> tuple[Artifact, ...]:
-        """Every artifact a boot in this mode reads."""
+        """Every artifact a boot in this mode reads (app.json: the app's init and ports)."""
         if self is Mode.TGZ:
-            return (Artifact.KERNEL, *((Artifact.INITRD,) if initrd else ()), Artifact.EXT4)
-        return (self.disk,)
+            return (Artifact.KERNEL, *((Artifact.INITRD,) if initrd else ()), Artifact.EXT4, Artifact.APP)
+        return (self.disk, Artifact.APP)
 
     @property
     def run_task(self) -> str:
@@ -172,6 +172,7 @@ class VmSettings:
     snapshot: bool = True
     interactive: bool = False  # serial console on this terminal (Ctrl-A X quits)
     disk_bus: DiskBus = DiskBus.VIRTIO
+    console_log: Path | None = None  # interactive: a copy of the console in this file (an app's exit line)
 
     def __post_init__(self) -> None:
         # accept [(2222, 22)] too; stored as a tuple so settings stay hashable
@@ -231,6 +232,10 @@ def network_args(settings: VmSettings) -> list[str]:
 
 def console_args(settings: VmSettings) -> list[str]:
     """Serial console on stdio; interactive also multiplexes the monitor (Ctrl-A C, Ctrl-A X)."""
+    if settings.interactive and settings.console_log is not None:  # mon:stdio, plus a log of the console
+        return ["-display", "none",
+                "-chardev", f"stdio,id=con0,mux=on,signal=on,logfile={qemu_opt(settings.console_log)}",
+                "-serial", "chardev:con0", "-mon", "chardev=con0"]
     if settings.interactive:
         return ["-display", "none", "-serial", "mon:stdio"]
     # A headless guest that reboots (panic, reboot) would loop until a timeout: exit instead.
@@ -751,6 +756,109 @@ def boot_to_marker(
             return BootResult(False, seconds, tail, reason)
 
 
+class Stop(enum.StrEnum):
+    """How a check asks the guest to shut down once it passed: the ACPI power button (systemd
+    stops the app's unit), or Ctrl-Alt-Del (our app init turns it into `docker stop`)."""
+
+    POWER_BUTTON = "system_powerdown"
+    CTRL_ALT_DEL = "ctrl-alt-delete"
+
+    def request(self, qmp: Path) -> bool:
+        if self is Stop.POWER_BUTTON:
+            return _qmp_command(qmp, "system_powerdown")
+        keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
+        return _qmp_command(qmp, "send-key", {"keys": keys})
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What boot_check saw: passed or not, when, by which check; the app's exit status while
+    running (a failure) or while stopping (how the power-off ended it), the console's tail."""
+
+    ok: bool
+    seconds: float
+    passed_by: str = ""
+    reason: str = ""
+    exit_status: int | None = None
+    stop_status: int | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+def boot_check(
+    cmd: Cmd,
+    *,
+    timeout: float,
+    marker: re.Pattern[str] | None,
+    probe: Callable[[], str | None] | None = None,
+    exit_line: re.Pattern[str],
+    stop: Stop = Stop.POWER_BUTTON,
+    grace: float = 15.0,
+    tail_lines: int = 30,
+) -> CheckOutcome:
+    """Boot an app VM headless until the check passes: `marker` on the console, or `probe()`
+    (polled about once a second) returning what answered, or, with neither, the app's exit
+    line with status 0. The app's exit line with any other status fails at once. After a pass
+    the guest is asked to stop (`stop`), and its exit line while stopping is reported too.
+    QEMU never outlives this call."""
+    import tempfile
+
+    args = argv(cmd)
+    if "mon:stdio" in args:
+        raise ValueError("boot_check needs a headless command (interactive=False)")
+    watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker) if p is not None), re.MULTILINE)
+    with tempfile.TemporaryDirectory(prefix="ldt-qmp-") as tmp:
+        qmp = Path(tmp) / "qmp.sock"
+        start = time.monotonic()
+        deadline = start + timeout
+        with spawn([*args, "-qmp", f"unix:{qmp},server=on,wait=off"], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            console = _Console(proc, tail_lines)
+            passed_by = ""
+            while not passed_by:
+                now = time.monotonic()
+                if now >= deadline:
+                    return CheckOutcome(False, now - start, reason=f"no answer within {timeout:g}s",
+                                       tail=console.tail())
+                outcome = console.pump(watch, deadline=min(deadline, now + 1.0))
+                status = _last_exit(console, exit_line)
+                if status is not None:
+                    seconds = time.monotonic() - start
+                    if marker is None and probe is None and status == 0:
+                        passed_by = "the app exited 0"
+                        break
+                    return CheckOutcome(False, seconds, reason=f"the app exited with status {status}",
+                                       exit_status=status, tail=console.tail())
+                if outcome == "marker":
+                    passed_by = f"marker /{marker.pattern}/" if marker is not None else "marker"
+                elif outcome == "eof":
+                    return CheckOutcome(False, time.monotonic() - start,
+                                       reason=f"qemu {_exited(proc)} before the check passed{console.error_suffix()}",
+                                       tail=console.tail())
+                elif probe is not None:
+                    passed_by = probe() or ""
+            seconds = time.monotonic() - start
+            before = len(console.all_exits)
+            if not passed_by.startswith("the app exited"):
+                if stop.request(qmp):
+                    console.drain(proc, grace)
+                if proc.poll() is None and _qmp_command(qmp, "quit"):
+                    console.drain(proc, 3.0)
+            stopped = console.all_exits[before:]
+            return CheckOutcome(True, seconds, passed_by, exit_status=None,
+                               stop_status=stopped[-1] if stopped else None, tail=console.tail())
+
+
+def _last_exit(console: _Console, exit_line: re.Pattern[str]) -> int | None:
+    """The status of an exit line among the lines read since the last call."""
+    found = None
+    for line in console.take_new():
+        m = exit_line.search(line)
+        if m:
+            found = int(m.group(1))
+            console.all_exits.append(found)
+    return found
+
+
 def _exited(proc: subprocess.Popen) -> str:
     status = _wait(proc, 5.0)
     return exit_status(status) if status is not None else "closed its console"
@@ -777,6 +885,8 @@ class _Console:
         self.lines: deque[str] = deque(maxlen=tail_lines)
         self.partial = ""  # raw text after the last newline
         self.stderr: list[str] = []
+        self.new: list[str] = []  # complete lines not yet taken (take_new)
+        self.all_exits: list[int] = []  # statuses of exit lines seen, for boot_check
 
     def pump(self, pattern: re.Pattern[str] | None, deadline: float) -> str:
         """Read until the marker ("marker"), both pipes close ("eof") or the deadline ("timeout")."""
@@ -806,9 +916,15 @@ class _Console:
         for raw in complete:
             line = strip_ansi(raw)
             self.lines.append(line)
+            self.new.append(line)
+            del self.new[: -self.max_lines * 4]
             found = found or bool(pattern and pattern.search(line))
         # Prompts ("login: ") end without a newline: look at the unfinished line too.
         return found or bool(pattern and pattern.search(strip_ansi(self.partial)))
+
+    def take_new(self) -> list[str]:
+        lines, self.new = self.new, []
+        return lines
 
     def tail(self) -> list[str]:
         last = strip_ansi(self.partial)
@@ -835,7 +951,7 @@ def _power_off(proc: subprocess.Popen, console: _Console, qmp: Path, grace: floa
         console.drain(proc, 3.0)
 
 
-def _qmp_command(path: Path, command: str, timeout: float = 2.0) -> bool:
+def _qmp_command(path: Path, command: str, arguments: dict | None = None, timeout: float = 2.0) -> bool:
     """Send one QMP command; True when QEMU acknowledged it."""
     import socket
 
@@ -845,8 +961,9 @@ def _qmp_command(path: Path, command: str, timeout: float = 2.0) -> bool:
             sock.connect(os.fspath(path))
             stream = sock.makefile("rwb")
             stream.readline()  # greeting
-            for execute in ("qmp_capabilities", command):
-                stream.write(json.dumps({"execute": execute}).encode() + b"\n")
+            for execute, args in (("qmp_capabilities", None), (command, arguments)):
+                stream.write(json.dumps({"execute": execute, **({"arguments": args} if args else {})}).encode()
+                             + b"\n")
                 stream.flush()
                 if not _qmp_reply(stream):
                     return False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.app import AppSettings
 from pipeline.errors import UserError
 
 IMAGE_REPO = "ldt"  # recipe images are tagged ldt/<name>:latest
@@ -51,6 +52,9 @@ class Recipe:
     bootable: bool = True  # False: no boot stages (e.g. a base image without a kernel)
     check: bool = True  # False: not in the boot matrix (an image with no login prompt, like virt's)
     boot_timeout: int = 600
+    http: str | None = None  # boot check: an HTTP answer at this path on the app's first EXPOSEd port
+    kernel_from: str | None = None  # the recipe whose kernel boots this one; None: own, else `virt`'s
+    app: AppSettings = AppSettings()  # [app]: the image's ENTRYPOINT/CMD as the VM's job, or not
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
     build_file: str = "Dockerfile"  # or "Containerfile": whichever the folder holds (BUILD_FILES)
     rootfs: str | None = None  # [build] rootfs: the image's folder that is the root filesystem (e.g. "/mnt")
@@ -91,6 +95,10 @@ class Recipe:
             "bootable": self.bootable,
             "check": self.check,
             "boot_timeout": self.boot_timeout,
+            "http": self.http,
+            "kernel_from": self.kernel_from,
+            "app": {"enabled": self.app.enabled, "argv": None if self.app.argv is None else list(self.app.argv),
+                    "env": dict(self.app.env)},
         }
 
 
@@ -103,9 +111,10 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"args": dict, "platform": str, "rootfs": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
-             "timeout": int},
+             "timeout": int, "http": str, "kernel_from": str},
     "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
     "vm": {"memory": str, "cpus": int},
+    "app": AppSettings.SCHEMA,
 }
 PLATFORMS = ("linux/amd64",)
 VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
@@ -201,6 +210,16 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
         except re.error as e:
             raise _err(path, text, "boot", "marker", f"marker is not a regular expression: {e}",
                        "escape special characters, e.g. 'Welcome to Debian'") from e
+    http = data.get("boot", {}).get("http")
+    if http is not None and not http.startswith("/"):
+        raise _err(path, text, "boot", "http", f"http '{http}' is not a path", 'e.g. http = "/"')
+    kernel_from = data.get("boot", {}).get("kernel_from")
+    if kernel_from is not None and not NAME_RE.match(kernel_from):
+        raise _err(path, text, "boot", "kernel_from", f"kernel_from '{kernel_from}' is not a recipe name",
+                   'e.g. kernel_from = "virt"')
+    AppSettings.from_table(  # validated here, with file and line; load() makes the value
+        data.get("app", {}),
+        lambda key, message, hint: _err(path, text, "app", key, f"[app] {key}: {message}", f"e.g. {hint}"))
     return data
 
 
@@ -266,6 +285,7 @@ def load(recipe_dir: Path) -> Recipe:
         raise UserError(f"{recipe_dir}: recipe name '{name}' is not a valid image name",
                         hint="use lowercase letters, digits, '.', '_' and '-'")
     data = parse_toml(recipe_dir / "recipe.toml") if (recipe_dir / "recipe.toml").exists() else {}
+    app = AppSettings.from_table(data.get("app", {}))
     dockerfile = build_file(recipe_dir)
     bootstrap = None
     if "bootstrap" in data:
@@ -297,6 +317,7 @@ def load(recipe_dir: Path) -> Recipe:
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
         parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile", rootfs=build.get("rootfs"),
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
+        http=boot.get("http"), kernel_from=boot.get("kernel_from"), app=app,
     )
 
 
@@ -316,6 +337,12 @@ def discover(recipes_dir: Path) -> dict[str, Recipe]:
                 raise UserError(f"{r.dockerfile}: FROM {image_name(p)} names no recipe",
                                 hint=f"known recipes: {', '.join(found) or '(none)'}; "
                                      f"add recipes/{p}/ or fix the FROM line")
+        if r.kernel_from is not None and r.kernel_from != r.name and not (
+                r.kernel_from in found and found[r.kernel_from].bootable):
+            text = r.toml.read_text()
+            bootable = [n for n, x in found.items() if x.bootable and n != r.name]
+            raise _err(r.toml, text, "boot", "kernel_from", f"kernel_from '{r.kernel_from}' names no bootable recipe",
+                       f"bootable recipes: {', '.join(bootable) or '(none)'}")
     order(found)  # raises on a cycle
     return found
 

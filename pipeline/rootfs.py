@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import tarfile
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -445,6 +446,49 @@ def _place(src: Path, dest: Path) -> Path:
     return link_or_copy(src, dest)
 
 
+def bzimage_release(kernel: Path) -> str | None:
+    """The release of an x86 bzImage ("6.1.0-27-amd64"): the setup header (magic "HdrS" at
+    0x202) points at the kernel's version string (kernel_version at 0x20E, relative to 0x200)."""
+    with open(kernel, "rb") as f:
+        head = f.read(0x210)
+        if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+            return None
+        pointer = int.from_bytes(head[0x20E:0x210], "little")
+        if not pointer:
+            return None
+        f.seek(pointer + 0x200)
+        text = f.read(256).split(b"\0")[0].decode(errors="replace")
+    return text.split()[0] if text.strip() else None
+
+
+MODULE_DIRS = ("lib/modules", "usr/lib/modules")
+
+
+def extract_modules(tgz: Path, version: str, out: Path, *, recipe: str) -> int:
+    """/lib/modules/<version> of a rootfs archive as an uncompressed tar whose entries are named
+    lib/modules/<version>/… (build_ext4 places them through the target's own symlinks); returns
+    how many entries. One forward pass; written atomically."""
+    prefixes = tuple(f"{d}/{version}" for d in MODULE_DIRS)
+    count = 0
+    with atomic_path(out) as tmp, open_tar(tgz) as stream, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member in stream:
+            path = member_path(member)
+            prefix = next((p for p in prefixes if path == p or path.startswith(p + "/")), None)
+            if prefix is None or member.islnk():
+                continue
+            copy = tarfile.TarInfo(f"lib/modules/{version}{path[len(prefix):]}")
+            for attr in ("mode", "uid", "gid", "mtime", "type", "linkname", "size"):
+                setattr(copy, attr, getattr(member, attr))
+            copy.uname = copy.gname = ""
+            tar.addfile(copy, io.BytesIO(stream.read(member)) if member.isreg() else None)
+            count += 1
+    if not count:
+        out.unlink()
+        raise UserError(f"recipe {recipe}: no /lib/modules/{version} in the image",
+                        hint="its kernel package installs them; rebuild the kernel recipe")
+    return count
+
+
 # --------------------------------------------------------------------------------------------
 # ext4 root filesystem
 # --------------------------------------------------------------------------------------------
@@ -723,28 +767,47 @@ class DebugfsScript:
         return "\n".join([*self.lines, *tail]) + "\n"
 
 
-def _stage_archive(tgz: Path, staging: Path, block_size: int) -> DebugfsScript:
+def _stage_archive(tgz: Path, staging: Path, block_size: int, extra: Sequence[Path] = ()) -> DebugfsScript:
+    """The archive's members, then each extra archive's on top (a later entry replaces an earlier
+    one). An extra entry's directories are looked up through the symlinks before it, so
+    lib/modules/… lands in usr/lib/modules/… of a merged-/usr image."""
     script = DebugfsScript(block_size)
+    symlinks: dict[str, str] = {}
     n = 0
-    with open_tar(tgz) as stream:
-        for member in stream:
-            path = member_path(member)
-            staged = None
-            if member.isreg():
-                n += 1
-                staged = os.fspath(staging / f"f{n}")
-                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    stream.copy_to(member, fd)
-                finally:
-                    os.close(fd)
-            xattr_files = {}
-            for name, value in member_xattrs(member).items():
-                n += 1
-                xattr_files[name] = os.fspath(staging / f"x{n}")
-                Path(xattr_files[name]).write_bytes(value)
-            script.add(member, path, staged, xattr_files)
+    for i, archive in enumerate((tgz, *extra)):
+        with open_tar(archive) as stream:
+            for member in stream:
+                path = member_path(member)
+                if i and "/" in path:
+                    parent, _, name = path.rpartition("/")
+                    path = f"{resolve_link(parent, symlinks)}/{name}".lstrip("/")
+                if member.issym():
+                    symlinks[path] = member.linkname
+                else:
+                    symlinks.pop(path, None)
+                n = _stage_member(stream, member, path, staging, n, script)
     return script
+
+
+def _stage_member(stream: TarStream, member: tarfile.TarInfo, path: str, staging: Path, n: int,
+                  script: DebugfsScript) -> int:
+    """Stage one member's bytes and xattrs under numbered names, add it to the script; the next n."""
+    staged = None
+    if member.isreg():
+        n += 1
+        staged = os.fspath(staging / f"f{n}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            stream.copy_to(member, fd)
+        finally:
+            os.close(fd)
+    xattr_files = {}
+    for name, value in member_xattrs(member).items():
+        n += 1
+        xattr_files[name] = os.fspath(staging / f"x{n}")
+        Path(xattr_files[name]).write_bytes(value)
+    script.add(member, path, staged, xattr_files)
+    return n
 
 
 _DEBUGFS_NOISE = re.compile(r"^debugfs \d[\w.\-]* \(.*\)$")
@@ -764,8 +827,9 @@ class Ext4Image:
     inodes: int
 
 
-def build_ext4(tgz: Path, out: Path, params: Ext4Params) -> Ext4Image:
-    """The ext4 root filesystem image of the archive, written sparse and atomically to out.
+def build_ext4(tgz: Path, out: Path, params: Ext4Params, extra: Sequence[Path] = ()) -> Ext4Image:
+    """The ext4 root filesystem image of the archive (and the extra archives on top), written
+    sparse and atomically to out.
 
     Rootless: no mount, loop device or fakeroot. Reproducible: the layout follows archive
     order, ids come from params, times from params.epoch.
@@ -777,7 +841,7 @@ def build_ext4(tgz: Path, out: Path, params: Ext4Params) -> Ext4Image:
     staging.mkdir()
     try:
         with Step(f"staging {tgz.name}"):
-            script = _stage_archive(tgz, staging, params.block_size)
+            script = _stage_archive(tgz, staging, params.block_size, extra)
         script_path = staging / "debugfs.script"
         script_path.write_text(script.finish(), encoding="utf-8", errors="surrogateescape")
         conf = staging / "mke2fs.conf"

@@ -1,12 +1,14 @@
 """The stages of the graph: one table says what each is, one runner runs any of them.
 
     STAGES   name        task                 needs (made by)                 makes
-             tgz         build_tgz            (Dockerfile, parents' tgz)      rootfs.tgz
-             boot        extract_boot         rootfs.tgz (tgz)                vmlinuz, initrd.img, os-release
-             ext4        build_rootfs         rootfs.tgz (tgz)                rootfs.ext4
-             bios        build_syslinux_bios  vmlinuz, initrd.img, ext4       bios.img
+             tgz         build_tgz            (Dockerfile, parents' tgz)      rootfs.tgz (+ image-config.json)
+             app         build_app            rootfs.tgz (tgz)                app.json, app.tar
+             boot        extract_boot         rootfs.tgz, app.json            vmlinuz, initrd.img, os-release,
+                                  (a kernel_from recipe's files)              modules.tar
+             ext4        build_rootfs         rootfs.tgz, app.tar, modules.tar  rootfs.ext4
+             bios        build_syslinux_bios  vmlinuz, initrd.img, ext4, app.json  bios.img
              bios_qcow2  build_syslinux_bios  bios.img (bios)                 bios.qcow2      ([disk] qcow2)
-             uefi        build_efistub        vmlinuz, initrd.img, os-release, rootfs.ext4   uefi.img
+             uefi        build_efistub        vmlinuz, initrd.img, os-release, rootfs.ext4, app.json   uefi.img
              uefi_qcow2  build_efistub        uefi.img (uefi)                 uefi.qcow2      ([disk] qcow2)
              fast_boot   fast_boot            vmlinuz, initrd.img (boot)      fast.kernel, fast.initrd (virt's)
 
@@ -108,21 +110,25 @@ STAGES: tuple[Stage, ...] = (
           needs=(), makes=(A.TGZ,), reads=("build_args", "platform", "bootstrap", "rootfs"), build=builders.tgz,
           inputs=builders.tgz_inputs, sources=builders.tgz_sources, prepare=builders.tgz_prepare,
           after=builders.tgz_after),
-    Stage("boot", "extract_boot", 2, "Kernel + initrd (+ os-release) out of the rootfs tgz",
-          needs=(A.TGZ,), makes=(A.KERNEL, A.INITRD, A.OS_RELEASE), reads=("kernel", "initrd"),
-          build=builders.boot, applies=_bootable),
-    Stage("ext4", "build_rootfs", 2, "ext4 root filesystem image of the tgz (rootless, reproducible)",
-          needs=(A.TGZ,), makes=(A.EXT4,), reads=("headroom_mib", "size_mib"), build=builders.ext4,
-          applies=_bootable, stamped=True),
-    Stage("bios", "build_syslinux_bios", 2,
+    Stage("app", "build_app", 1, "The image's ENTRYPOINT/CMD, ENV, WORKDIR, USER resolved against its rootfs",
+          needs=(A.TGZ,), makes=(A.APP, A.APP_FILES), reads=("app",), build=builders.app, applies=_bootable,
+          stamped=True, inputs=builders.app_inputs),
+    Stage("boot", "extract_boot", 3, "Kernel + initrd (+ os-release) out of the rootfs tgz, or kernel_from's",
+          needs=(A.TGZ, A.APP), makes=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.MODULES),
+          reads=("kernel", "initrd", "kernel_from"), build=builders.boot, applies=_bootable,
+          inputs=builders.boot_inputs, sources=builders.boot_sources),
+    Stage("ext4", "build_rootfs", 3, "ext4 root filesystem image of the tgz (rootless, reproducible)",
+          needs=(A.TGZ, A.APP_FILES, A.MODULES), makes=(A.EXT4,), reads=("headroom_mib", "size_mib"),
+          build=builders.ext4, applies=_bootable, stamped=True),
+    Stage("bios", "build_syslinux_bios", 3,
           "Raw MBR disk: Syslinux + kernel/initrd on FAT, the ext4 root as partition 2",
-          needs=(A.KERNEL, A.INITRD, A.EXT4), makes=(A.BIOS_IMG,), reads=("cmdline",), build=builders.bios,
+          needs=(A.KERNEL, A.INITRD, A.EXT4, A.APP), makes=(A.BIOS_IMG,), reads=("cmdline",), build=builders.bios,
           applies=_bootable, stamped=True),
     Stage("bios_qcow2", "build_syslinux_bios", 1, "The BIOS disk as compressed qcow2",
           needs=(A.BIOS_IMG,), makes=(A.BIOS_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),
-    Stage("uefi", "build_efistub", 2,
+    Stage("uefi", "build_efistub", 3,
           "Raw GPT disk: ESP with a unified kernel image (systemd EFI stub), the ext4 root",
-          needs=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.EXT4), makes=(A.UEFI_IMG,), reads=("cmdline",),
+          needs=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.EXT4, A.APP), makes=(A.UEFI_IMG,), reads=("cmdline",),
           build=builders.uefi, applies=_bootable, stamped=True),
     Stage("uefi_qcow2", "build_efistub", 1, "The UEFI disk as compressed qcow2",
           needs=(A.UEFI_IMG,), makes=(A.UEFI_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),

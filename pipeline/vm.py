@@ -1,15 +1,25 @@
 """Running and checking VMs of a recipe: run_tgz / run_bios / run_uefi on this terminal, and
-check_boot, the boot matrix (each Mode headless to the boot marker, passes kept in the store)."""
+check_boot, the boot matrix (each Mode headless to the boot marker, passes kept in the store).
+
+An app image (app.json has an app) boots into its app: the run forwards its EXPOSEd TCP ports
+and ends with the app's exit status (read from the console's `ldt-app-exit: N`); its check waits
+for [boot] marker, an HTTP answer at [boot] http, or else the app's exit with status 0.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import qemu
+from pipeline import app, qemu
+from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
 from pipeline.cache import key_of
 from pipeline.errors import UserError
@@ -41,6 +51,35 @@ def parse_forwards(spec: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be listened on now (what QEMU's hostfwd will do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def plan_forwards(exposed: tuple[int, ...], explicit: tuple[tuple[int, int], ...],
+                  free: Callable[[int], bool] = port_free) -> tuple[tuple[int, int], ...]:
+    """The run's TCP forwards (host, guest): every --forward, then each EXPOSEd port that no
+    --forward already reaches, on the same host port or the next free one."""
+    out = list(explicit)
+    hosts = {h for h, _ in explicit}
+    for port in exposed:
+        if any(g == port for _, g in explicit):
+            continue
+        host = port
+        while host in hosts or not free(host):
+            host += 1
+            if host > 65535:
+                raise UserError(f"no free host port for the app's port {port}", hint="give one with --forward")
+        out.append((host, port))
+        hosts.add(host)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Boot:
     """What one boot mode boots: the disk, and for tgz the kernel, initrd and command line."""
@@ -50,6 +89,7 @@ class Boot:
     initrd: Path | None = None
     cmdline: str | None = None
     keys: tuple[str, ...] = ()  # store keys of everything booted (check_boot caches against them)
+    plan: Plan = Plan()  # the app it runs (none: an OS)
 
 
 def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
@@ -59,11 +99,12 @@ def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
 
     files = stages.current(p, r, mode.needs(initrd=r.initrd))
     keys = tuple(dict.fromkeys(f.parent.name for f in files.values()))
+    plan = Plan.from_json(json.loads(files[Artifact.APP].read_text()))
     if not mode.direct_kernel:
-        return Boot(files[mode.disk], keys=keys)
+        return Boot(files[mode.disk], keys=keys, plan=plan)
     uuid, _ = read_ext4_identity(files[Artifact.EXT4])
-    cmdline = disk.kernel_cmdline(uuid, r.cmdline.split())
-    return Boot(files[Artifact.EXT4], files[Artifact.KERNEL], files.get(Artifact.INITRD), cmdline, keys)
+    cmdline = disk.kernel_cmdline(uuid, [*plan.kernel_args.split(), *r.cmdline.split()])
+    return Boot(files[Artifact.EXT4], files[Artifact.KERNEL], files.get(Artifact.INITRD), cmdline, keys, plan)
 
 
 def vm_command(mode: Mode, b: Boot, settings: qemu.VmSettings, scratch: Path, disk: Path | None = None) -> list[str]:
@@ -98,9 +139,10 @@ def boot_interactive(p: Project, mode: Mode, b: Boot, o: RunOptions, *, memory: 
     """The cached artifact is never written: the disk is a throwaway snapshot, or with `persist`
     a copy outside the store."""
     choice = qemu.select_accel(Accel.parse(o.accel or "auto", origin="--accel"), cache_dir=p.store.root)
-    settings = qemu.VmSettings(memory_mib=memory_mib(memory), cpus=cpus, accel=choice.accel, network=o.net,
-                               port_forwards=parse_forwards(o.forward), kernel_args=o.cmdline, interactive=True,
-                               snapshot=not o.persist)
+    forwards = plan_forwards(b.plan.tcp_ports if o.net else (), parse_forwards(o.forward))
+    for host, guest in forwards:
+        exposed = " (EXPOSE)" if guest in b.plan.tcp_ports else ""
+        log(f"forwarding localhost:{host} -> guest port {guest}{exposed}")
     disk = None
     if o.persist:
         disk = Path(o.persist).resolve()
@@ -111,7 +153,25 @@ def boot_interactive(p: Project, mode: Mode, b: Boot, o: RunOptions, *, memory: 
             run(["cp", "--sparse=always", b.disk, disk])
         log(f"persistent disk: {disk} (changes are kept there)")
     with tempfile.TemporaryDirectory(prefix="ldt-run-") as scratch:
-        return qemu.run_interactive(vm_command(mode, b, settings, Path(scratch), disk))
+        console_log = Path(scratch) / "console.log" if b.plan.app is not None else None
+        settings = qemu.VmSettings(memory_mib=memory_mib(memory), cpus=cpus, accel=choice.accel, network=o.net,
+                                   port_forwards=forwards, kernel_args=o.cmdline, interactive=True,
+                                   snapshot=not o.persist, console_log=console_log)
+        status = qemu.run_interactive(vm_command(mode, b, settings, Path(scratch), disk))
+        if console_log is not None and console_log.exists():
+            app_status = app.exit_status(console_log.read_text(errors="replace"))
+            if app_status is not None:
+                log(f"the app exited with status {app_status}")
+                return app_status
+        return status
+
+
+def runs_app(p: Project, r: Recipe) -> bool:
+    """Whether the recipe's current image boots into an app (its run ends with the app's status)."""
+    from pipeline import stages
+
+    f = stages.current(p, r, (Artifact.APP,))[Artifact.APP]
+    return Plan.from_json(json.loads(f.read_text())).app is not None
 
 
 @dataclass(frozen=True)
@@ -122,14 +182,40 @@ class CheckResult:
     cached: bool
     reason: str = ""
     tail: tuple[str, ...] = ()
+    passed_by: str = "marker"  # which check passed: the marker, an HTTP answer, the app's exit
+    stopped: str = ""  # an app: how the power-off ended it ("exit 143"), when it said
+
+
+def check_spec(r: Recipe, plan: Plan) -> dict[str, str | None]:
+    """What the check of a recipe waits for: the marker, an HTTP path, or (an app with neither)
+    its exit with status 0; an OS waits for the marker or a login prompt."""
+    if plan.app is None:
+        return {"marker": r.boot_marker or qemu.LOGIN_PROMPT.pattern, "http": None}
+    return {"marker": r.boot_marker, "http": r.http if r.boot_marker is None else None}
+
+
+def http_probe(port: int, path: str) -> Callable[[], str | None]:
+    """One HTTP GET through the forward: what answered ("HTTP 200 /"), or None to try again."""
+    def probe() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+                return f"HTTP {resp.status} {path}"
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code} {path}" if e.code < 500 else None
+        except (OSError, ValueError):
+            return None  # not listening yet: slirp accepts, then resets
+    return probe
 
 
 def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
-    """Boot one variant headless to the marker, unless that exact image already passed."""
+    """Boot one variant headless to the marker (an app: to its check), unless that exact image
+    already passed."""
     b = boot_inputs(p, r, mode)
-    marker = r.boot_marker or qemu.LOGIN_PROMPT.pattern
+    spec = check_spec(r, b.plan)
     manifest = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode), "booted": list(b.keys),
-                "marker": marker, "cmdline": b.cmdline}
+                "marker": spec["marker"], "cmdline": b.cmdline}
+    if b.plan.app is not None:
+        manifest["http"] = spec["http"]
     key = key_of(manifest)
     entry = p.store.lookup(CHECK_STAGE, key)
     if entry is not None:
@@ -138,24 +224,60 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
         entry = p.store.pull(CHECK_STAGE, key, manifest)
     if entry is not None:
         res = json.loads((entry / "result.json").read_text())
-        return CheckResult(mode, True, res["seconds"], cached=True)
+        return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "marker"),
+                           stopped=res.get("stopped", ""))
+    if b.plan.app is None:
+        res = check_os(r, mode, b, accel, spec["marker"] or "")
+    else:
+        res = check_app(r, mode, b, accel, spec)
+    if res.ok:  # only passes are remembered: a failure is retried next time
+        with p.store.build(CHECK_STAGE, key, manifest) as work:
+            (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
+                                                          "passed_by": res.passed_by, "stopped": res.stopped}))
+        p.store.push_entry(CHECK_STAGE, key)
+    return res
+
+
+def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
     with tempfile.TemporaryDirectory(prefix="ldt-check-") as scratch:
         cmd = vm_command(mode, b, settings, Path(scratch))
         log(f"{r.name}: booting {mode} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
         res = qemu.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
-    if res.ok:  # only passes are remembered: a failure is retried next time
-        with p.store.build(CHECK_STAGE, key, manifest) as work:
-            (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel)}))
-        p.store.push_entry(CHECK_STAGE, key)
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail))
 
 
+def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
+    """Boot an app headless to its check; then stop it the way a power-off does and say how it ended."""
+    marker, path = spec["marker"], spec["http"]
+    probe = forwards = None
+    if path is not None:
+        if not b.plan.tcp_ports:
+            raise UserError(f"{r.name}: [boot] http needs an EXPOSEd TCP port", hint="add EXPOSE to the Dockerfile")
+        forwards = plan_forwards(b.plan.tcp_ports[:1], ())
+        probe = http_probe(forwards[0][0], path)
+    settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=True,
+                               port_forwards=forwards or ())
+    what = f"marker {marker!r}" if marker else f"HTTP {path} on port {b.plan.tcp_ports[0]}" if path else "its exit 0"
+    stop = qemu.Stop.CTRL_ALT_DEL if b.plan.init is InitKind.LDT else qemu.Stop.POWER_BUTTON
+    with tempfile.TemporaryDirectory(prefix="ldt-check-") as scratch:
+        cmd = vm_command(mode, b, settings, Path(scratch))
+        log(f"{r.name}: booting {mode} headless, waiting for {what} (timeout {r.boot_timeout}s)")
+        res = qemu.boot_check(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE) if marker else None,
+                              probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop)
+    stopped = "" if res.stop_status is None else f"exit {res.stop_status}"
+    return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
+                       passed_by=res.passed_by, stopped=stopped)
+
+
 def check_table(name: str, results: list[CheckResult]) -> str:
-    lines = [f"{'recipe':<16} {'mode':<5} {'result':<6} {'seconds':>8}"]
+    lines = [f"{'recipe':<16} {'mode':<5} {'result':<6} {'seconds':>8}  check"]
     for c in results:
         note = " (cached)" if c.cached else ""
-        lines.append(f"{name:<16} {c.mode:<5} {'pass' if c.ok else 'FAIL':<6} {c.seconds:>8.1f}{note}")
+        how = c.passed_by if c.ok else ""
+        if c.ok and c.stopped:
+            how += f"; stopped: {c.stopped}"
+        lines.append(f"{name:<16} {c.mode:<5} {'pass' if c.ok else 'FAIL':<6} {c.seconds:>8.1f}  {how}{note}".rstrip())
     return "\n".join(lines)
 
 

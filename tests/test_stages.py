@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import graph, stages, virt
+from pipeline.app import AppSettings
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import key_of
 from pipeline.errors import UserError
@@ -38,22 +39,28 @@ OTHER = {
     "bootable": ("bootable", False),
     "check": ("check", False),
     "boot_timeout": ("boot_timeout", 9),
+    "http": ("http", "/health"),
+    "kernel_from": ("kernel_from", "kern"),
+    "app": ("app", AppSettings(env=(("LOG", "debug"),))),
 }
 
 
 @pytest.fixture
 def project(tmp_path) -> tuple[Project, Recipe]:
-    """A bootstrap recipe (no engine needed for its tgz key) with an entry for every stage."""
+    """A bootstrap recipe (no engine needed for its tgz key) with an entry for every stage, and a
+    recipe `kern` pointing at the same entries (a kernel_from for it)."""
     r = Recipe(name="base", dir=tmp_path / "recipes" / "base", bootstrap=Bootstrap())
-    p = Project(tmp_path, extra=(r,))
+    kern = Recipe(name="kern", dir=tmp_path / "recipes" / "kern", bootstrap=Bootstrap())
+    p = Project(tmp_path, extra=(r, kern))
     for s in stages.STAGES:
         with p.store.build(s.name, f"key-{s.name}", {"stage": s.name}) as work:
             for a in s.makes:
-                (work / a).write_bytes(b"x")
+                (work / a).write_bytes(b'{"app": null, "kernels": ["6.1.0-1-amd64"]}' if a is Artifact.APP else b"x")
             if s.name == "tgz":
                 (work / EPOCH).write_text("1700000000\n")
         for a in s.makes:
-            p.store.point(r.name, a, p.store.entry(s.name, f"key-{s.name}") / a)
+            for name in ("base", "kern"):
+                p.store.point(name, a, p.store.entry(s.name, f"key-{s.name}") / a)
     return p, r
 
 
@@ -68,7 +75,7 @@ def test_a_stage_key_changes_with_exactly_the_settings_it_reads(project, stage, 
     field, value = OTHER[setting]
     before = key_of(stages.manifest(p, r, stage))
     changed = dataclasses.replace(r, **{field: value})
-    after = key_of(stages.manifest(Project(p.root, extra=(changed,)), changed, stage))
+    after = key_of(stages.manifest(Project(p.root, extra=(changed, *p.extra[1:])), changed, stage))
     assert (after != before) == (setting in stage.reads)
 
 
@@ -126,7 +133,7 @@ def test_task_dicts_come_from_the_table(project):
     pointer = lambda a: str(p.store.pointer("base", a))  # noqa: E731
     assert [a[1][2] for a in t["actions"]] == ["bios", "bios_qcow2"]
     assert t["targets"] == [pointer(Artifact.BIOS_IMG), pointer(Artifact.BIOS_QCOW2)]
-    assert t["file_dep"] == sorted(pointer(a) for a in (Artifact.KERNEL, Artifact.INITRD, Artifact.EXT4))
+    assert t["file_dep"] == sorted(pointer(a) for a in (Artifact.KERNEL, Artifact.INITRD, Artifact.EXT4, Artifact.APP))
     no_initrd = dataclasses.replace(r, initrd=False)
     (t,) = list(graph.stage_tasks(p, {"base": no_initrd}, "build_syslinux_bios"))[1:]
     assert pointer(Artifact.INITRD) not in t["file_dep"]

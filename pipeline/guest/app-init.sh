@@ -22,6 +22,7 @@
 BB=${LDT_BUSYBOX:-/.ldt/busybox}
 CONFIG=${LDT_APP_CONFIG:-/.ldt/app.conf}
 NO_SYSTEM=${LDT_INIT_NO_SYSTEM:-}
+INT_STOPS= # set in a VM: SIGINT is Ctrl-Alt-Del, the host's power-off request
 
 say() { echo "ldt-init: $*" >&2; }
 
@@ -75,15 +76,20 @@ setup_system() {
   address=127.0.1.1
   "$BB" ip link set lo up
   # QEMU user-mode networking: the guest is 10.0.2.15, the gateway .2, the DNS forwarder .3.
-  if [ -e /sys/class/net/eth0 ]; then
-    if "$BB" ip link set eth0 up &&
-      "$BB" ip addr add 10.0.2.15/24 dev eth0 &&
+  # The first network interface, whatever the initrd's udev named it (eth0, enp0s2…).
+  nic=
+  for dev in /sys/class/net/*; do
+    case "${dev##*/}" in lo | '*') ;; *) nic=${dev##*/} && break ;; esac
+  done
+  if [ -n "$nic" ]; then
+    if "$BB" ip link set "$nic" up &&
+      "$BB" ip addr add 10.0.2.15/24 dev "$nic" &&
       "$BB" ip route add default via 10.0.2.2; then
       address=10.0.2.15
       echo "nameserver 10.0.2.3" >/run/ldt/resolv.conf
       provide /etc/resolv.conf /run/ldt/resolv.conf
     else
-      say "eth0 did not come up: no network"
+      say "$nic did not come up: no network"
     fi
   fi
   printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n' \
@@ -91,6 +97,13 @@ setup_system() {
   provide /etc/hosts /run/ldt/hosts
   echo "$LDT_HOSTNAME" >/run/ldt/hostname
   provide /etc/hostname /run/ldt/hostname
+  # The host's power-off request is Ctrl-Alt-Del: with ctrl-alt-del = 0 the kernel sends us
+  # SIGINT instead of rebooting, and in a VM that is the only SIGINT PID 1 gets: `docker stop`.
+  if echo 0 >/proc/sys/kernel/ctrl-alt-del; then
+    INT_STOPS=1
+  else
+    say "cannot trap Ctrl-Alt-Del: it reboots"
+  fi
 }
 
 if ! [ -r "$CONFIG" ]; then
@@ -117,13 +130,13 @@ exec 3<&0
 app=$!
 exec 3<&-
 
-# SIGTERM is `docker stop`: it becomes the image's STOPSIGNAL. Note: a non-interactive shell
+# SIGTERM is `docker stop`: it becomes the image's STOPSIGNAL (so does SIGINT in a VM). Note: a non-interactive shell
 # starts background commands with SIGINT and SIGQUIT ignored (POSIX), so a forwarded SIGINT
 # reaches apps that install their own handler, as with docker, where the app is PID 1.
 # From here on only builtins (kill, wait, [): a command in a child process would make the shell
 # reap the app behind our back, and `kill -0` would then miss it.
 trap 'trapped=1; kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
-trap 'trapped=1; kill -s INT "$app" 2>/dev/null' INT
+trap 'trapped=1; kill -s "${INT_STOPS:+$LDT_STOP_SIGNAL}${INT_STOPS:-INT}" "$app" 2>/dev/null' INT
 
 # `wait` returns early (>128) when a trapped signal arrives: then wait again while the app lives
 # (a zombie counts). If it ended while the trap ran, the shell has reaped it already and a last

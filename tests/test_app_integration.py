@@ -1,0 +1,93 @@
+"""Apps booted for real (issue 10), under the accelerator this host allows (TCG here): webapp (no
+kernel, no init: our init, virt's kernel) and sysapp (systemd runs the app as a unit), each
+through check_boot in all three modes; a run target ends with the app's exit status.
+
+Lean on purpose (a TCG boot costs ~30 s): one project, the checks' boots are the only boots but
+one (the exit-status run), and the bad-input cases never boot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, require_docker
+
+from pipeline.cache import hash_file
+
+pytestmark = pytest.mark.integration
+
+
+def files_of(name: str) -> dict[str, str]:
+    return {f.name: f.read_text() for f in (ROOT / "recipes" / name).iterdir() if f.is_file()}
+
+
+# Prints what the Dockerfile set (user, cwd, env) and exits 3: `doit run_tgz` must exit 3.
+EXIT3 = {"Dockerfile": """\
+FROM ldt/debian-bookworm
+WORKDIR /work/here
+ENV GREETING="hello there"
+USER nobody
+CMD ["sh", "-c", "echo \\"report: uid=$(id -u) cwd=$(pwd) greeting=$GREETING\\"; exit 3"]
+"""}
+NO_EXE = {"Dockerfile": 'FROM ldt/debian-bookworm\nCMD ["gunicorn", "app:app"]\n'}
+NO_USER = {"Dockerfile": 'FROM ldt/debian-bookworm\nUSER www\nCMD ["sleep", "1"]\n'}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    require_docker()
+    doit("build_tgz:hello", "build_tgz:virt")  # the repository's store: parents' entries to seed from
+    proj = make_project(tmp_path_factory.mktemp("apps"), {
+        "debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML}, "hello": files_of("hello"), "virt": files_of("virt"),
+        "webapp": files_of("webapp"), "sysapp": files_of("sysapp"), "ldtt-exit3": EXIT3,
+        "ldtt-noexe": NO_EXE, "ldtt-nouser": NO_USER})
+    shutil.rmtree(proj / "cache" / "store" / "check", ignore_errors=True)  # every check here boots
+    return proj
+
+
+def rows(text: str, name: str) -> dict[str, list[str]]:
+    return {r[1]: r for r in (line.split() for line in text.splitlines() if line.startswith(name + " "))}
+
+
+def test_webapp_answers_http_through_the_forward_in_every_mode(project):
+    out = doit("check_boot:webapp", cwd=project)
+    text = out.stdout + out.stderr
+    table = rows(text, "webapp")
+    assert {m: r[2] for m, r in table.items()} == {"tgz": "pass", "bios": "pass", "uefi": "pass"}, text
+    assert all(r[4:7] == ["HTTP", "200", "/"] for r in table.values()), text
+    own, virt = (project / "cache" / "recipes" / name / "vmlinuz" for name in ("webapp", "virt"))
+    assert hash_file(own) == hash_file(virt)  # no kernel of its own: virt's boots it
+
+
+def test_sysapp_runs_as_a_unit_with_the_dockerfiles_user_cwd_and_env(project):
+    # The marker is the app's own line: it proves USER, WORKDIR and ENV under systemd.
+    out = doit("check_boot:sysapp", cwd=project)
+    text = out.stdout + out.stderr
+    table = rows(text, "sysapp")
+    assert {m: r[2] for m, r in table.items()} == {"tgz": "pass", "bios": "pass", "uefi": "pass"}, text
+    assert all(r[4] == "marker" for r in table.values()), text
+
+
+def test_the_run_target_exits_with_the_apps_status(project):
+    proc = subprocess.run([sys.executable, "-m", "doit", "run_tgz:ldtt-exit3", "--no-net"], cwd=project,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    text = proc.stdout + proc.stderr
+    assert "report: uid=65534 cwd=/work/here greeting=hello there" in text, text
+    assert proc.returncode == 3, text
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("ldtt-noexe", "the app's executable gunicorn is not in the image (PATH=/usr/local/sbin:"),
+    ("ldtt-nouser", "USER www: no user 'www' in /etc/passwd"),
+])
+def test_bad_input_is_one_line_before_any_boot(project, name, words):
+    out = doit(f"build_rootfs:{name}", cwd=project, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and words in text and "Traceback" not in text, text
+    assert not (project / "cache" / "recipes" / name / "app.json").exists()  # nothing stored
