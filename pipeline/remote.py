@@ -51,10 +51,9 @@ import requests
 import urllib3
 import zstandard
 
+from pipeline.cache import MANIFEST, file_record, file_records  # noqa: F401 - part of this API
 from pipeline.errors import UserError
 from pipeline.run import log, verbose
-
-MANIFEST = "manifest.json"  # = cache.MANIFEST (not imported: cache.py stays free of the network)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
@@ -180,24 +179,6 @@ def docker_auth(config: Mapping[str, Any], host: str) -> Credentials | None:
 
 def _auth_host(key: str) -> str:
     return re.sub(r"^[a-z]+://", "", key).split("/", 1)[0]
-
-
-# -- entry files: size and sha256, streaming ------------------------------------------------------
-
-
-def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(IO_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def file_records(entry_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """{name: {"size", "sha256"}} of every output file of an entry: what manifest.json's "files" holds."""
-    root = Path(entry_dir)
-    return {p.name: file_record(p) for p in sorted(root.iterdir()) if p.name != MANIFEST and p.is_file()}
 
 
 def _check_name(name: str) -> str:
@@ -399,18 +380,7 @@ def push_entry(remote: Remote, stage: str, key: str, entry_dir: str | os.PathLik
     with _client(remote, env) as c:
         if _head(c, f"/{repo}/manifests/{key}", accept=OCI_MANIFEST):
             return False
-        config = Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
-        if not _head(c, f"/{repo}/blobs/{config.digest}"):
-            _upload_bytes(c, repo, config, config_raw)
-        layers: dict[str, tuple[Blob, Mapping[str, Any]]] = {}
-        with tempfile.TemporaryDirectory(prefix="ldt-push-", dir=tmp_dir) as tmp:
-            for name in sorted(records):
-                packed = Path(tmp) / "blob.zst"
-                blob = compress_file(entry / name, packed, records[name])
-                if not _head(c, f"/{repo}/blobs/{blob.digest}"):
-                    _upload_file(c, repo, blob, packed)
-                packed.unlink()
-                layers[name] = (blob, records[name])
+        config, layers = _push_blobs(c, repo, config_raw, {n: (entry / n, records[n]) for n in records}, tmp_dir)
         raw = image_manifest(stage, key, config, layers)
         r = c.request("PUT", f"/{repo}/manifests/{key}", ok=(200, 201), data=raw,
                       headers={"Content-Type": OCI_MANIFEST})
@@ -420,6 +390,26 @@ def push_entry(remote: Remote, stage: str, key: str, entry_dir: str | os.PathLik
         if got and got != want:
             raise RemoteUnavailable(f"remote store {remote.host} stored {stage}:{key} as {got}, not {want}")
     return True
+
+
+def _push_blobs(c: _Client, repo: str, config_raw: bytes, files: Mapping[str, tuple[Path, Mapping[str, Any]]],
+                tmp_dir: str | os.PathLike[str] | None) -> tuple[Blob, dict[str, tuple[Blob, Mapping[str, Any]]]]:
+    """Upload the config and each file (as one zstd frame, compressed one at a time into tmp_dir)
+    unless the registry has it; (config blob, {name: (layer blob, record)}) for the manifest."""
+    config = Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
+    if not _head(c, f"/{repo}/blobs/{config.digest}"):
+        _upload_bytes(c, repo, config, config_raw)
+    layers: dict[str, tuple[Blob, Mapping[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="ldt-push-", dir=tmp_dir) as tmp:
+        for name in sorted(files):
+            path, record = files[name]
+            packed = Path(tmp) / "blob.zst"
+            blob = compress_file(path, packed, record)
+            if not _head(c, f"/{repo}/blobs/{blob.digest}"):
+                _upload_file(c, repo, blob, packed)
+            packed.unlink()
+            layers[name] = (blob, record)
+    return config, layers
 
 
 def _recorded_files(manifest: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -764,19 +754,7 @@ def push_image(ref: ImageRef, files: Mapping[str, tuple[Path, Mapping[str, Any]]
     config_raw = json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode()
     with _client(ref.remote, env) as c:
         repo = ref.repository
-        cblob = Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
-        if not _head(c, f"/{repo}/blobs/{cblob.digest}"):
-            _upload_bytes(c, repo, cblob, config_raw)
-        layers: dict[str, tuple[Blob, Mapping[str, Any]]] = {}
-        with tempfile.TemporaryDirectory(prefix="ldt-publish-", dir=tmp_dir) as tmp:
-            for name in sorted(files):
-                path, record = files[name]
-                packed = Path(tmp) / "blob.zst"
-                blob = compress_file(path, packed, record)
-                if not _head(c, f"/{repo}/blobs/{blob.digest}"):
-                    _upload_file(c, repo, blob, packed)
-                packed.unlink()
-                layers[name] = (blob, record)
+        cblob, layers = _push_blobs(c, repo, config_raw, files, tmp_dir)
         raw = image_artifact_manifest(cblob, layers, annotations)
         for t in tags:
             c.request("PUT", f"/{repo}/manifests/{t}", ok=(200, 201), data=raw,
