@@ -353,6 +353,17 @@ class _Qmp:
 # ── find or make ────────────────────────────────────────────────────────────────────────
 
 
+def _say_once(store: Store, text: str) -> None:
+    """One line on stderr, the first time in this project (cache/notices/ remembers it)."""
+    stamp = store.root / "notices" / f"virt-snapshot-{key_of({'text': text})[:12]}"
+    if stamp.exists():
+        return
+    with contextlib.suppress(OSError):
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    log(text)
+
+
 def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports: Sequence[str], initrd: Path,
             cpio: bytes, memory: int) -> Snapshot:
     """The snapshot of manifest m: found, or made now (once: concurrent runs wait for one
@@ -372,6 +383,8 @@ def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports:
             return find(store, m)  # made by a concurrent run while this one waited
         if store.lookup(STAGE, key) is not None:  # damaged: make it again
             discard(Snapshot(store.entry(STAGE, key)))
+        _say_once(store, "virt: this run boots and saves the VM once it is up (a few seconds); later runs "
+                         "with the same image and settings resume it instead of booting")
         try:
             with store.build(STAGE, key, m, writable=(RAM,)) as work:
                 with open(work / INITRD, "wb") as f, open(initrd, "rb") as src:
