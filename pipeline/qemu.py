@@ -843,6 +843,7 @@ def boot_check(
                     console.drain(proc, grace)
                 if proc.poll() is None and _qmp_command(qmp, "quit"):
                     console.drain(proc, 3.0)
+                _last_exit(console, exit_line)  # the lines read while it stopped
             stopped = console.all_exits[before:]
             return CheckOutcome(True, seconds, passed_by, exit_status=None,
                                stop_status=stopped[-1] if stopped else None, tail=console.tail())

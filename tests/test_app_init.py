@@ -39,11 +39,12 @@ def test_guest_scripts_are_shellcheck_clean(script):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def run_init(tmp_path: Path, a: App, *, stdin: str = "", timeout: float = 30) -> subprocess.CompletedProcess:
+def run_init(tmp_path: Path, a: App, *, stdin: str = "", timeout: float = 30,
+             script: Path = GUEST / "app-init.sh") -> subprocess.CompletedProcess:
     conf = tmp_path / "app.conf"
     conf.write_text(app.app_init_config(a))
     env = {"LDT_INIT_NO_SYSTEM": "1", "LDT_BUSYBOX": BUSYBOX, "LDT_APP_CONFIG": str(conf), "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", BUSYBOX, "sh", str(GUEST / "app-init.sh")],
+    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", BUSYBOX, "sh", str(script)],
                           env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,6 +110,22 @@ def test_init_forwards_sigterm_to_an_app_without_handlers(tmp_path):
     code = "import os, signal, time\nfor _ in range(100):\n    os.kill(1, signal.SIGTERM)\n    time.sleep(0.2)\n"
     proc = run_init(tmp_path, python_app(tmp_path, code))
     assert proc.stdout.splitlines()[-1] == "ldt-app-exit: 143", proc.stderr
+
+
+@needs_namespace
+def test_in_a_vm_sigint_stops_the_app_with_its_stop_signal(tmp_path):
+    """In a VM the init takes SIGINT (Ctrl-Alt-Del, the host's power-off request) as `docker stop`."""
+    vm_script = tmp_path / "app-init.sh"  # what setup_system() sets in a VM, without its mounts
+    vm_script.write_text((GUEST / "app-init.sh").read_text().replace("\nINT_STOPS= ", "\nINT_STOPS=1 ", 1))
+    code = """\
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(44))
+for _ in range(100):
+    os.kill(1, signal.SIGINT)
+    time.sleep(0.2)
+"""
+    proc = run_init(tmp_path, python_app(tmp_path, code, stop=signal.SIGUSR1), script=vm_script)
+    assert proc.stdout.splitlines()[-1] == "ldt-app-exit: 44", proc.stderr
 
 
 @needs_namespace

@@ -59,7 +59,9 @@ def test_webapp_answers_http_through_the_forward_in_every_mode(project):
     text = out.stdout + out.stderr
     table = rows(text, "webapp")
     assert {m: r[2] for m, r in table.items()} == {"tgz": "pass", "bios": "pass", "uefi": "pass"}, text
-    assert all(r[4:7] == ["HTTP", "200", "/"] for r in table.values()), text
+    assert all(r[4:7] == ["HTTP", "200", "/;"] for r in table.values()), text
+    # then the power-off path: Ctrl-Alt-Del -> our init -> SIGTERM (the STOPSIGNAL) -> the app ends
+    assert all(r[-3:] == ["stopped:", "exit", "143"] for r in table.values()), text
     own, virt = (project / "cache" / "recipes" / name / "vmlinuz" for name in ("webapp", "virt"))
     assert hash_file(own) == hash_file(virt)  # no kernel of its own: virt's boots it
 
@@ -71,6 +73,8 @@ def test_sysapp_runs_as_a_unit_with_the_dockerfiles_user_cwd_and_env(project):
     table = rows(text, "sysapp")
     assert {m: r[2] for m, r in table.items()} == {"tgz": "pass", "bios": "pass", "uefi": "pass"}, text
     assert all(r[4] == "marker" for r in table.values()), text
+    # the ACPI power button -> systemd stops the unit with its KillSignal -> the app's exit line
+    assert all(r[-3:] == ["stopped:", "exit", "143"] for r in table.values()), text
 
 
 def test_the_run_target_exits_with_the_apps_status(project):

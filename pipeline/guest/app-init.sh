@@ -135,8 +135,11 @@ exec 3<&-
 # reaches apps that install their own handler, as with docker, where the app is PID 1.
 # From here on only builtins (kill, wait, [): a command in a child process would make the shell
 # reap the app behind our back, and `kill -0` would then miss it.
+# In a VM, SIGINT is the host's power-off request (Ctrl-Alt-Del): it stops the app like SIGTERM.
+int_signal=INT
+[ -n "$INT_STOPS" ] && int_signal=$LDT_STOP_SIGNAL
 trap 'trapped=1; kill -s "$LDT_STOP_SIGNAL" "$app" 2>/dev/null' TERM
-trap 'trapped=1; kill -s "${INT_STOPS:+$LDT_STOP_SIGNAL}${INT_STOPS:-INT}" "$app" 2>/dev/null' INT
+trap 'trapped=1; kill -s "$int_signal" "$app" 2>/dev/null' INT
 
 # `wait` returns early (>128) when a trapped signal arrives: then wait again while the app lives
 # (a zombie counts). If it ended while the trap ran, the shell has reaped it already and a last
