@@ -224,7 +224,7 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
         entry = p.store.pull(CHECK_STAGE, key, manifest)
     if entry is not None:
         res = json.loads((entry / "result.json").read_text())
-        return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "marker"),
+        return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "login prompt"),
                            stopped=res.get("stopped", ""))
     if b.plan.app is None:
         res = check_os(r, mode, b, accel, spec["marker"] or "")
@@ -244,7 +244,8 @@ def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> Check
         cmd = vm_command(mode, b, settings, Path(scratch))
         log(f"{r.name}: booting {mode} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
         res = qemu.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
-    return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail))
+    return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
+                       passed_by="marker" if r.boot_marker else "login prompt")
 
 
 def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
