@@ -322,7 +322,9 @@ print(remote.push_entry(remote.Remote.parse(sys.argv[1]), sys.argv[2], sys.argv[
 
 
 def push_proc(url: str, stage: str, key: str, entry: Path, chunk: int = 16 << 20) -> subprocess.Popen:
-    env = {**env_without_credentials(), "DOCKER_CONFIG": "/nonexistent", "PYTHONPATH": str(ROOT)}
+    # TMPDIR beside the entry: a SIGKILLed push can't remove its scratch dir, and pytest's tmp_path does
+    env = {**env_without_credentials(), "DOCKER_CONFIG": "/nonexistent", "PYTHONPATH": str(ROOT),
+           "TMPDIR": str(entry.parent)}
     return subprocess.Popen([sys.executable, "-c", PUSH, url, stage, key, str(entry), str(chunk)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
