@@ -796,7 +796,7 @@ def boot_check(
     tail_lines: int = 30,
 ) -> CheckOutcome:
     """Boot an app VM headless until the check passes: `marker` on the console, or `probe()`
-    (polled about once a second) returning what answered, or, with neither, the app's exit
+    (called about four times a second; it must not block) returning what answered, or, with neither, the app's exit
     line with status 0. The app's exit line with any other status fails at once. After a pass
     the guest is asked to stop (`stop`), and its exit line while stopping is reported too.
     QEMU never outlives this call."""
@@ -819,7 +819,7 @@ def boot_check(
                 if now >= deadline:
                     return CheckOutcome(False, now - start, reason=f"no answer within {timeout:g}s",
                                        tail=console.tail())
-                outcome = console.pump(watch, deadline=min(deadline, now + 1.0))
+                outcome = console.pump(watch, deadline=min(deadline, now + (0.25 if probe is not None else 1.0)))
                 status = _last_exit(console, exit_line)
                 if status is not None:
                     seconds = time.monotonic() - start

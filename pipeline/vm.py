@@ -12,6 +12,8 @@ import json
 import re
 import socket
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -194,17 +196,49 @@ def check_spec(r: Recipe, plan: Plan) -> dict[str, str | None]:
     return {"marker": r.boot_marker, "http": r.http if r.boot_marker is None else None}
 
 
-def http_probe(port: int, path: str) -> Callable[[], str | None]:
-    """One HTTP GET through the forward: what answered ("HTTP 200 /"), or None to try again."""
-    def probe() -> str | None:
+class HttpProbe:
+    """GETs through the forward for a check, never blocking the caller: each call starts a new
+    attempt when the last one is `every` seconds old (at most `most` in flight, each waiting up
+    to `timeout` for its answer) and returns the first answer ("HTTP 200 /"), or None. QEMU's
+    user-mode network holds every connection it takes before the guest's network is up (it
+    retries the SYN with backoff), so one attempt at a time, or a few, would see a listening
+    app seconds late; `most` covers `timeout` of held attempts."""
+
+    def __init__(self, port: int, path: str, *, every: float = 0.25, timeout: float = 10.0, most: int = 64):
+        self.url, self.path = f"http://127.0.0.1:{port}{path}", path
+        self.every, self.timeout, self.most = every, timeout, most
+        self._lock = threading.Lock()
+        self._answer: str | None = None
+        self._in_flight = 0
+        self._last = float("-inf")
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._answer is None and self._in_flight < self.most and now - self._last >= self.every:
+                self._in_flight += 1
+                self._last = now
+                threading.Thread(target=self._attempt, daemon=True).start()
+            return self._answer
+
+    def _attempt(self) -> None:
+        answer = None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-                return f"HTTP {resp.status} {path}"
+            with urllib.request.urlopen(self.url, timeout=self.timeout) as resp:
+                answer = f"HTTP {resp.status} {self.path}"
         except urllib.error.HTTPError as e:
-            return f"HTTP {e.code} {path}" if e.code < 500 else None
+            answer = f"HTTP {e.code} {self.path}" if e.code < 500 else None
         except (OSError, ValueError):
-            return None  # not listening yet: slirp accepts, then resets
-    return probe
+            pass  # not listening yet: slirp accepts, then resets (or holds it while the guest boots)
+        with self._lock:
+            self._in_flight -= 1
+            if answer is not None and self._answer is None:
+                self._answer = answer
+
+
+def http_probe(port: int, path: str) -> Callable[[], str | None]:
+    """The check's probe of an app's HTTP answer through the forward (HttpProbe)."""
+    return HttpProbe(port, path)
 
 
 def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:

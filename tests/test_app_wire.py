@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +227,40 @@ def test_a_probe_passes_the_check_and_the_table_says_which():
     table = vm.check_table("web", [vm.CheckResult(Mode.TGZ, True, res.seconds, False, passed_by=res.passed_by,
                                                   stopped="exit 143")])
     assert table.splitlines()[1].split()[4:] == ["HTTP", "200", "/;", "stopped:", "exit", "143"]
+
+
+def test_the_http_probe_is_not_held_up_by_a_connection_that_never_answers():
+    """slirp holds a connection taken before the guest listened: the first attempt here hangs,
+    later ones are answered, and the probe reports the answer without waiting for the first."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if not held:
+                held.append(conn)  # the first: never answered
+                continue
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    probe = vm.HttpProbe(listener.getsockname()[1], "/", every=0.05, timeout=30)
+    start = time.monotonic()
+    try:
+        answer = None
+        while answer is None and time.monotonic() - start < 20:
+            t = time.monotonic()
+            answer = probe()
+            assert time.monotonic() - t < 0.5  # a call never blocks
+            time.sleep(0.02)
+    finally:
+        listener.close()
+    assert answer == "HTTP 200 /"
+    assert held and time.monotonic() - start < 5  # not after the held attempt's 30 s timeout
