@@ -244,12 +244,34 @@ BORROWED = (A.KERNEL, A.INITRD, A.OS_RELEASE, A.TGZ)  # what the boot stage read
 
 
 def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
-    """A borrowed kernel: the kernel recipe's boot and tgz entries are inputs of the boot stage."""
+    """A borrowed kernel: the kernel recipe's boot and tgz entries are inputs of the boot stage;
+    and for an app on our init, what goes into our initrd."""
+    from pipeline import app, initramfs
+    from pipeline.cache import hash_file
+
     k = kernel_recipe(p, r)
     if k is None:
         return {}
-    return {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
-                            "tgz": p.store.current_key(k, A.TGZ)}}
+    m: dict[str, Any] = {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
+                                         "tgz": p.store.current_key(k, A.TGZ)}}
+    if our_initrd(p, r):
+        busybox = app.HOST_BUSYBOX
+        m["initrd"] = {"format": initramfs.APP_INITRD_FORMAT,
+                       "init": hashlib.sha256(app.guest_script(APP_INITRD_SCRIPT)).hexdigest(),
+                       "busybox": hash_file(busybox) if busybox.is_file() else None,
+                       "modules": [initramfs.APP_INITRD_MODULES, initramfs.APP_INITRD_MORE]}
+    return m
+
+
+APP_INITRD_SCRIPT = "app-initrd.sh"  # the /init of our initrd (pipeline/guest/)
+
+
+def our_initrd(p: Project, r: Recipe) -> bool:
+    """An app that our init runs, on a borrowed kernel, boots with our initrd (initramfs.app_initrd):
+    the whole boot is ours, so no udev and no scripts, only the modules the VM needs."""
+    from pipeline import app
+
+    return r.initrd and kernel_recipe(p, r) is not None and current_plan(p, r.name).init is app.InitKind.LDT
 
 
 def boot_sources(p: Project, r: Recipe) -> list[str]:
@@ -279,17 +301,45 @@ def boot(b: Build) -> None:
         write_guest_tar((), b.out(A.MODULES), mtime=0)
         return
     files = {a: p.store.pointer(k, a).resolve() for a in BORROWED}
-    for a in (A.KERNEL, A.INITRD, A.OS_RELEASE):
+    ours = our_initrd(p, r)
+    for a in (A.KERNEL, A.OS_RELEASE, *(() if ours else (A.INITRD,))):
         if files[a].is_file():
             link_or_copy(files[a], b.out(a))
-    if r.initrd and not files[A.INITRD].is_file():
+    if r.initrd and not ours and not files[A.INITRD].is_file():
         raise UserError(f"recipe {r.name}: the kernel of recipe '{k}' boots without an initrd",
                         hint="set [boot] initrd = false, or use another kernel_from")
     version = rootfs.bzimage_release(files[A.KERNEL])
     if version is None:
         raise UserError(f"recipe {k}: {files[A.KERNEL]} is not an x86 bzImage", hint="use another kernel_from")
     count = rootfs.extract_modules(files[A.TGZ], version, b.out(A.MODULES), recipe=k)
-    log(f"{r.name}: no kernel of its own, booting {k}'s {version} ({count} entries of /lib/modules/{version})")
+    how = f"{k}'s initrd"
+    if ours:
+        size = write_app_initrd(b.out(A.MODULES), version, b.out(A.INITRD), kernel_recipe=k)
+        how = f"our initrd ({size / MiB:.1f} MiB)"
+    log(f"{r.name}: no kernel of its own, booting {k}'s {version} ({count} entries of /lib/modules/{version})"
+        f" with {how}")
+
+
+def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recipe: str) -> int:
+    """Our initrd for an app on our init, from the borrowed kernel's modules; its size."""
+    from pipeline import app, initramfs
+
+    busybox = app.host_busybox().read_bytes()
+    with tarfile.open(modules_tar) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+        def read(name: str) -> bytes | None:
+            m = members.get(f"lib/modules/{version}/{name}")
+            f = tar.extractfile(m) if m is not None else None
+            return f.read() if f is not None else None
+
+        try:
+            data = initramfs.app_initrd(app.guest_script(APP_INITRD_SCRIPT), busybox, read)
+        except ValueError as e:
+            raise UserError(f"recipe {kernel_recipe}: /lib/modules/{version}: {e}",
+                            hint="its kernel package installs them with modules.dep; rebuild the kernel recipe") from e
+    out.write_bytes(data)
+    return len(data)
 
 
 def ext4(b: Build) -> None:
@@ -339,7 +389,15 @@ def qcow2(b: Build) -> None:
 
 
 def fast_boot(b: Build) -> None:
-    fast_boot_into(b.inputs[A.KERNEL], b.inputs[A.INITRD], b.work)
+    """virt boots a recipe through the initrd its kernel came with (virt-init.sh runs on that
+    initrd's shell and modprobe): an app on our initrd gets its kernel recipe's. Which one that
+    is, is in the boot entry's key, so this stage's key follows it."""
+    initrd = b.inputs[A.INITRD]
+    if our_initrd(b.project, b.recipe):
+        k = kernel_recipe(b.project, b.recipe)
+        assert k is not None
+        initrd = b.project.store.pointer(k, A.INITRD).resolve()
+    fast_boot_into(b.inputs[A.KERNEL], initrd, b.work)
 
 
 def fast_boot_into(kernel: Path, initrd: Path, work: Path) -> None:

@@ -5,7 +5,8 @@ the zstd/lz4 decompressors.
   concatenated, possibly compressed) initramfs;
 - slim_initrd(): the initramfs as one uncompressed archive without firmware and without the
   kernel modules a boot does not load (module_closure() over modules.dep/softdep/alias);
-- extract_vmlinux(): the ELF kernel inside a bzImage, when QEMU can boot it directly (PVH).
+- extract_vmlinux(): the ELF kernel inside a bzImage, when QEMU can boot it directly (PVH);
+- app_initrd(): the initramfs of app images our init runs: busybox, a few modules, no udev.
 
 Under TCG most of a boot is the guest decompressing (~3.5 s for an xz bzImage, ~2.5 s for a
 130 MB initrd of which a virt boot needs a few modules), so the fast_boot stage keeps these
@@ -15,7 +16,7 @@ decompressed versions in the store.
 from __future__ import annotations
 
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
@@ -23,23 +24,26 @@ from pipeline.run import run
 
 # ── newc cpio archives ──────────────────────────────────────────────────────────────────
 
-def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
+def _cpio_entry(name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, int] = (0, 0)) -> bytes:
     """One newc ("070701") member: header, NUL-terminated name, data, each padded to 4 bytes."""
     encoded = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, 1 if not stat.S_ISDIR(mode) else 2, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+    fields = (ino, mode, 0, 0, 1 if not stat.S_ISDIR(mode) else 2, 0, len(data), 0, 0, *rdev, len(encoded), 0)
     header = b"070701" + b"".join(b"%08X" % f for f in fields)
     head = header + encoded
     return head + b"\0" * (-len(head) % 4) + data + b"\0" * (-len(data) % 4)
 
 
-def make_cpio(files: Mapping[str, bytes], *, mode: int = 0o755) -> bytes:
+def make_cpio(files: Mapping[str, bytes], *, mode: int = 0o755,
+              char_devices: Mapping[str, tuple[int, int]] | None = None) -> bytes:
     """An uncompressed newc cpio archive of `files` (path → content), owned by root.
 
-    Parent directories are added (0755); every file gets `mode`. Deterministic: no mtimes.
+    Parent directories are added (0755); every file gets `mode`; char_devices are device nodes
+    (path → (major, minor)), mode 0600. Deterministic: no mtimes.
     """
-    entries: list[tuple[str, int, bytes]] = []
+    devices = dict(char_devices or {})
+    entries: list[tuple[str, int, bytes, tuple[int, int]]] = []
     seen: set[str] = set()
-    for path in sorted(files):
+    for path in sorted({*files, *devices}):
         name = path.strip("/")
         if not name or ".." in name.split("/"):
             raise ValueError(f"bad cpio member name {path!r}")
@@ -48,10 +52,13 @@ def make_cpio(files: Mapping[str, bytes], *, mode: int = 0o755) -> bytes:
             parent = "/".join(parts[:i])
             if parent not in seen:
                 seen.add(parent)
-                entries.append((parent, stat.S_IFDIR | 0o755, b""))
+                entries.append((parent, stat.S_IFDIR | 0o755, b"", (0, 0)))
         seen.add(name)
-        entries.append((name, stat.S_IFREG | mode, files[path]))
-    out = [_cpio_entry(name, m, data, ino) for ino, (name, m, data) in enumerate(entries, start=1)]
+        if path in devices:
+            entries.append((name, stat.S_IFCHR | 0o600, b"", devices[path]))
+        else:
+            entries.append((name, stat.S_IFREG | mode, files[path], (0, 0)))
+    out = [_cpio_entry(name, m, data, ino, rdev) for ino, (name, m, data, rdev) in enumerate(entries, start=1)]
     out.append(_cpio_entry("TRAILER!!!", 0, b"", 0))
     return b"".join(out)
 
@@ -194,6 +201,14 @@ def module_name(path: str) -> str:
 
 def module_closure(dep: str, softdep: str, alias: str, wanted: Sequence[str]) -> set[str]:
     """Paths (as in modules.dep) of `wanted` and everything they need, soft deps included."""
+    return set(module_load_order(dep, softdep, alias, wanted))
+
+
+def module_load_order(dep: str, softdep: str, alias: str, wanted: Sequence[str],
+                      loaded: Sequence[str] = ()) -> list[str]:
+    """Paths (as in modules.dep) of `wanted` and everything they need, soft deps included, in an
+    order insmod can load them: each after what it needs. Built-in and absent modules are left
+    out, and so are the paths in `loaded` (an earlier batch)."""
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in dep.splitlines():
         if ":" in line:
@@ -209,18 +224,22 @@ def module_closure(dep: str, softdep: str, alias: str, wanted: Sequence[str]) ->
         words = line.split()
         if len(words) > 2 and words[0] == "softdep":
             soft.setdefault(words[1].replace("-", "_"), []).extend(w for w in words[2:] if not w.endswith(":"))
-    found: set[str] = set()
-    todo = [w.replace("-", "_") for w in wanted]
-    while todo:
-        name = todo.pop()
+    order: list[str] = []
+    done: set[str] = set(loaded)
+
+    def visit(name: str) -> None:
         for real in aliases.get(name, [name]):
-            if real not in deps or deps[real][0] in found:
-                continue  # built in, absent, or done
+            if real not in deps or deps[real][0] in done:
+                continue  # built in, absent, done or being done (a cycle)
             path, needs = deps[real]
-            found.add(path)
-            todo += [module_name(n) for n in needs]
-            todo += soft.get(real, [])
-    return found
+            done.add(path)
+            for n in [*soft.get(real, []), *(module_name(n) for n in reversed(needs))]:
+                visit(n)
+            order.append(path)
+
+    for w in wanted:
+        visit(w.replace("-", "_"))
+    return order
 
 
 def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
@@ -256,6 +275,45 @@ def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
     return b"".join(slim) + _cpio_entry("TRAILER!!!", 0, b"", 0)
 
 
+
+
+# ── the initramfs of apps that run on our init ─────────────────────────────────────────
+
+APP_INITRD_FORMAT = 1  # bump when app_initrd() lays its archive out differently
+APP_INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")  # the run targets' VM
+APP_INITRD_MORE = ("ahci", "sd_mod", "nvme", "xhci_pci", "usb_storage", "uas")  # the other disk buses
+APP_INITRD_DIR = "lib/ldt"  # in the archive: the modules and the two lists the /init script reads
+
+
+def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
+               first: Sequence[str] = APP_INITRD_MODULES, more: Sequence[str] = APP_INITRD_MORE) -> bytes:
+    """The initramfs of an app image booted by our init (pipeline/guest/app-initrd.sh as /init):
+    a static busybox, and the kernel's modules for `first` (always loaded) and `more` (loaded
+    when the root is not found after the first), each list in load order. read(name) gives a
+    file of the kernel's /lib/modules/<version>/ (modules.dep…, or a module, maybe compressed),
+    None when absent. Uncompressed: the kernel unpacks it in no time, even under TCG."""
+    def text(name: str) -> str:
+        data = read(name)
+        return data.decode(errors="replace") if data is not None else ""
+
+    dep, softdep, alias = text("modules.dep"), text("modules.softdep"), text("modules.alias")
+    if not dep:
+        raise ValueError("the kernel's /lib/modules has no modules.dep")
+    batch1 = module_load_order(dep, softdep, alias, first)
+    batch2 = module_load_order(dep, softdep, alias, more, loaded=batch1)
+    files = {"init": init, "bin/busybox": busybox}
+    for list_name, batch in (("first", batch1), ("more", batch2)):
+        names = []
+        for path in batch:
+            data = read(path)
+            if data is None:
+                raise ValueError(f"modules.dep names {path}, which is not there")
+            name = module_name(path) + ".ko"
+            method = compression_of(data)
+            files[f"{APP_INITRD_DIR}/modules/{name}"] = decompress(data, method) if method else data
+            names.append(name)
+        files[f"{APP_INITRD_DIR}/{list_name}"] = "".join(f"{n}\n" for n in names).encode()
+    return make_cpio(files, char_devices={"dev/console": (5, 1)})
 
 
 def kernel_version(bzimage: bytes) -> str | None:

@@ -160,12 +160,19 @@ def boot_interactive(p: Project, mode: Mode, b: Boot, o: RunOptions, *, memory: 
                                    port_forwards=forwards, kernel_args=o.cmdline, interactive=True,
                                    snapshot=not o.persist, console_log=console_log)
         status = qemu.run_interactive(vm_command(mode, b, settings, Path(scratch), disk))
-        if console_log is not None and console_log.exists():
-            app_status = app.exit_status(console_log.read_text(errors="replace"))
-            if app_status is not None:
-                log(f"the app exited with status {app_status}")
-                return app_status
-        return status
+        if console_log is None:
+            return status
+        app_status = app.exit_status(console_log.read_text(errors="replace")) if console_log.exists() else None
+        if app_status is None:
+            # like `docker run` when the container never ran its command (125: the runtime failed)
+            code = status if status > 0 else NO_APP_STATUS
+            log(f"qemu {qemu.exit_status(status)} before the app reported its exit status; exiting {code}")
+            return code
+        log(f"the app exited with status {app_status}")
+        return app_status
+
+
+NO_APP_STATUS = 125  # a run target's status when the app never reported one (docker run's, for its own failures)
 
 
 def runs_app(p: Project, r: Recipe) -> bool:

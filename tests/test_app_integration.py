@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, require_docker
 
+from pipeline import initramfs, vm
 from pipeline.cache import hash_file
 
 pytestmark = pytest.mark.integration
@@ -64,6 +65,22 @@ def test_webapp_answers_http_through_the_forward_in_every_mode(project):
     assert all(r[-3:] == ["stopped:", "exit", "143"] for r in table.values()), text
     own, virt = (project / "cache" / "recipes" / name / "vmlinuz" for name in ("webapp", "virt"))
     assert hash_file(own) == hash_file(virt)  # no kernel of its own: virt's boots it
+    # ... with our initrd: busybox, the VM's modules, no udev (the kernel recipe's has it)
+    members, _ = initramfs.read_cpio((project / "cache" / "recipes" / "webapp" / "initrd.img").read_bytes())
+    names = {m.name for m in members}
+    assert {"init", "bin/busybox", "lib/ldt/modules/virtio_blk.ko", "lib/ldt/modules/ext4.ko"} <= names, names
+    assert not any("udev" in n for n in names), names
+
+
+def test_virt_runs_a_command_on_an_app_image(project, tmp_path):
+    # webapp boots on our initrd; virt's init needs the initrd its kernel came with (virt's own)
+    (tmp_path / "note").write_text("from the host\n")
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.cli import virt; virt()", "--image", "webapp",
+                           "--cold", "--", "sh", "-c", "cat /srv/index.html note"], cwd=tmp_path,
+                          env={**os.environ, "LDT_ROOT": str(project), "PYTHONPATH": str(ROOT)},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hello from webapp" in proc.stdout and "from the host" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_sysapp_runs_as_a_unit_with_the_dockerfiles_user_cwd_and_env(project):
@@ -84,6 +101,20 @@ def test_the_run_target_exits_with_the_apps_status(project):
     text = proc.stdout + proc.stderr
     assert "report: uid=65534 cwd=/work/here greeting=hello there" in text, text
     assert proc.returncode == 3, text
+
+
+def test_a_root_file_system_that_is_not_there_is_one_line_and_a_failed_run(project):
+    # our initrd looks for root= (the last one wins), then gives up with one line and powers off
+    proc = subprocess.run([sys.executable, "-m", "doit", "run_tgz:ldtt-exit3", "--no-net",
+                           f"--cmdline=root=UUID={NO_SUCH_UUID}"], cwd=project, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    text = proc.stdout + proc.stderr
+    assert f"ldt-initrd: the root file system UUID={NO_SUCH_UUID} is not there" in text, text
+    assert "report:" not in text, text
+    assert proc.returncode == vm.NO_APP_STATUS, text  # not qemu's 0: the app never ran
+
+
+NO_SUCH_UUID = "00000000-0000-4000-8000-000000000000"
 
 
 @pytest.mark.parametrize(("name", "words"), [

@@ -72,6 +72,62 @@ def test_module_closure_follows_deps_softdeps_and_aliases():
     }  # fmt: skip
 
 
+def test_module_load_order_puts_each_module_after_what_it_needs():
+    order = initramfs.module_load_order(MODULES_DEP, SOFTDEP, ALIAS, ["ext4", "virtio_blk", "virtio_pci"])
+    assert sorted(order) == sorted(initramfs.module_closure(MODULES_DEP, SOFTDEP, ALIAS, ["ext4", "virtio_blk",
+                                                                                          "virtio_pci"]))
+    assert len(order) == len(set(order))
+    at = {p.rsplit("/", 1)[1]: i for i, p in enumerate(order)}
+    for before, after in [("crc16.ko", "ext4.ko"), ("jbd2.ko", "ext4.ko"), ("crc32c_generic.ko", "ext4.ko"),
+                          ("crc32c-intel.ko", "ext4.ko"), ("virtio.ko", "virtio_blk.ko"),
+                          ("virtio.ko", "virtio_pci.ko")]:
+        assert at[before] < at[after], (before, after, order)
+    later = initramfs.module_load_order(MODULES_DEP, SOFTDEP, ALIAS, ["virtio_pci", "huge"], loaded=order)
+    assert later == ["kernel/drivers/gpu/drm/huge.ko"]  # what the first batch loaded is not loaded again
+
+
+def test_module_load_order_survives_a_dependency_cycle():
+    dep = "kernel/a.ko: kernel/b.ko\nkernel/b.ko: kernel/a.ko\n"
+    assert sorted(initramfs.module_load_order(dep, "", "", ["a"])) == ["kernel/a.ko", "kernel/b.ko"]
+
+
+def test_app_initrd_holds_init_busybox_the_modules_in_load_order_and_a_console(tmp_path: Path):
+    modules = {p: b"\x7fELF " + p.encode() for p in (line.split(":")[0] for line in MODULES_DEP.splitlines())}
+    modules["kernel/drivers/block/virtio_blk.ko"] = lzma.compress(b"\x7fELF blk")  # a .ko.xz's content
+    tree = {"modules.dep": MODULES_DEP.encode(), "modules.softdep": SOFTDEP.encode(),
+            "modules.alias": ALIAS.encode(), **modules}
+    data = initramfs.app_initrd(b"#!/bin/busybox sh\n", b"\x7fELF busybox", tree.get,
+                                first=("virtio_pci", "virtio_blk", "ext4", "virtio_net"), more=("huge",))
+    members, end = initramfs.read_cpio(data)
+    assert end == len(data)
+    by_name = {m.name: m for m in members}
+    assert stat.S_ISCHR(by_name["dev/console"].mode)
+    assert stat.S_IMODE(by_name["init"].mode) == 0o755
+
+    def content(name: str) -> bytes:
+        raw = by_name[name].raw
+        start = 110 + int(raw[94:102], 16)
+        start += -start % 4
+        return raw[start : start + int(raw[54:62], 16)]
+
+    assert content("bin/busybox") == b"\x7fELF busybox"
+    assert content("lib/ldt/modules/virtio_blk.ko") == b"\x7fELF blk"  # decompressed
+    first = content("lib/ldt/first").decode().split()
+    assert first.index("virtio.ko") < first.index("virtio_blk.ko") and first.index("jbd2.ko") < first.index("ext4.ko")
+    assert "virtio_net.ko" not in first  # built in or absent: nothing to load
+    assert content("lib/ldt/more").decode().split() == ["huge.ko"]
+    assert {n for n in by_name if n.startswith("lib/ldt/modules/")} == {f"lib/ldt/modules/{n}" for n in
+                                                                         [*first, "huge.ko"]}
+    # GNU cpio reads it too, device node included
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    assert any(line.startswith("crw") and line.endswith("dev/console") for line in listing.splitlines())
+
+
+def test_app_initrd_without_modules_dep_is_an_error():
+    with pytest.raises(ValueError, match="modules.dep"):
+        initramfs.app_initrd(b"", b"", {}.get)
+
+
 def fake_initrd() -> bytes:
     moddir = "usr/lib/modules/6.1.0-1-amd64"
     files = {f"{moddir}/{p}": b"\x7fELF module" for p in (line.split(":")[0] for line in MODULES_DEP.splitlines())}
