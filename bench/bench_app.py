@@ -4,7 +4,7 @@ ratio to the same kind of app started the usual way, by a systemd unit on a syst
     .venv/bin/python bench/bench_app.py       (needs the recipes built: `doit check_boot:webapp check_boot:sysapp`)
 
     webapp  FROM debian-bookworm + python3, CMD python3 -m http.server 8000: no kernel, no init;
-            our init (busybox + app-init.sh) as PID 1, virt's kernel and initrd
+            our init (busybox + app-init.sh) as PID 1, virt's kernel with our initrd
     sysapp  FROM hello (kernel, systemd) + python3, the same server as ldt-app.service
     ratio   webapp / sysapp                                               goal <= 0.4 under TCG
 

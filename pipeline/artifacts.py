@@ -12,6 +12,7 @@ class Artifact(enum.StrEnum):
     APP = "app.json"  # what the VM runs: the image's app (or none), its init, ports, the image's kernels
     APP_FILES = "app.tar"  # the files that make the root filesystem run it (our init, or a systemd unit)
     KERNEL = "vmlinuz"
+    VMLINUX = "vmlinux"  # the kernel tgz mode boots: uncompressed, through its PVH entry (or vmlinuz as is)
     INITRD = "initrd.img"
     OS_RELEASE = "os-release"
     MODULES = "modules.tar"  # a borrowed kernel's /lib/modules/<version> (empty: the image's own kernel)

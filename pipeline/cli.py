@@ -270,7 +270,7 @@ def _virt_stages(p: Project, r: Recipe) -> list[tuple[stages.Stage, Recipe]]:
 
     tgz = stages.STAGE["tgz"]
     return [*((tgz, p.recipe(a)) for a in recipes.ancestors(p.recipes, r.name)),
-            *((stages.STAGE[n], r) for n in ("tgz", "app", "boot", "ext4", "fast_boot"))]
+            *((stages.STAGE[n], r) for n in ("tgz", "app", "boot", "vmlinux", "ext4", "fast_boot"))]
 
 
 # -- suco -------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class Mode(enum.StrEnum):
     def needs(self, *, initrd: bool) -> tuple[Artifact, ...]:
         """Every artifact a boot in this mode reads (app.json: the app's init and ports)."""
         if self is Mode.TGZ:
-            return (Artifact.KERNEL, *((Artifact.INITRD,) if initrd else ()), Artifact.EXT4, Artifact.APP)
+            return (Artifact.VMLINUX, *((Artifact.INITRD,) if initrd else ()), Artifact.EXT4, Artifact.APP)
         return (self.disk, Artifact.APP)
 
     @property

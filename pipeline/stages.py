@@ -5,12 +5,13 @@
              app         build_app            rootfs.tgz (tgz)                app.json, app.tar
              boot        extract_boot         rootfs.tgz, app.json            vmlinuz, initrd.img, os-release,
                                   (a kernel_from recipe's files)              modules.tar
+             vmlinux     extract_boot         vmlinuz (boot)                  vmlinux (what tgz mode boots)
              ext4        build_rootfs         rootfs.tgz, app.tar, modules.tar  rootfs.ext4
              bios        build_syslinux_bios  vmlinuz, initrd.img, ext4, app.json  bios.img
              bios_qcow2  build_syslinux_bios  bios.img (bios)                 bios.qcow2      ([disk] qcow2)
              uefi        build_efistub        vmlinuz, initrd.img, os-release, rootfs.ext4, app.json   uefi.img
              uefi_qcow2  build_efistub        uefi.img (uefi)                 uefi.qcow2      ([disk] qcow2)
-             fast_boot   fast_boot            vmlinuz, initrd.img (boot)      fast.kernel, fast.initrd (virt's)
+             fast_boot   fast_boot            vmlinux, initrd.img             fast.kernel, fast.initrd (virt's)
 
 A stage's key is the hash of its manifest(): its name and version, the recipe settings it
 reads, the keys of the entries it needs, its stamped epoch and its own other inputs. That
@@ -117,6 +118,8 @@ STAGES: tuple[Stage, ...] = (
           needs=(A.TGZ, A.APP), makes=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.MODULES),
           reads=("kernel", "initrd", "kernel_from"), build=builders.boot, applies=_bootable,
           inputs=builders.boot_inputs, sources=builders.boot_sources),
+    Stage("vmlinux", "extract_boot", 1, "The kernel tgz mode boots: uncompressed (PVH), or the vmlinuz as is",
+          needs=(A.KERNEL,), makes=(A.VMLINUX,), reads=(), build=builders.vmlinux, applies=_bootable),
     Stage("ext4", "build_rootfs", 3, "ext4 root filesystem image of the tgz (rootless, reproducible)",
           needs=(A.TGZ, A.APP_FILES, A.MODULES), makes=(A.EXT4,), reads=("headroom_mib", "size_mib"),
           build=builders.ext4, applies=_bootable, stamped=True),
@@ -132,8 +135,8 @@ STAGES: tuple[Stage, ...] = (
           build=builders.uefi, applies=_bootable, stamped=True),
     Stage("uefi_qcow2", "build_efistub", 1, "The UEFI disk as compressed qcow2",
           needs=(A.UEFI_IMG,), makes=(A.UEFI_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),
-    Stage("fast_boot", "fast_boot", 1, "virt's boot files: the kernel uncompressed, the initrd slimmed",
-          needs=(A.KERNEL, A.INITRD), makes=(A.FAST_KERNEL, A.FAST_INITRD), reads=(), build=builders.fast_boot,
+    Stage("fast_boot", "fast_boot", 2, "virt's boot files: the kernel uncompressed, the initrd slimmed",
+          needs=(A.VMLINUX, A.INITRD), makes=(A.FAST_KERNEL, A.FAST_INITRD), reads=(), build=builders.fast_boot,
           applies=_has_fast_boot),
 )  # fmt: skip
 

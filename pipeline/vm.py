@@ -106,7 +106,7 @@ def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
         return Boot(files[mode.disk], keys=keys, plan=plan)
     uuid, _ = read_ext4_identity(files[Artifact.EXT4])
     cmdline = disk.kernel_cmdline(uuid, [*plan.kernel_args.split(), *r.cmdline.split()])
-    return Boot(files[Artifact.EXT4], files[Artifact.KERNEL], files.get(Artifact.INITRD), cmdline, keys, plan)
+    return Boot(files[Artifact.EXT4], files[Artifact.VMLINUX], files.get(Artifact.INITRD), cmdline, keys, plan)
 
 
 def vm_command(mode: Mode, b: Boot, settings: qemu.VmSettings, scratch: Path, disk: Path | None = None) -> list[str]:

@@ -75,6 +75,8 @@ def test_a_stage_key_changes_with_exactly_the_settings_it_reads(project, stage, 
     field, value = OTHER[setting]
     before = key_of(stages.manifest(p, r, stage))
     changed = dataclasses.replace(r, **{field: value})
+    if not stage.applies(changed):
+        return  # the setting takes the stage away (fast_boot without an initrd): it has no key to compare
     after = key_of(stages.manifest(Project(p.root, extra=(changed, *p.extra[1:])), changed, stage))
     assert (after != before) == (setting in stage.reads)
 
