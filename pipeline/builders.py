@@ -415,6 +415,9 @@ def fast_boot(b: Build) -> None:
         k = kernel_recipe(b.project, b.recipe)
         assert k is not None
         initrd = b.project.store.pointer(k, A.INITRD).resolve()
+        if not initrd.is_file():
+            raise UserError(f"recipe {b.recipe.name}: virt boots it through the initrd of its kernel recipe "
+                            f"'{k}', which has none", hint=f"set [boot] initrd = true in recipes/{k}/recipe.toml")
     fast_boot_into(b.inputs[A.VMLINUX], initrd, b.work)
 
 

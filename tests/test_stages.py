@@ -178,3 +178,26 @@ def test_a_recipe_from_outside_recipes_does_not_read_recipes(tmp_path):
     assert p.recipe("tgz-x") is r
     with pytest.raises(UserError):
         p.recipes  # noqa: B018 - reading recipes/ is what fails
+
+
+def test_virt_on_an_app_whose_kernel_recipe_has_no_initrd_is_one_line(project, tmp_path):
+    """fast_boot takes an app-on-our-initrd's kernel recipe's initrd (virt's init runs on it)."""
+    import json
+
+    from pipeline import builders
+
+    p, r = project
+    app_r = dataclasses.replace(r, kernel_from="kern")
+    p = Project(p.root, extra=(app_r, *p.extra[1:]))
+    with p.store.build("app", "key-ldt-app", {"stage": "app"}) as work:
+        (work / Artifact.APP).write_text(json.dumps({"app": None, "init": "ldt", "kernels": []}))
+    p.store.point("base", Artifact.APP, p.store.entry("app", "key-ldt-app") / Artifact.APP)
+    assert builders.our_initrd(p, app_r)
+    p.store.pointer("kern", Artifact.INITRD).unlink()
+    (tmp_path / "work").mkdir()
+    b = stages.Build(p, app_r, "k", tmp_path / "work", {Artifact.VMLINUX: tmp_path / "vmlinux",
+                                                         Artifact.INITRD: tmp_path / "ours"}, None)
+    with pytest.raises(UserError) as info:
+        builders.fast_boot(b)
+    assert "kernel recipe 'kern', which has none" in info.value.message
+    assert info.value.hint == "set [boot] initrd = true in recipes/kern/recipe.toml"
