@@ -32,13 +32,6 @@ needs_namespace = pytest.mark.skipif(not (BUSYBOX and _can_unshare()),
                                      reason="needs busybox and root for unshare --pid --mount-proc")
 
 
-@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck is not installed (./setup.sh installs it)")
-@pytest.mark.parametrize("script", ["app-init.sh", "app-exit.sh"])
-def test_guest_scripts_are_shellcheck_clean(script):
-    proc = subprocess.run(["shellcheck", "-s", "sh", str(GUEST / script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def run_init(tmp_path: Path, a: App, *, stdin: str = "", timeout: float = 30,
              script: Path = GUEST / "app-init.sh") -> subprocess.CompletedProcess:
     conf = tmp_path / "app.conf"
