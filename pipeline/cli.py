@@ -82,14 +82,20 @@ def _say(what: str, path: Path) -> None:
     print(f"{what}: {path}")
 
 
-def _from_tgz(tgz: Path, *stage_names: str) -> tuple[Project, Recipe]:
-    """Import a tgz into the store and run the given stages on it (each cached)."""
+def _from_tgz(tgz: Path, *artifacts: Artifact) -> tuple[Project, Recipe]:
+    """Import a tgz into the store and run the stages that make `artifacts` on it (each cached)."""
     r = imports.adhoc_recipe(tgz, "tgz")
     p = Project(project_root(), extra=(r,))
     imports.import_tgz(p, tgz.resolve(), r)
-    for name in stage_names:
-        stages.materialize(p, r, stages.STAGE[name])
+    _materialize(p, r, artifacts)
     return p, r
+
+
+def _materialize(p: Project, r: Recipe, artifacts: tuple[Artifact, ...]) -> None:
+    """The stages after the import (its tgz is the import's) that make `artifacts`, in order."""
+    for stage in stages.chain(r, artifacts):
+        if stage.name != "tgz":
+            stages.materialize(p, r, stage)
 
 
 # -- build-tgz DIR ------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ def _build_disk(prog: str, description: str, mode: Mode, what: str, argv: Sequen
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("tgz", type=Path)
     args = parse(ap, argv)
-    p, r = _from_tgz(args.tgz, "app", "boot", "ext4", stages.MAKER[mode.disk].name)
+    p, r = _from_tgz(args.tgz, mode.disk)
     _say(what, p.store.pointer(r.name, mode.disk).resolve())
     return 0
 
@@ -146,7 +152,7 @@ def run_tgz_main(argv: Sequence[str] | None) -> int:
     ap.add_argument("tgz", help="a rootfs tgz, or oci://HOST/REPO:TAG of a published image")
     vm_options(ap, cmdline=True)
     args = parse(ap, argv)
-    p, r = _from_tgz(_file_or_pulled(args.tgz, Artifact.TGZ), "app", "boot", "ext4")
+    p, r = _from_tgz(_file_or_pulled(args.tgz, Artifact.TGZ), *Mode.TGZ.needs(initrd=True))
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
@@ -165,8 +171,7 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     r = imports.adhoc_recipe(tree, "dir")
     p = Project(project_root(), extra=(r,))
     imports.import_tree(p, tree, r)
-    for name in ("app", "boot", "ext4"):
-        stages.materialize(p, r, stages.STAGE[name])
+    _materialize(p, r, Mode.TGZ.needs(initrd=r.initrd))
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
 
@@ -254,8 +259,8 @@ def virt_main(argv: Sequence[str] | None) -> int:
         r = p.recipe(args.image)
         # the graph's own up-to-date checks, in this process: no doit start-up on the fast path
         if not all(stages.up_to_date(p, x, s) for s, x in _virt_stages(p, r)):
-            run_doit(p, [f"build_rootfs:{r.name}", f"fast_boot:{r.name}"])
-        kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in (A.FAST_KERNEL, A.FAST_INITRD, A.EXT4))
+            run_doit(p, [f"{task}:{r.name}" for task in dict.fromkeys(stages.MAKER[a].task for a in VIRT_FILES)])
+        kernel, initrd, rootfs = (p.store.pointer(r.name, a) for a in VIRT_FILES)
     writable = os.access(p.store.root, os.W_OK)
     if any(explicit) and writable:
         kernel, initrd = stages.fast_boot_files(p, kernel, initrd)
@@ -264,13 +269,16 @@ def virt_main(argv: Sequence[str] | None) -> int:
                          cache_dir=cache)
 
 
+VIRT_FILES = (Artifact.FAST_KERNEL, Artifact.FAST_INITRD, Artifact.EXT4)  # what virt boots of a recipe
+
+
 def _virt_stages(p: Project, r: Recipe) -> list[tuple[stages.Stage, Recipe]]:
     """Every stage virt's files of r come from: the tgz of each recipe it builds FROM, then its own."""
     from pipeline import recipes
 
     tgz = stages.STAGE["tgz"]
     return [*((tgz, p.recipe(a)) for a in recipes.ancestors(p.recipes, r.name)),
-            *((stages.STAGE[n], r) for n in ("tgz", "app", "boot", "vmlinux", "ext4", "fast_boot"))]
+            *((s, r) for s in stages.chain(r, VIRT_FILES))]
 
 
 # -- suco -------------------------------------------------------------------------------------

@@ -149,6 +149,19 @@ def task_stages(task: str) -> tuple[Stage, ...]:
     return tuple(s for s in STAGES if s.task == task)
 
 
+def chain(r: Recipe, artifacts: tuple[Artifact, ...]) -> tuple[Stage, ...]:
+    """The stages that make `artifacts` and everything they need, in table order (an order they
+    can run in): what the CLI runs to boot a file in one mode or build one disk."""
+    found: set[str] = set()
+    todo = [MAKER[a] for a in artifacts if wanted(a, r)]
+    while todo:
+        s = todo.pop()
+        if s.name not in found:
+            found.add(s.name)
+            todo += [MAKER[a] for a in s.needs_for(r)]
+    return tuple(s for s in STAGES if s.name in found)
+
+
 # -- the runner ---------------------------------------------------------------------------------
 
 

@@ -201,3 +201,13 @@ def test_virt_on_an_app_whose_kernel_recipe_has_no_initrd_is_one_line(project, t
         builders.fast_boot(b)
     assert "kernel recipe 'kern', which has none" in info.value.message
     assert info.value.hint == "set [boot] initrd = true in recipes/kern/recipe.toml"
+
+
+def test_chain_is_every_stage_an_artifact_needs_in_table_order():
+    r = Recipe(name="x", dir=Path("/x"))
+    assert [s.name for s in stages.chain(r, Mode.TGZ.needs(initrd=True))] == ["tgz", "app", "boot", "vmlinux", "ext4"]
+    assert [s.name for s in stages.chain(r, (Artifact.UEFI_QCOW2,))] == ["tgz", "app", "boot", "ext4", "uefi",
+                                                                        "uefi_qcow2"]
+    for mode in Mode:  # the CLI runs these to boot a file: each mode's needs are all made
+        made = {a for s in stages.chain(r, mode.needs(initrd=True)) for a in s.makes}
+        assert set(mode.needs(initrd=True)) <= made
