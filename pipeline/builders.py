@@ -392,18 +392,17 @@ def vmlinux(b: Build) -> None:
     write_vmlinux(b.inputs[A.KERNEL], b.out(A.VMLINUX))
 
 
-def write_vmlinux(kernel: Path, out: Path) -> bool:
+def write_vmlinux(kernel: Path, out: Path) -> None:
     """The uncompressed kernel inside a bzImage, which QEMU boots through its PVH entry without
-    the guest decompressing it (~2.5 s under TCG); the bzImage as is when it has no PVH note or
-    an unknown compression: slower, same result. True when it is the vmlinux."""
+    the guest decompressing it (~2.5 s under TCG); the file as is when it is no bzImage (a
+    vmlinux already), has no PVH note or an unknown compression: slower, same result."""
     from pipeline import initramfs
 
     elf = initramfs.extract_vmlinux(kernel.read_bytes())
     if elf is None:
         link_or_copy(kernel, out)
-        return False
-    out.write_bytes(elf)
-    return True
+    else:
+        out.write_bytes(elf)
 
 
 def fast_boot(b: Build) -> None:
@@ -422,17 +421,13 @@ def fast_boot(b: Build) -> None:
 
 
 def fast_boot_into(kernel: Path, initrd: Path, work: Path) -> None:
-    """virt's kernel and initrd: the kernel as the vmlinux stage makes it (a vmlinux stage's
-    output is linked, a bzImage given as a file is unpacked) and the initrd as one archive with
-    only the modules virt loads. Whatever cannot be done (an unknown compression) keeps the
-    original file: slower, same result."""
+    """virt's kernel and initrd: the kernel as write_vmlinux() leaves it (the vmlinux stage's
+    output is linked as it is) and the initrd as one archive with only the modules virt loads.
+    Whatever cannot be done (an unknown compression) keeps the original file: slower, same result."""
     from pipeline import initramfs
 
     start = time.monotonic()
-    if kernel.name == A.VMLINUX:
-        link_or_copy(kernel, work / A.FAST_KERNEL)
-    else:
-        write_vmlinux(kernel, work / A.FAST_KERNEL)
+    write_vmlinux(kernel, work / A.FAST_KERNEL)
     try:
         (work / A.FAST_INITRD).write_bytes(initramfs.slim_initrd(initrd.read_bytes()))
     except (ValueError, OSError, EOFError, UserError) as e:
