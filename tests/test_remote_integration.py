@@ -73,14 +73,19 @@ def layer_digests(reg, repo: str, key: str) -> dict[str, str]:
 # -- round trip ----------------------------------------------------------------------------------
 
 
+def round_trip(r: Remote, stage: str, key: str, entry: Path, work: Path, env: dict[str, str]) -> None:
+    """Push a new entry, pull it into an empty `work`: the same files back."""
+    assert remote.push_entry(r, stage, key, entry, env=env) is True
+    work.mkdir()
+    assert remote.pull_entry(r, stage, key, work, env=env) is True
+    assert same_tree(entry, work)
+
+
 def test_round_trip_of_a_sparse_entry(registry, tmp_path):  # noqa: F811 - pytest fixture
     r = Remote.parse(registry.url)
     entry = sparse_disk(tmp_path)
-    assert remote.push_entry(r, "ext4", "k" * 32, entry, env=NO_CREDS) is True
     work = tmp_path / "work"
-    work.mkdir()
-    assert remote.pull_entry(r, "ext4", "k" * 32, work, env=NO_CREDS) is True
-    assert same_tree(entry, work)
+    round_trip(r, "ext4", "k" * 32, entry, work, NO_CREDS)
     assert json.loads((work / "manifest.json").read_text())["files"] == remote.file_records(work)
     # holes stay holes: 24 MiB apparent, about 4 MiB of data
     assert os.stat(work / "disk.img").st_blocks * 512 < 6 << 20
@@ -270,11 +275,7 @@ def test_auth_with_docker_config(auth_registry, tmp_path):  # noqa: F811
     r = Remote.parse(auth_registry.url)
     env = _docker_config(tmp_path, auth_registry.host, auth_registry.user, auth_registry.password)
     entry = make_entry(tmp_path / "e", {"a": os.urandom(100_000)})
-    assert remote.push_entry(r, "authed", "k1", entry, env=env)
-    work = tmp_path / "w"
-    work.mkdir()
-    assert remote.pull_entry(r, "authed", "k1", work, env=env)
-    assert same_tree(entry, work)
+    round_trip(r, "authed", "k1", entry, tmp_path / "w", env)
 
 
 def test_auth_with_env_credentials(auth_registry, tmp_path):  # noqa: F811
@@ -416,11 +417,7 @@ def test_bearer_token_auth(registry, tmp_path):  # noqa: F811
         r = Remote.parse(f"oci://{host}/ldt")
         env = {**NO_CREDS, "LDT_REMOTE_USER": "robot", "LDT_REMOTE_PASSWORD": "t0ken-pass"}
         entry = make_entry(tmp_path / "e", {"f": os.urandom(50_000)})
-        assert remote.push_entry(r, "gated", "k1", entry, env=env)
-        work = tmp_path / "w"
-        work.mkdir()
-        assert remote.pull_entry(r, "gated", "k1", work, env=env)
-        assert same_tree(entry, work)
+        round_trip(r, "gated", "k1", entry, tmp_path / "w", env)
         assert {"GET /token", "PATCH", "PUT /v2/ldt/gated/manifests/k1"} <= {s if "/uploads/" not in s else
                                                                             s.split()[0] for s in seen}
         with pytest.raises(RemoteUnavailable, match="refused the credentials"):
