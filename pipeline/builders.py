@@ -254,7 +254,7 @@ def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
         return {}
     m: dict[str, Any] = {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
                                          "tgz": p.store.current_key(k, A.TGZ)}}
-    if our_initrd(p, r):
+    if our_initrd(p, r, k):
         busybox = app.HOST_BUSYBOX
         m["initrd"] = {"format": initramfs.APP_INITRD_FORMAT,
                        "init": hashlib.sha256(app.guest_script(APP_INITRD_SCRIPT)).hexdigest(),
@@ -266,12 +266,13 @@ def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
 APP_INITRD_SCRIPT = "app-initrd.sh"  # the /init of our initrd (pipeline/guest/)
 
 
-def our_initrd(p: Project, r: Recipe) -> bool:
-    """An app that our init runs, on a borrowed kernel, boots with our initrd (initramfs.app_initrd):
-    the whole boot is ours, so no udev and no scripts, only the modules the VM needs."""
+def our_initrd(p: Project, r: Recipe, kernel_from: str | None) -> bool:
+    """An app that our init runs, on a borrowed kernel (kernel_from: kernel_recipe(p, r)), boots
+    with our initrd (initramfs.app_initrd): the whole boot is ours, so no udev and no scripts,
+    only the modules the VM needs."""
     from pipeline import app
 
-    return r.initrd and kernel_recipe(p, r) is not None and current_plan(p, r.name).init is app.InitKind.LDT
+    return r.initrd and kernel_from is not None and current_plan(p, r.name).init is app.InitKind.LDT
 
 
 def boot_sources(p: Project, r: Recipe) -> list[str]:
@@ -301,7 +302,7 @@ def boot(b: Build) -> None:
         write_guest_tar((), b.out(A.MODULES), mtime=0)
         return
     files = {a: p.store.pointer(k, a).resolve() for a in BORROWED}
-    ours = our_initrd(p, r)
+    ours = our_initrd(p, r, k)
     for a in (A.KERNEL, A.OS_RELEASE, *(() if ours else (A.INITRD,))):
         if files[a].is_file():
             link_or_copy(files[a], b.out(a))
@@ -410,9 +411,8 @@ def fast_boot(b: Build) -> None:
     initrd's shell and modprobe): an app on our initrd gets its kernel recipe's. Which one that
     is, is in the boot entry's key, so this stage's key follows it."""
     initrd = b.inputs[A.INITRD]
-    if our_initrd(b.project, b.recipe):
-        k = kernel_recipe(b.project, b.recipe)
-        assert k is not None
+    k = kernel_recipe(b.project, b.recipe)
+    if k is not None and our_initrd(b.project, b.recipe, k):
         initrd = b.project.store.pointer(k, A.INITRD).resolve()
         if not initrd.is_file():
             raise UserError(f"recipe {b.recipe.name}: virt boots it through the initrd of its kernel recipe "

@@ -192,7 +192,7 @@ def test_virt_on_an_app_whose_kernel_recipe_has_no_initrd_is_one_line(project, t
     with p.store.build("app", "key-ldt-app", {"stage": "app"}) as work:
         (work / Artifact.APP).write_text(json.dumps({"app": None, "init": "ldt", "kernels": []}))
     p.store.point("base", Artifact.APP, p.store.entry("app", "key-ldt-app") / Artifact.APP)
-    assert builders.our_initrd(p, app_r)
+    assert builders.our_initrd(p, app_r, builders.kernel_recipe(p, app_r))
     p.store.pointer("kern", Artifact.INITRD).unlink()
     (tmp_path / "work").mkdir()
     b = stages.Build(p, app_r, "k", tmp_path / "work", {Artifact.VMLINUX: tmp_path / "vmlinux",
