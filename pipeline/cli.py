@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import access, builders, imports, stages, vm
+from pipeline import access, builders, rootfs_import, stages, vm
 from pipeline.artifacts import Artifact
 from pipeline.errors import UserError
 from pipeline.project import Project
@@ -84,9 +84,9 @@ def _say(what: str, path: Path) -> None:
 
 def _from_tgz(tgz: Path, *artifacts: Artifact) -> tuple[Project, Recipe]:
     """Import a tgz into the store and run the stages that make `artifacts` on it (each cached)."""
-    r = imports.adhoc_recipe(tgz, "tgz")
+    r = rootfs_import.adhoc_recipe(tgz, "tgz")
     p = Project(project_root(), extra=(r,))
-    imports.import_tgz(p, tgz.resolve(), r)
+    rootfs_import.import_tgz(p, tgz.resolve(), r)
     _materialize(p, r, artifacts)
     return p, r
 
@@ -168,9 +168,9 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     tree = args.dir.resolve()
     if not tree.is_dir():
         raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
-    r = imports.adhoc_recipe(tree, "dir")
+    r = rootfs_import.adhoc_recipe(tree, "dir")
     p = Project(project_root(), extra=(r,))
-    imports.import_tree(p, tree, r)
+    rootfs_import.import_tree(p, tree, r)
     _materialize(p, r, Mode.TGZ.needs(initrd=r.initrd))
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))
