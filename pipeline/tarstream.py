@@ -104,7 +104,8 @@ class _ForwardReader:
                 pass
             n = len(self.buf) - self.pos
         n = self._fill(n)
-        data = bytes(self.buf[self.pos : self.pos + n])
+        with memoryview(self.buf) as view:
+            data = bytes(view[self.pos : self.pos + n])
         self.pos += n
         return data
 
@@ -117,7 +118,8 @@ class _ForwardReader:
             if fd is not None:
                 avail = os.write(fd, memoryview(self.buf)[self.pos : self.pos + avail])
             elif write is not None:
-                write(bytes(self.buf[self.pos : self.pos + avail]))
+                with memoryview(self.buf) as view:
+                    write(bytes(view[self.pos : self.pos + avail]))
             self.pos += avail
             n -= avail
 

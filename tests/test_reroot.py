@@ -285,3 +285,16 @@ def test_rootfs_is_in_the_tgz_key(tmp_path):
     assert manifest(p, with_rootfs, STAGE["tgz"])["settings"]["rootfs"] == "/mnt"
     assert manifest(p, without, STAGE["tgz"])["settings"]["rootfs"] is None
     assert key_of(manifest(p, with_rootfs, STAGE["tgz"])) != key_of(manifest(p, without, STAGE["tgz"]))
+
+
+def test_a_global_pax_header_is_kept_once_and_not_repeated_per_member():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as t:
+        for ti, data in (member("mnt", tarfile.DIRTYPE), member("mnt/a", data=b"a", pax={"SCHILY.xattr.user.x": "1"})):
+            t.addfile(ti, io.BytesIO(data) if data is not None else None)
+    out = reroot(buf.getvalue())
+    assert out.count(b"comment=global") == 1 and out.count(b"SCHILY.xattr.user.x=1") == 1
+    with tarfile.open(fileobj=io.BytesIO(out)) as t:
+        a = t.getmember("./a")
+        assert t.extractfile(a).read() == b"a"
+        assert a.pax_headers == {"comment": "global", "SCHILY.xattr.user.x": "1"}
