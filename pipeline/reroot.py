@@ -16,7 +16,6 @@ mmdebstrap copy the build container's hostname, a random container id, into etc/
 from __future__ import annotations
 
 import functools
-import io
 import tarfile
 from collections.abc import Callable, Iterable
 
@@ -37,18 +36,6 @@ def rerooted(name: str, prefix: str) -> str | None:
     if path.startswith(prefix + "/"):
         return "./" + path[len(prefix) + 1:]
     return None
-
-
-def parse_headers(blocks: bytes) -> tarfile.TarInfo:
-    """One member's header blocks (extended headers, then its ustar block) as a TarInfo."""
-    try:
-        tf = tarfile.TarFile(fileobj=io.BytesIO(blocks), mode="r", encoding=ENCODING, errors=ERRORS)
-    except tarfile.TarError as e:
-        raise UserError(f"the tar stream has a corrupt header ({e})") from e
-    ti = tf.firstmember
-    if ti is None:
-        raise UserError("the tar stream has a corrupt header")
-    return ti
 
 
 def header_bytes(ti: tarfile.TarInfo, pax_headers: dict[str, str] | None = None) -> bytes:

@@ -303,7 +303,7 @@ def test_build_as_unprivileged_user_is_identical(crafted, tmp_path):
         code = f"""
 import os
 from pathlib import Path
-from pipeline import disk, rootfs
+from pipeline import disk, ext4
 d = Path({os.fspath(shared)!r})
 out = Path(d / ("user" if os.geteuid() else "root"))
 out.mkdir()

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline import recipes
 from pipeline.errors import UserError
-from pipeline.reroot import header_bytes, parse_headers, reroot_filter, reroot_tar, rerooted
+from pipeline.reroot import header_bytes, reroot_filter, reroot_tar, rerooted
+from pipeline.tarstream import TarStream
 from pipeline.tgz import Fixups, write_tgz
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # cap_net_raw+ep
@@ -217,6 +218,11 @@ def test_rerooted_names():
     assert rerooted("/mnt/etc/", "mnt") == "./etc"
     assert rerooted("mntx/a", "mnt") is None and rerooted("etc/mnt/a", "mnt") is None
     assert rerooted("srv/root/x", "srv/root") == "./x" and rerooted("srv/x", "srv/root") is None
+
+
+def parse_headers(blocks: bytes) -> tarfile.TarInfo:
+    """One member's header blocks as the walker reads them."""
+    return next(iter(TarStream.of_chunks([blocks + bytes(1024)])))
 
 
 def test_header_bytes_drop_stale_pax_records():
