@@ -60,15 +60,16 @@ def make_cpio(files: Mapping[str, bytes], *, mode: int = 0o755,
     out.append(_cpio_entry("TRAILER!!!", 0, b"", 0))
     return b"".join(out)
 
+
 def pad4(size: int) -> bytes:
     """Zeros that bring an archive to a 4-byte boundary (the kernel skips them between archives)."""
     return b"\0" * (-size % 4)
 
 
-
 # ── initramfs slimming ───────────────────────────────────────────────────────────
 
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+
 
 @dataclass(frozen=True)
 class CpioMember:
@@ -197,8 +198,6 @@ def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
 
     slim = [m.raw for m in members if wanted_member(m)]
     return b"".join(slim) + _cpio_entry("TRAILER!!!", 0, b"", 0)
-
-
 
 
 # ── the initramfs of apps that run on our init ─────────────────────────────────────────

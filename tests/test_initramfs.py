@@ -1,5 +1,5 @@
-"""pipeline.initramfs: the cpio writer and reader, initrd slimming, the kernel image parsing,
-and the fast_boot stage built on them."""
+"""pipeline.initramfs: the cpio writer and reader, initrd slimming; pipeline.kernel's vmlinux out of a
+bzImage; and the fast_boot stage built on them."""
 
 from __future__ import annotations
 
