@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import access, mmdebstrap
-from pipeline.console import entry_point
+from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
 from pipeline.kernel import choose_version
 from pipeline.mmdebstrap import PrivilegeMode
