@@ -39,6 +39,28 @@ class Phases:
         return tuple((name, getattr(self, name)) for name in PHASES)
 
 
+KERNEL_START = re.compile(r"^\[ *0\.0+\] |Linux version \d")  # the kernel's first console line
+INIT_START = (re.compile(r"Run \S+ as init process"), re.compile(r"Freeing unused kernel.* memory"))  # first found
+
+
+def phases_from_console(lines: Sequence[tuple[float, str]], *, ready_at: float | None,
+                        login: float | None = None) -> Phases:
+    """Phases from console lines stamped with the host's seconds since QEMU started (the check's
+    reader stamps them): firmware until the kernel's first line, kernel until it runs init, init
+    until `ready_at` (the login prompt or the marker). A phase the console did not show is None
+    (a `quiet` kernel prints nothing, so kernel and firmware fold into init)."""
+    kernel_at = next((t for t, line in lines if KERNEL_START.search(line)), None)
+    init_at = next((t for pattern in INIT_START for t, line in lines if pattern.search(line)), None)
+    if kernel_at is None or (init_at is not None and init_at < kernel_at):
+        init_at = None
+    return Phases(
+        firmware=kernel_at,
+        kernel=None if kernel_at is None or init_at is None else init_at - kernel_at,
+        init=None if ready_at is None else ready_at - (init_at if init_at is not None else kernel_at or 0.0),
+        login=login,
+    )
+
+
 @dataclass(frozen=True)
 class BootRecord:
     """One recipe booted in one mode: whether it passed, why not, and what ran inside."""

@@ -16,6 +16,7 @@ from pipeline.report import (
     ReportPaths,
     html_page,
     junit_xml,
+    phases_from_console,
     record_from_json,
     record_to_json,
     write_reports,
@@ -115,3 +116,14 @@ def test_record_round_trip():
         back = record_from_json(record_to_json(r), cached=r.cached)
         assert back == BootRecord(r.recipe, r.mode, r.ok, round(r.seconds, 3), r.reason, r.console_tail, "",
                                   r.phases, r.commands, r.cached, r.passed_by)
+
+
+def test_phases_from_console():
+    lines = [(0.1, "SeaBIOS (version 1.16.2-debian-1.16.2-1)"), (1.5, "[    0.000000] Linux version 6.1.0-18-amd64"),
+             (2.0, "[    0.950000] Freeing unused kernel image (initmem) memory: 2800K"),
+             (2.1, "[    1.000000] Run /init as init process"), (9.0, "host login: ")]
+    p = phases_from_console(lines, ready_at=9.0, login=0.4)
+    assert (p.firmware, round(p.kernel, 3), round(p.init, 3), p.login) == (1.5, 0.6, 6.9, 0.4)  # the Run line, not the Freeing one
+    quiet = phases_from_console([(0.2, "SeaBIOS"), (5.0, "host login: ")], ready_at=5.0)
+    assert quiet == Phases(None, None, 5.0, None)
+    assert phases_from_console([], ready_at=None) == Phases()
