@@ -156,6 +156,7 @@ class LoginFailure(enum.StrEnum):
     INCORRECT = "login incorrect"
     NO_PASSWORD = "no password"
     NO_SHELL = "no shell"
+    NO_CHECK_SHELL = "no check shell"  # an app run by our init: no shell on the check's port
     CLOSED = "console closed"
 
     def error(self, user: str, password_env: str | None, seconds: float) -> ConsoleLoginError:
@@ -175,6 +176,10 @@ class LoginFailure(enum.StrEnum):
             LoginFailure.NO_SHELL: (
                 f"the check logged in as {user} but got no shell within {seconds:g}s",
                 f"{user}'s login shell must be a POSIX shell (sh, bash, dash, ash)"),
+            LoginFailure.NO_CHECK_SHELL: (
+                f"the check got no shell on its serial port within {seconds:g}s",
+                "our init starts one beside the app when the VM has the check's port; rebuild the image "
+                "(doit build_app) so it has the current init"),
             LoginFailure.CLOSED: ("the check cannot log in: the serial console closed (the VM stopped)",
                                   "see the console lines above"),
         }[self]
@@ -226,6 +231,7 @@ class ConsoleSession:
         self._secret: str | None = None
         self.ready = False  # logged in, shell set up
         self.broken = False  # a command hung: the shell is busy for good
+        self.login_seconds: float | None = None  # from the login prompt to a ready shell (the report's phase)
         if seen:  # what the boot check already read from this console (its login prompt)
             self._text = _complete_prefix(strip_ansi(seen))[0][-4096:]
 
@@ -327,6 +333,7 @@ class ConsoleSession:
             if got is None and self._expect({"login": LOGIN_PROMPT}, deadline, poke=lambda: self._send("\n"),
                                             poke_now=True) is None:
                 raise fail(LoginFailure.NO_GETTY)
+            prompt_at = time.monotonic()
             self._text = ""
             self._send(login.user + "\n")
             answers = {"password": PASSWORD_PROMPT, "incorrect": LOGIN_INCORRECT, "login": LOGIN_PROMPT,
@@ -349,8 +356,24 @@ class ConsoleSession:
                 else:
                     break
             self._setup(deadline, fail, prompt_seen=got is not None and got[0] == "prompt")
+            self.login_seconds = time.monotonic() - prompt_at
         except ConsoleClosed as e:
             raise fail(LoginFailure.CLOSED) from e
+
+    def attach(self, *, timeout: float = 30.0) -> None:
+        """Take a shell that waits on this stream already (no getty, no login): the one our init
+        starts beside an app on the check's own serial port."""
+        start = time.monotonic()
+
+        def fail(failure: LoginFailure) -> ConsoleLoginError:
+            return (LoginFailure.NO_CHECK_SHELL if failure is LoginFailure.NO_SHELL else failure).error(
+                "root", None, round(time.monotonic() - start))
+
+        try:
+            self._setup(start + timeout, fail, prompt_seen=True)
+        except ConsoleClosed as e:
+            raise fail(LoginFailure.CLOSED) from e
+        self.login_seconds = time.monotonic() - start
 
     def _setup(self, deadline: float, fail: Callable[[LoginFailure], ConsoleLoginError], *, prompt_seen: bool) -> None:
         """Type the setup line until the shell answers it (typed ahead of a slow login, it waits
@@ -412,8 +435,10 @@ class ConsoleSession:
 
 # ── the [check] table ────────────────────────────────────────────────────────────────────────
 
-# systemctl --failed exits 0 even with failed units: the check prints them and fails when any.
-SYSTEMD_FAILED_UNITS = ('failed=$(systemctl --failed --no-legend --plain --no-pager 2>&1); '
+# systemctl --failed exits 0 even with failed units: the check prints them and fails when any. It
+# passes where systemd is not PID 1 (sd_booted(): /run/systemd/system), so it needs no build-time fact.
+SYSTEMD_FAILED_UNITS = ('[ -d /run/systemd/system ] || exit 0; '
+                        'failed=$(systemctl --failed --no-legend --plain --no-pager 2>&1); '
                         '[ -z "$failed" ] || { printf "%s\\n" "$failed"; false; }')
 DEFAULT_PASSWORD_ENV = "LDT_CHECK_PASSWORD"
 
@@ -459,7 +484,8 @@ class CheckSettings:
                    timeout=table.get("timeout", 60), login_timeout=table.get("login_timeout", 60))
 
     def commands(self, *, systemd: bool) -> tuple[str, ...]:
-        """What runs: the recipe's commands, or by default the failed-units check on systemd."""
+        """What runs: the recipe's commands, or by default the failed-units check where systemd
+        may be init (an OS image, a systemd app: systemd = plan.init is not InitKind.LDT)."""
         if self.run is not None:
             return self.run
         return (SYSTEMD_FAILED_UNITS,) if systemd else ()

@@ -6,6 +6,7 @@ Environment:
   FAKE_NOISE      1: a background process writes kernel-like lines to the terminal every 50 ms,
                   through the whole session (like printk on a serial console)
   FAKE_LOGIN_DELAY  seconds login takes after the password (a slow PAM under TCG)
+  FAKE_SHELL_ONLY 1: no getty, a shell at once (our init's shell beside an app)
 
 Like util-linux: `<host> login: `, then `Password: ` with echo off, "Login incorrect" and the
 prompt again on a wrong one, then a shell (/bin/sh -i) with a coloured prompt.
@@ -49,6 +50,8 @@ def main() -> None:
         while True:
             time.sleep(3600)
     password = os.environ.get("FAKE_PASSWORD")
+    if os.environ.get("FAKE_SHELL_ONLY") == "1":
+        shell()
     while True:
         out.write(f"\r\nDebian GNU/Linux 12 {HOST} ttyS0\r\n\r\n{HOST} login: ")
         out.flush()
@@ -67,9 +70,13 @@ def main() -> None:
                 continue
         out.write("Linux fakehost 6.1.0 #1 SMP x86_64\r\n\r\nThe programs included with Debian are free.\r\n")
         out.flush()
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TERM": "xterm-256color",
-               "PS1": "\x1b[01;32mroot@fakehost\x1b[00m:\x1b[01;34m~\x1b[00m# "}
-        os.execve("/bin/sh", ["sh", "-i"], env)
+        shell()
+
+
+def shell() -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TERM": "xterm-256color",
+           "PS1": "\x1b[01;32mroot@fakehost\x1b[00m:\x1b[01;34m~\x1b[00m# "}
+    os.execve("/bin/sh", ["sh", "-i"], env)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,21 @@ def test_a_hang_times_out_and_the_rest_is_not_run():
         assert after.verdict is Verdict.NOT_RUN
 
 
+def test_attach_to_a_waiting_shell():
+    with fake_console(FAKE_SHELL_ONLY="1", FAKE_NOISE="1") as fd:
+        s = session(fd)
+        s.attach(timeout=10)
+        assert s.run("echo beside the app").output == "beside the app"
+        assert s.login_seconds is not None and s.login_seconds < 5
+
+
+def test_attach_without_a_shell_says_so():
+    with fake_console(FAKE_NO_GETTY="1") as fd:
+        with pytest.raises(ConsoleLoginError) as e:
+            session(fd).attach(timeout=1)
+    assert e.value.failure is LoginFailure.NO_CHECK_SHELL and "build_app" in (e.value.hint or "")
+
+
 def test_closed_console_is_a_login_error():
     r, w = os.pipe()
     os.close(w)

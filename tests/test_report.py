@@ -122,8 +122,8 @@ def test_phases_from_console():
     lines = [(0.1, "SeaBIOS (version 1.16.2-debian-1.16.2-1)"), (1.5, "[    0.000000] Linux version 6.1.0-18-amd64"),
              (2.0, "[    0.950000] Freeing unused kernel image (initmem) memory: 2800K"),
              (2.1, "[    1.000000] Run /init as init process"), (9.0, "host login: ")]
-    p = phases_from_console(lines, ready_at=9.0, login=0.4)
-    assert (p.firmware, round(p.kernel, 3), round(p.init, 3), p.login) == (1.5, 0.6, 6.9, 0.4)  # the Run line, not the Freeing one
+    p = phases_from_console(lines, ready_at=9.0, login=0.4)  # init starts at the Run line, not the Freeing one
+    assert (p.firmware, round(p.kernel, 3), round(p.init, 3), p.login) == (1.5, 0.6, 6.9, 0.4)
     quiet = phases_from_console([(0.2, "SeaBIOS"), (5.0, "host login: ")], ready_at=5.0)
     assert quiet == Phases(None, None, 5.0, None)
     assert phases_from_console([], ready_at=None) == Phases()
