@@ -10,9 +10,10 @@ shape is the one Jenkins (xunit's junit-10.xsd) and GitLab read; tests/test_repo
 from __future__ import annotations
 
 import html
+import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,32 @@ class ReportPaths:
         return cls(xml, xml.with_suffix(".html"))
 
 
+    @property
+    def records_dir(self) -> Path:
+        """Each recipe's last records (<recipe>.json), from which both files are rewritten."""
+        return self.xml.with_name(self.xml.stem + ".d")
+
+
+def update_reports(paths: ReportPaths, recipe: str, records: Sequence[BootRecord],
+                   keep: Iterable[str] | None = None) -> ReportPaths:
+    """check_boot:<recipe> saves its records, then rewrites both files from every recipe's saved
+    records (`keep`: the project's recipes, so a removed recipe drops out). Under a lock: the
+    subtasks of `doit -n N check_boot` run in parallel processes."""
+    import fcntl
+
+    paths.records_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.records_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_atomic(paths.records_dir / f"{recipe}.json",
+                     json.dumps([record_to_json(r, with_log=True) for r in records], sort_keys=True))
+        wanted = None if keep is None else set(keep)
+        everything: list[BootRecord] = []
+        for f in sorted(paths.records_dir.glob("*.json")):
+            if wanted is None or f.stem in wanted:
+                everything += [record_from_json(d) for d in json.loads(f.read_text())]
+        return write_reports(everything, paths)
+
+
 def write_reports(records: Sequence[BootRecord], paths: ReportPaths) -> ReportPaths:
     """Both files, each written atomically (a CI job reading them sees a whole old or new one)."""
     write_atomic(paths.xml, junit_xml(records))
@@ -301,16 +328,19 @@ def write_reports(records: Sequence[BootRecord], paths: ReportPaths) -> ReportPa
     return paths
 
 
-def record_to_json(r: BootRecord) -> dict[str, Any]:
-    """A record as plain data (for a cached check entry's result.json)."""
-    return {"recipe": r.recipe, "mode": r.mode, "ok": r.ok, "seconds": round(r.seconds, 3), "reason": r.reason,
-            "console_tail": list(r.console_tail), "phases": dict(r.phases.items()),
-            "commands": [c.to_json() for c in r.commands], "passed_by": r.passed_by}
+def record_to_json(r: BootRecord, *, with_log: bool = False) -> dict[str, Any]:
+    """A record as plain data (a cached check entry's result.json; with the log for the reports)."""
+    d = {"recipe": r.recipe, "mode": r.mode, "ok": r.ok, "seconds": round(r.seconds, 3), "reason": r.reason,
+         "console_tail": list(r.console_tail), "phases": dict(r.phases.items()),
+         "commands": [c.to_json() for c in r.commands], "passed_by": r.passed_by}
+    if with_log:
+        d.update(console_log=r.console_log, cached=r.cached)
+    return d
 
 
-def record_from_json(d: Mapping[str, Any], *, cached: bool = False) -> BootRecord:
+def record_from_json(d: Mapping[str, Any], *, cached: bool | None = None) -> BootRecord:
     return BootRecord(d["recipe"], d["mode"], d["ok"], d["seconds"], d.get("reason", ""),
-                      tuple(d.get("console_tail", ())), "", Phases(**d.get("phases", {})),
-                      tuple(CommandResult.from_json(c) for c in d.get("commands", ())), cached,
-                      d.get("passed_by", ""))
+                      tuple(d.get("console_tail", ())), d.get("console_log", ""), Phases(**d.get("phases", {})),
+                      tuple(CommandResult.from_json(c) for c in d.get("commands", ())),
+                      d.get("cached", False) if cached is None else cached, d.get("passed_by", ""))
 

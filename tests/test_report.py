@@ -19,6 +19,7 @@ from pipeline.report import (
     phases_from_console,
     record_from_json,
     record_to_json,
+    update_reports,
     write_reports,
 )
 
@@ -109,6 +110,21 @@ def test_write_reports_atomically(tmp_path):
     assert paths.html.read_text().startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in paths.xml.parent.iterdir()) == ["check_boot.html", "check_boot.xml"]
     assert ReportPaths.beside(tmp_path / "out" / "j.xml").html == tmp_path / "out" / "j.html"
+
+
+def test_update_reports_merges_the_recipes(tmp_path):
+    paths = ReportPaths.default(tmp_path / "cache")
+    hello = [r for r in records() if r.recipe == "hello"]
+    webapp = [r for r in records() if r.recipe == "webapp"]
+    update_reports(paths, "hello", hello)
+    update_reports(paths, "webapp", webapp)
+    names = [s.get("name") for s in ET.parse(paths.xml).getroot()]
+    assert names == ["check_boot.hello", "check_boot.webapp"]
+    assert NASTY.split("&")[0].replace("<", "&lt;").replace(">", "&gt;") in paths.html.read_text()  # logs kept
+    update_reports(paths, "hello", hello[:1], keep=["hello"])  # webapp was removed from the project
+    root = ET.parse(paths.xml).getroot()
+    assert [s.get("name") for s in root] == ["check_boot.hello"] and root.get("tests") == "2"
+    validate(paths.xml.read_text(), XSD)
 
 
 def test_record_round_trip():
