@@ -217,6 +217,7 @@ class ConsoleSession:
 
     POKE_EVERY = 3.0  # seconds between newlines typed at a silent getty, and between setup lines
     FIRST_POKE = 1.0  # seconds to wait for a login prompt before typing a newline to ask for one
+    WINDOW = 4096  # characters a match may reach back before the last search's end (a printk line is < 1 KiB)
 
     def __init__(self, fd: int, *, on_line: Callable[[str], None] | None = None, tail_lines: int = 40,
                  env: Mapping[str, str] | None = None, seen: str = "") -> None:
@@ -225,7 +226,8 @@ class ConsoleSession:
         self.env = os.environ if env is None else env
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._raw = ""  # an unfinished escape sequence
-        self._text = ""  # cleaned text not yet consumed by a match
+        self._text = ""  # cleaned complete lines not yet consumed by a match, kernel lines taken out
+        self._partial = ""  # cleaned text after the last newline (kernel lines still in it)
         self._line = ""  # cleaned text after the last newline (for on_line/tail)
         self._lines: deque[str] = deque(maxlen=tail_lines)
         self._secret: str | None = None
@@ -233,7 +235,7 @@ class ConsoleSession:
         self.broken = False  # a command hung: the shell is busy for good
         self.login_seconds: float | None = None  # from the login prompt to a ready shell (the report's phase)
         if seen:  # what the boot check already read from this console (its login prompt)
-            self._text = _complete_prefix(strip_ansi(seen))[0][-4096:]
+            self._ingest(strip_ansi(_complete_prefix(seen)[0])[-4096:])
 
     # -- bytes in and out
 
@@ -261,9 +263,23 @@ class ConsoleSession:
             raise ConsoleClosed("end of stream")
         ready, self._raw = _complete_prefix(self._raw + self._decoder.decode(data))
         clean = strip_ansi(ready)
-        self._text += clean
+        self._ingest(clean)
         self._keep_lines(clean)
         return True
+
+    def _ingest(self, clean: str) -> None:
+        """Complete lines go to the text matched against, kernel lines out (each once: a long
+        output costs linear time); the unfinished line waits in _partial."""
+        *_, last = (self._partial + clean).rpartition("\n")
+        done = (self._partial + clean)[: len(self._partial) + len(clean) - len(last)]
+        self._text += without_kernel_lines(done)
+        self._partial = last
+
+    def _view(self) -> str:
+        return self._text + without_kernel_lines(self._partial)
+
+    def _clear(self) -> None:
+        self._text = self._partial = ""
 
     def _keep_lines(self, clean: str) -> None:
         *complete, self._line = (self._line + clean).split("\n")
@@ -287,12 +303,15 @@ class ConsoleSession:
         """Wait for the first of `patterns` in the cleaned text (kernel lines taken out); the text
         up to the match's end is consumed. `poke()` is called every POKE_EVERY seconds."""
         last_poke = time.monotonic() - (self.POKE_EVERY if poke_now else 0.0)
+        searched = 0  # patterns are short: each search starts a window before the last one's end
         while True:
-            view = without_kernel_lines(self._text)
-            found = [(m.start(), name, m) for name, p in patterns.items() if (m := p.search(view))]
+            view = self._view()
+            start = max(0, searched - self.WINDOW)
+            found = [(m.start(), name, m) for name, p in patterns.items() if (m := p.search(view, start))]
+            searched = len(view)
             if found:
                 _, name, m = min(found, key=lambda f: f[0])
-                self._consume(view, m.end())
+                self._consume(m.end())
                 return name, m
             now = time.monotonic()
             if now >= deadline:
@@ -303,18 +322,21 @@ class ConsoleSession:
             wait = min(deadline, last_poke + self.POKE_EVERY) - now if poke else deadline - now
             self._read(min(wait, 1.0))
 
-    def _consume(self, view: str, end: int) -> None:
-        """Drop the cleaned text up to position `end` of its kernel-line-free view."""
-        # The view is self._text with kernel lines removed; walk both to find the raw position.
-        kept = 0
-        pos = 0
-        for m in KERNEL_LINE.finditer(self._text):
+    def _consume(self, end: int) -> None:
+        """Drop the text up to position `end` of the view (_text, then _partial without kernel lines)."""
+        if end <= len(self._text):
+            self._text = self._text[end:]
+            return
+        end -= len(self._text)
+        self._clear()
+        kept = pos = 0  # walk the partial line and its view together to find the raw position
+        for m in KERNEL_LINE.finditer(self._partial):
             gap = m.start() - pos
             if kept + gap >= end:
                 break
             kept += gap
             pos = m.end()
-        self._text = self._text[pos + (end - kept):]
+        self._partial = self._partial[pos + (end - kept):]
 
     # -- logging in
 
@@ -334,7 +356,7 @@ class ConsoleSession:
                                             poke_now=True) is None:
                 raise fail(LoginFailure.NO_GETTY)
             prompt_at = time.monotonic()
-            self._text = ""
+            self._clear()
             self._send(login.user + "\n")
             answers = {"password": PASSWORD_PROMPT, "incorrect": LOGIN_INCORRECT, "login": LOGIN_PROMPT,
                        "prompt": SHELL_PROMPT}
@@ -398,7 +420,7 @@ class ConsoleSession:
         if got[0] != "ready":
             raise fail(LoginFailure.INCORRECT)
         self.ready = True
-        self._text = ""
+        self._clear()
 
     # -- commands
 
@@ -422,7 +444,7 @@ class ConsoleSession:
         seconds = time.monotonic() - start
         if not got_end:
             self.broken = True
-            partial = without_kernel_lines(self._text)
+            partial = self._view()
             return CommandResult(command, None, self._redact(partial), seconds, timeout)
         _, m = got_end
         output = m.string[: m.start()].rstrip("\n")  # like $(…): trailing newlines dropped

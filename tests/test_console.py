@@ -88,6 +88,15 @@ def test_kernel_lines_interleaved_are_taken_out():
         assert any("usb 1-1: noise" in line for line in s.tail())  # the console log still has them
 
 
+def test_a_long_output_costs_linear_time():
+    with fake_console(FAKE_NOISE="1") as fd:
+        s = session(fd)
+        s.login(timeout=20)
+        r = s.run("seq 1 100000", timeout=60)
+    assert r.status == 0 and r.output.split("\n") == [str(i) for i in range(1, 100001)]
+    assert r.seconds < 10, r.seconds
+
+
 def test_password_from_the_environment_is_never_kept(tmp_path):
     lines: list[str] = []
     with fake_console(FAKE_PASSWORD="s3cret-pw", FAKE_LOGIN_DELAY="0.5") as fd:
