@@ -142,8 +142,9 @@ def github(jobs: tuple[Job, ...], *, runner: str = "ubuntu-latest") -> str:
     for j in jobs:
         lines += [f"  {j.id}:",
                   f"    name: {q(j.title)}",
-                  f"    runs-on: {q(runner)}",
-                  f"    needs: {_list(j.needs)}"]
+                  f"    runs-on: {q(runner)}"]
+        if j.needs:  # GitHub: no key rather than an empty list
+            lines.append(f"    needs: {_list(j.needs)}")
         if j.publishes:
             lines.append(f"    if: {q('github.event_name == ' + repr('push'))}")
             lines.append(f"    env: {{LDT_TAG: {q('${{ github.ref_name }}')}}}")

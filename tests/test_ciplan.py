@@ -72,6 +72,8 @@ def test_github_yaml_parses_back(recipes):
     assert doc["env"]["LDT_REMOTE"] == "${{ vars.LDT_REMOTE }}"
     assert "pull_request" in doc["env"]["LDT_REMOTE_PUSH"]
     assert jobs[PUBLISH_JOB]["if"] == "github.event_name == 'push'"
+    assert "needs" not in jobs[job_id("debian-bookworm")]
+    assert doc[True] == {"push": None, "pull_request": None}  # `on:` (YAML 1.1 reads the key as true)
 
 
 def test_gitlab_yaml_parses_back(recipes):
