@@ -341,7 +341,7 @@ class ConsoleSession:
     # -- logging in
 
     def login(self, login: Login = Login(), *, timeout: float = 60.0) -> None:
-        """Get a shell and set it up (no echo, no colours, a plain prompt). Raises a
+        """Get a shell and set it up (TERM=dumb, a plain prompt, no PROMPT_COMMAND). Raises a
         ConsoleLoginError (one line and a hint) when that cannot be done within `timeout`."""
         start = time.monotonic()
         deadline = start + timeout
@@ -401,7 +401,9 @@ class ConsoleSession:
         """Type the setup line until the shell answers it (typed ahead of a slow login, it waits
         in the tty's buffer; typed again, it does no harm)."""
         nonce = secrets.token_hex(6)
-        line = (f"stty -echo 2>/dev/null; export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
+        # Builtins only: under TCG the first exec of a cold binary (stty -echo) costs a second, and
+        # the markers need no echo off (the echo of a line comes before the shell runs it).
+        line = (f"export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
                 f"printf '%s%s\\n' {MARK} READY_{nonce}\n")
         answers = {"ready": re.compile(rf"{MARK}READY_{nonce}\n"), "incorrect": LOGIN_INCORRECT,
                    "login": LOGIN_PROMPT}
