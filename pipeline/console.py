@@ -402,11 +402,14 @@ class ConsoleSession:
         in the tty's buffer; typed again, it does no harm)."""
         nonce = secrets.token_hex(6)
         # Builtins only: under TCG the first exec of a cold binary (stty -echo) costs a second, and
-        # the markers need no echo off (the echo of a line comes before the shell runs it).
-        line = (f"export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
+        # the markers need no echo off (the echo of a line comes before the shell runs it). bash's
+        # line editor off: the tty then echoes each line once, not readline's redraws.
+        line = ("export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
+                "[ -n \"${BASH_VERSION-}\" ] && set +o emacs +o vi; "
                 f"printf '%s%s\\n' {MARK} READY_{nonce}\n")
         answers = {"ready": re.compile(rf"{MARK}READY_{nonce}\n"), "incorrect": LOGIN_INCORRECT,
                    "login": LOGIN_PROMPT}
+
         def poke() -> None:
             self._send(line)
 
