@@ -28,7 +28,19 @@ BUILT = re.compile(r"^ldt: (\S+): docker build ", re.M)
 BOOTSTRAPPED = re.compile(r"^ldt: bootstrap ", re.M)
 
 
-def test_plan_jobs_one_by_one_build_each_recipe_once(tmp_path):
+@pytest.fixture
+def no_images_left():
+    """The engine is shared: the ldt/ci-* images these runners made go when the test ends."""
+    yield
+    from pipeline import docker
+
+    client = docker.client()
+    for image in client.images.list(filters={"reference": "ldt/ci-*"}):
+        for tag in image.tags:
+            client.images.remove(tag, noprune=False)
+
+
+def test_plan_jobs_one_by_one_build_each_recipe_once(tmp_path, no_images_left):
     require_docker()
     with serve(tmp_path / "registry") as reg:
         env = {"LDT_REMOTE": reg.url, "LDT_REMOTE_PUSH": "1"}
