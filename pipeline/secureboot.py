@@ -256,7 +256,7 @@ def owner_guid(keys: KeySet) -> uuid.UUID:
 
 
 def frozen_clock(epoch: int) -> str:
-    """faketime's absolute (frozen) time for `epoch`, read in TZ=UTC."""
+    """`epoch` as faketime's absolute time (read in TZ=UTC)."""
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -266,7 +266,13 @@ def sbsign_cmd(pair: KeyPair, src: Path, out: Path, *, epoch: int | None = None)
     same epoch -> the same bytes (the RSA PKCS#1 v1.5 signature itself is deterministic)."""
     cmd = ["sbsign", "--key", os.fspath(pair.key), "--cert", os.fspath(pair.cert), "--output", os.fspath(out),
            os.fspath(src)]
-    return cmd if epoch is None else ["faketime", frozen_clock(epoch), *cmd]
+    return cmd if epoch is None else [*frozen_clock_cmd(epoch), *cmd]
+
+
+def frozen_clock_cmd(epoch: int) -> list[str]:
+    """A command prefix under which the clock stands still at `epoch` (faketime -f: an absolute time
+    is frozen; without -f faketime only starts the clock there, and a big UKI takes over a second)."""
+    return ["faketime", "-f", frozen_clock(epoch)]
 
 
 def sbverify_cmd(cert: Path, efi: Path) -> list[str]:

@@ -77,7 +77,16 @@ def test_sbsign_cmd_freezes_the_clock_at_the_epoch() -> None:
     plain = sb.sbsign_cmd(pair, Path("in.efi"), Path("out.efi"))
     assert plain == ["sbsign", "--key", "/k/db.key", "--cert", "/k/db.crt", "--output", "out.efi", "in.efi"]
     assert sb.sbsign_cmd(pair, Path("in.efi"), Path("out.efi"), epoch=EPOCH) == [
-        "faketime", "2023-11-14 22:13:20", *plain]
+        "faketime", "-f", "2023-11-14 22:13:20", *plain]
+
+
+def test_the_frozen_clock_stands_still() -> None:
+    """A big UKI takes sbsign over a second: the clock it reads must not move meanwhile."""
+    from pipeline.run import run
+
+    cmd = [*sb.frozen_clock_cmd(EPOCH), "sh", "-c", "date +%s; sleep 1.2; date +%s"]
+    out = run(cmd, capture=True, env={"TZ": "UTC"}).stdout.decode().split()
+    assert out == [str(EPOCH), str(EPOCH)]
     assert sb.sbverify_cmd(Path("/k/db.crt"), Path("x.efi")) == ["sbverify", "--cert", "/k/db.crt", "x.efi"]
 
 
@@ -220,7 +229,7 @@ def test_secrets_never_reach_the_log(keys: KeySet, tmp_path: Path, capfd: pytest
         sb.check_pair(KeyPair(Role.DB, fresh.db.key, fresh.kek.cert))
     out, err = capfd.readouterr()
     shown = out + err + str(e.value) + (e.value.hint or "")
-    assert "+ openssl req" in err and "faketime '2023-11-14 22:13:20' sbsign --key" in err  # verbose: key paths
+    assert "+ openssl req" in err and "faketime -f '2023-11-14 22:13:20' sbsign --key" in err  # verbose: key paths
     for pair in fresh.pairs:
         body = pair.key.read_text().splitlines()[1]  # a line of the key's base64
         assert body not in shown
