@@ -9,20 +9,18 @@ boots end in seconds rather than at the timeout.
 from __future__ import annotations
 
 import hashlib
-import os
-import select
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from console import Watched, watch
 
 from pipeline import disk, ids, qemu
 from pipeline import secureboot as sb
-from pipeline.run import run, spawn
+from pipeline.run import run
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +54,8 @@ def uefi_disk_with(uki: Path, root_img: Path, out: Path, *, key: str = KEY, epoc
     return out
 
 
-@dataclass(frozen=True)
-class Boot:
-    console: str
-    seconds: float
-    matched: bool
-
-
 def boot(disk_img: Path, code: Path, vars_file: Path, tmp: Path, *, secure: bool,
-         until: Callable[[str], bool], timeout: float = BOOT_TIMEOUT) -> Boot:
+         until: Callable[[str], bool], timeout: float = BOOT_TIMEOUT) -> Watched:
     """Boot the disk on OVMF (`code` + a copy of `vars_file`) until `until(console)` or the timeout."""
     vars_copy = tmp / f"vars-{time.monotonic_ns()}.fd"
     shutil.copyfile(vars_file, vars_copy)
@@ -73,20 +64,10 @@ def boot(disk_img: Path, code: Path, vars_file: Path, tmp: Path, *, secure: bool
                         ovmf=qemu.Ovmf(code, vars_file), ovmf_vars=vars_copy)
     if secure:
         cmd += sb.secure_boot_qemu_args()
-    seen = b""
-    start = time.monotonic()
-    with spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while time.monotonic() - start < timeout:
-            if select.select([fd], [], [], 2)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                seen += chunk
-                if until(seen.decode(errors="replace")):
-                    return Boot(seen.decode(errors="replace"), time.monotonic() - start, True)
-    return Boot(seen.decode(errors="replace"), time.monotonic() - start, False)
+    try:
+        return watch(cmd, until, timeout)
+    finally:
+        vars_copy.unlink()
 
 
 def file_digest(path: Path) -> str:
