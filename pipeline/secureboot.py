@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.run import run
+from pipeline.run import log, run
 
 KEY_BITS = 2048
 VALIDITY_DAYS = 3650
@@ -186,6 +186,7 @@ def ensure_keys(env: Mapping[str, str] | None = None, directory: Path | None = N
     for pair in keys.pairs:
         if not pair.from_env and not pair.key.exists() and not pair.cert.exists():
             make_pair(pair.role, pair.key.parent)
+            log(f"made the Secure Boot {pair.role} key pair: {pair.key} (keep it private), {pair.cert}")
     for pair in keys.pairs:
         check_pair(pair, now)
     return keys

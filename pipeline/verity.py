@@ -81,7 +81,10 @@ class Verity:
 
     def ldt_cmdline(self, data_dev: str, hash_dev: str) -> list[str]:
         """For our initrds (initramfs-tools hook, the busybox app initrd): one word with everything
-        dmsetup needs, devices as PARTUUID=… (resolved in the initrd) or a /dev path."""
+        dmsetup needs, devices as PARTUUID=… (resolved in the initrd) or a /dev path. The scripts
+        (pipeline/guest/verity-local-top.sh) assume 4 KiB blocks and the superblock."""
+        if (self.data_block_size, self.hash_block_size) != (BLOCK, BLOCK):
+            raise ValueError("ldt.verity= carries no block sizes: the initrd scripts use 4 KiB")
         fields = [data_dev, hash_dev, str(self.data_blocks), self.hash_alg, self.root_hash, self.salt]
         return [f"ldt.verity={','.join(fields)}", f"root=/dev/mapper/{MAPPER_NAME}", "ro"]
 

@@ -3,6 +3,7 @@ dm table) and, with the real veritysetup on small files, reproducibility and tam
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import uuid
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_cmdline_words() -> None:
     assert words[0] == f"ldt.verity=PARTUUID=aa,PARTUUID=bb,2048,sha256,{'ab' * 32},{'cd' * 32}"
     assert words[1:] == ["root=/dev/mapper/root", "ro"]
     assert "rw" not in words
+    with pytest.raises(ValueError, match="4 KiB"):
+        dataclasses.replace(SAMPLE, data_block_size=1024).ldt_cmdline("/dev/vda", "/dev/vdb")
 
 
 @pytest.fixture
