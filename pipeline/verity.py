@@ -32,6 +32,8 @@ SECTOR = 512
 HASH_ALG = "sha256"
 MAPPER_NAME = "root"  # /dev/mapper/root, the name systemd-veritysetup-generator gives the root
 HINT = "install cryptsetup-bin (run ./setup.sh)"
+# Discoverable Partitions Specification: the x86-64 root's verity hash partition
+ROOT_X86_64_VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,13 @@ class Verity:
     @property
     def data_sectors(self) -> int:
         return self.data_blocks * self.data_block_size // SECTOR
+
+    @property
+    def partition_uuids(self) -> tuple[uuid.UUID, uuid.UUID]:
+        """(root, hash) partition UUIDs: the root hash's first and last 128 bits, systemd's
+        convention (systemd-gpt-auto-generator finds the pair from roothash= alone)."""
+        h = bytes.fromhex(self.root_hash)
+        return uuid.UUID(bytes=h[:16]), uuid.UUID(bytes=h[-16:])
 
     def dm_table(self, data_dev: str, hash_dev: str) -> str:
         """`dmsetup create --readonly root --table ...`: format 1, the tree after the superblock."""

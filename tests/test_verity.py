@@ -62,6 +62,13 @@ def test_dm_table() -> None:
         f"0 16384 verity 1 /dev/vda2 /dev/vda3 4096 4096 2048 1 sha256 {'ab' * 32} {'cd' * 32}")
 
 
+def test_partition_uuids_come_from_the_root_hash() -> None:
+    v = dataclasses.replace(SAMPLE, root_hash="00112233445566778899aabbccddeeff" + "ff" * 16)
+    root, hash_part = v.partition_uuids
+    assert str(root) == "00112233-4455-6677-8899-aabbccddeeff"
+    assert hash_part == uuid.UUID("ff" * 16)
+
+
 def test_cmdline_words() -> None:
     assert SAMPLE.systemd_cmdline("PARTUUID=aa", "PARTUUID=bb") == [
         f"roothash={'ab' * 32}", "systemd.verity_root_data=PARTUUID=aa", "systemd.verity_root_hash=PARTUUID=bb",

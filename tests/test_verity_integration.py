@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from console import watch
 
-from pipeline import initramfs, qemu, verity
+from pipeline import disk, ids, initramfs, qemu, verity
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
@@ -64,24 +64,52 @@ def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_facto
     return tmp, a, initrd, hash_dev, v
 
 
-def verity_boot(tmp: Path, a: dict[str, Path], initrd: Path, data: Path, hash_dev: Path, v: verity.Verity,
-                until, timeout: float = 600):
-    cmdline = qemu.kernel_cmdline(consoles=(qemu.SERIAL_CONSOLE,), extra=v.ldt_cmdline("/dev/vda", "/dev/vdb"))
+def verity_disk(root_img: Path, hash_dev: Path, v: verity.Verity, out: Path) -> Path:
+    """GPT: p1 the root (x86-64 root type), p2 its hash tree (root-verity type), partition UUIDs
+    from the root hash: the layout `[disk] verity = true` will write."""
+    root_uuid, hash_uuid = v.partition_uuids
+    (p1, p2), size = disk.layout([root_img.stat().st_size, hash_dev.stat().st_size], tail=disk.ALIGN)
+    parts = [disk.Partition(*p1, type=disk.ROOT_X86_64_TYPE, name="root", uuid=root_uuid),
+             disk.Partition(*p2, type=verity.ROOT_X86_64_VERITY_TYPE, name="root-verity", uuid=hash_uuid)]
+    with open(out, "wb") as f:
+        f.truncate(size)
+    run(disk.sfdisk_cmd(out), input=disk.sfdisk_script("gpt", str(ids.derive_uuid("verity-test", "gpt-disk")),
+                                                       parts).encode(), capture=True)
+    disk.sparse_copy_into(root_img, out, parts[0].start)
+    disk.sparse_copy_into(hash_dev, out, parts[1].start)
+    return out
+
+
+def verity_boot(a: dict[str, Path], initrd: Path, disks: list[Path], words: list[str], until,
+                timeout: float = 600):
+    cmdline = qemu.kernel_cmdline(consoles=(qemu.SERIAL_CONSOLE,), extra=words)
     settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
-    cmd = qemu.qemu_cmd(qemu.Mode.TGZ, settings=settings, disk=data, kernel=a["vmlinux"], initrd=initrd,
+    cmd = qemu.qemu_cmd(qemu.Mode.TGZ, settings=settings, disk=disks[0], kernel=a["vmlinux"], initrd=initrd,
                         cmdline=cmdline)
-    cmd += ["-drive", f"if=none,id=hash,file={qemu.qemu_opt(hash_dev)},format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=hash"]
+    for i, extra in enumerate(disks[1:]):
+        cmd += ["-drive", f"if=none,id=extra{i},file={qemu.qemu_opt(extra)},format=raw,readonly=on",
+                "-device", f"virtio-blk-pci,drive=extra{i}"]
     return watch(cmd, until, timeout)
+
+
+def welcome_or_verity_failure(console: str) -> bool:
+    """systemd's welcome from the verified root, or a whole ldt-verity line that is no success."""
+    whole_lines = console.splitlines()[:-1]  # the last may still be arriving
+    return "Welcome to" in console or any(
+        "ldt-verity: " in line and "verified by" not in line for line in whole_lines)
 
 
 def test_root_opens_through_verity(verity_env) -> None:
     tmp, a, initrd, hash_dev, v = verity_env
-    result = verity_boot(tmp, a, initrd, a["rootfs.ext4"], hash_dev, v,
-                         until=lambda c: "Welcome to" in c or "ldt-verity: " in c and "verified" not in c)
+    img = verity_disk(a["rootfs.ext4"], hash_dev, v, tmp / "verity.img")
+    root_uuid, hash_uuid = v.partition_uuids
+    words = v.ldt_cmdline(f"PARTUUID={root_uuid}", f"PARTUUID={hash_uuid}")
+    result = verity_boot(a, initrd, [img], words,
+                         until=welcome_or_verity_failure)
+    img.unlink()
     print(f"verity root: systemd's welcome after {result.seconds:.1f}s")
     tail = result.console[-3000:]
-    assert "ldt-verity: root /dev/vda verified by /dev/vdb" in result.console, tail
+    assert "ldt-verity: root /dev/vda1 verified by /dev/vda2" in result.console, tail
     assert "Welcome to" in result.console, tail  # init ran from the verified root
     assert "is corrupted" not in result.console
 
@@ -92,8 +120,8 @@ def test_a_changed_byte_in_the_root_fails_the_read(verity_env) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.fspath(a["rootfs.ext4"]), overlay])
     # ext4's volume name (superblock at 1024, s_volume_name at 0x78): the file system stays valid
     run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x58 {1024 + 0x78} 1", overlay], capture=True)
-    result = verity_boot(tmp, a, initrd, overlay, hash_dev, v, until=lambda c: "is corrupted" in c
-                         or "Welcome to" in c, timeout=400)
+    result = verity_boot(a, initrd, [overlay, hash_dev], v.ldt_cmdline("/dev/vda", "/dev/vdb"),
+                         until=lambda c: "is corrupted" in c or "Welcome to" in c, timeout=400)
     print(f"tampered verity root: {'refused' if 'is corrupted' in result.console else '?'} "
           f"after {result.seconds:.1f}s")
     assert "is corrupted" in result.console, result.console[-3000:]  # device-mapper: verity: ... data block 0
