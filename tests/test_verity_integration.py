@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from console import watch
 
-from pipeline import disk, ids, initramfs, qemu, verity
+from pipeline import disk, ids, initramfs, kernel, qemu, verity
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def verity_overlay(tgz: Path, version: str) -> bytes:
 def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("verity")
     a = hello_artifacts
-    version = initramfs.kernel_version(a["vmlinuz"].read_bytes())
+    version = kernel.release(a["vmlinuz"].read_bytes())
     assert version
     initrd = tmp / "initrd-verity.img"
     base = a["initrd.img"].read_bytes()
