@@ -36,7 +36,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import kernel  # noqa: E402
+
 VIRT = ROOT / ".venv" / "bin" / "virt"
 ART = ROOT / "cache" / "recipes" / "virt"
 KERNEL, INITRD, ROOTFS, TGZ = ART / "vmlinuz", ART / "initrd.img", ART / "rootfs.ext4", ART / "rootfs.tgz"
@@ -143,13 +146,11 @@ def marked(out: str, tool: str) -> int:
 
 
 def kernel_release(bzimage: Path) -> str:
-    """The version string a bzImage's setup header points to (boot protocol >= 2.00)."""
-    data = bzimage.read_bytes()[:0x10000]
-    if data[0x202:0x206] != b"HdrS":
+    """The version string a bzImage's setup header points to (kernel.release_of)."""
+    release = kernel.release_of(bzimage)
+    if release is None:
         raise Failed(f"{bzimage} is not a bzImage")
-    (offset,) = struct.unpack_from("<H", data, 0x20E)
-    text = data[offset + 0x200 :].split(b"\0", 1)[0].decode(errors="replace")
-    return text.split()[0]
+    return release
 
 
 def install_vng() -> None:

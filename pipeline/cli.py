@@ -10,11 +10,12 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import access, builders, rootfs_import, stages, vm
 from pipeline.artifacts import Artifact
+from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
 from pipeline.project import Project
 from pipeline.qemu import Mode
@@ -26,22 +27,6 @@ A = Artifact
 def project_root() -> Path:
     """The project this package belongs to (an editable install), or $LDT_ROOT."""
     return Path(os.environ.get("LDT_ROOT") or Path(__file__).resolve().parent.parent)
-
-
-def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
-    """A console script: one clear line on a user error (exit 2), 130 on Ctrl-C."""
-
-    def wrapper() -> None:
-        try:
-            sys.exit(main(None))
-        except UserError as e:
-            print(e.render(), file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    wrapper.__doc__ = main.__doc__
-    return wrapper
 
 
 def vm_options(parser: argparse.ArgumentParser, *, cmdline: bool) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from console import Watched, watch
 
-from pipeline import disk, ids, qemu
+from pipeline import disk, ext4, ids, qemu
 from pipeline import secureboot as sb
 from pipeline.run import run
 
@@ -107,7 +107,7 @@ def sb_env(hello_artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     a = hello_artifacts
     keys = sb.ensure_keys(env={}, directory=tmp / "keys")
     other = sb.ensure_keys(env={}, directory=tmp / "other-keys")
-    root_uuid, _ = disk.read_ext4_identity(a["rootfs.ext4"])
+    root_uuid, _ = ext4.read_ext4_identity(a["rootfs.ext4"])
     unsigned = disk.build_uki(a["vmlinuz"], a["initrd.img"], disk.kernel_cmdline(root_uuid), a["os-release"],
                               tmp / "unsigned.efi")
     signed = sb.sign(unsigned, tmp / "signed.efi", keys.db, epoch=EPOCH)
