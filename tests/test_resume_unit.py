@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import resume, virt
+from pipeline import qemu, resume, virt
 from pipeline.cache import Store, hash_file, key_of
 
 
@@ -29,10 +29,10 @@ def test_guest_speaks_the_hosts_protocol():
 
 
 def test_ram_is_shared_while_making_and_private_when_resuming(tmp_path: Path):
-    made = resume.memory_args(tmp_path / "a,b" / resume.RAM, 1024, share=True)
+    made = qemu.memory_args(tmp_path / "a,b" / resume.RAM, 1024, share=True)
     assert f"mem-path={tmp_path}/a,,b/{resume.RAM},share=on" in made[1] and "size=1024M" in made[1]
     snap = resume.Snapshot(tmp_path)
-    args = resume.resume_args(snap, 512, qmp_fd=9)
+    args = qemu.resume_args(snap.ram, 512, qmp_fd=9)
     assert "share=off" in args[1] and args[-2:] == ["-incoming", "defer"]
     assert ["-chardev", "socket,id=qmp,fd=9"] == args[4:6]
 
