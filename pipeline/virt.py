@@ -234,32 +234,32 @@ def run_virt(
     share = check_workdir(workdir)
     check_artifacts(kernel=kernel, initrd=initrd, **{"root image": rootfs})
     accel = select_accel(options.accel, cache_dir=cache_dir, notice=verbose()).accel
-    vm = machine(options, kernel=kernel, rootfs=rootfs, accel=accel, qemu=find_qemu(), bios=find_qboot())
+    m = machine(options, kernel=kernel, rootfs=rootfs, accel=accel, qemu=find_qemu(), bios=find_qboot())
     term = os.environ.get("TERM") if os.isatty(1) else None
     if not options.cold and not options.net:
         try:
-            return _run_resumed(argv, vm, initrd=initrd, share=share, timeout=options.timeout, term=term,
+            return _run_resumed(argv, m, initrd=initrd, share=share, timeout=options.timeout, term=term,
                                 cache_dir=cache_dir, entry_time=entry_time)
         except resume.NoSnapshot as e:
             if verbose():
                 log(f"virt: booting cold: {e}")
-    with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp, launch(PORTS) as qemu:
+    with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp, launch(PORTS) as vm:
         combined = Path(tmp) / "initrd"
         _write_initrd(combined, initrd, virt_cpio(argv, options=options, term=term))
         console_log = Path(tmp) / "console.log"
-        cmd = virt_cmd(vm, initrd=combined, workdir=share, fds=qemu.fds, console_log=console_log)
-        proc = qemu.start(cmd, new_session=True)  # new session: Ctrl-C is ours to handle, not QEMU's
-        return _supervise(proc, qemu.ours, console_log, options.timeout)
+        cmd = virt_cmd(m, initrd=combined, workdir=share, fds=vm.fds, console_log=console_log)
+        proc = vm.start(cmd, new_session=True)  # new session: Ctrl-C is ours to handle, not QEMU's
+        return _supervise(proc, vm.ours, console_log, options.timeout)
 
 
-def _run_resumed(argv: list[str], vm: VirtMachine, *, initrd: Path, share: Path, timeout: float | None,
+def _run_resumed(argv: list[str], m: VirtMachine, *, initrd: Path, share: Path, timeout: float | None,
                  term: str | None, cache_dir: Path | None, entry_time: float) -> int:
     """run_virt() on a restored snapshot; resume.NoSnapshot when this run has to boot cold
     (nothing of the command ran then: the host's stdin is only read once the guest started it)."""
     init = init_script()
     old_term = _on_sigterm()  # SIGTERM while making one: its QEMU is reaped like a run's
     try:
-        snap = resume.prepare(Store(cache_dir) if cache_dir is not None else None, vm.canonical(), initrd=initrd,
+        snap = resume.prepare(Store(cache_dir) if cache_dir is not None else None, m.canonical(), initrd=initrd,
                               init=init, cpio=resume.snapshot_cpio(init, init_name=INIT, conf_name=CONF))
     except resume.MakeFailed as e:
         error = guest_error(e.console)
@@ -273,23 +273,23 @@ def _run_resumed(argv: list[str], vm: VirtMachine, *, initrd: Path, share: Path,
     marks = {"entry": entry_time}
     if verbose():
         log(f"virt: resuming snapshot {snap.entry.name[:12]}")
-    settings = argv_script(argv, ro=vm.ro, net=False, term=term, debug=verbose())
-    with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp, launch((*PORTS, "qmp")) as qemu:
+    settings = argv_script(argv, ro=m.ro, net=False, term=term, debug=verbose())
+    with tempfile.TemporaryDirectory(prefix="ldt-virt-") as tmp, launch((*PORTS, "qmp")) as vm:
         console_log = Path(tmp) / "console.log"
         state = os.open(snap.state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             cmd = [
-                *virt_cmd(vm, workdir=share, initrd=snap.initrd, console_log=console_log, fds=qemu.fds),
-                *resume_args(snap.ram, vm.memory, qemu.fds["qmp"]),
+                *virt_cmd(m, workdir=share, initrd=snap.initrd, console_log=console_log, fds=vm.fds),
+                *resume_args(snap.ram, m.memory, vm.fds["qmp"]),
             ]
-            proc = qemu.start(cmd, pass_fds=[state], new_session=True)
+            proc = vm.start(cmd, pass_fds=[state], new_session=True)
             marks["spawned"] = time.monotonic()
             try:
-                resume.restore(qemu.ours["qmp"], f"fd:{state}", marks)
+                resume.restore(vm.ours["qmp"], f"fd:{state}", marks)
                 os.close(state)
                 state = -1
                 conf = resume.run_conf(settings, seed=os.urandom(resume.SEED_BYTES), now_ns=time.time_ns())
-                ports = {p: qemu.ours[p] for p in PORTS}
+                ports = {p: vm.ours[p] for p in PORTS}
                 status = _supervise(proc, ports, console_log, timeout, preamble=conf, marks=marks)
                 if verbose():
                     log("virt: " + resume.timings(marks))
