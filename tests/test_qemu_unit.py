@@ -1,11 +1,13 @@
-"""pipeline.qemu: the pure command-line builders, accelerator choice, and boot_to_marker's
-console handling against a fake qemu (a Python script), so no VM runs here."""
+"""The QEMU toolkit without a VM: qemu.py's pure command-line builders, kvm.py's accelerator
+choice, firmware look-ups, and headless.boot_to_marker's console handling, launch() and the QMP
+client against a fake qemu (a Python script)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import sys
 import textwrap
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import firmware, headless, kvm, launch, qemu
+from pipeline import firmware, headless, kvm, launch, qemu, qmp
 from pipeline.errors import UserError
 from pipeline.firmware import Ovmf
 from pipeline.qemu import Accel, DiskBus, Mode, VmSettings, qemu_cmd
@@ -499,3 +501,38 @@ def test_power_off_after_the_marker(tmp_path: Path, exits_on: tuple[str], comman
 def test_interactive_commands_are_refused() -> None:
     with pytest.raises(ValueError, match="headless"):
         headless.boot_to_marker(tgz(VmSettings(accel=Accel.TCG, interactive=True)), timeout=1)
+
+
+# ── launch and the QMP client ──
+
+
+def test_launch_hands_qemu_its_socket_ends_and_reaps_it(tmp_path: Path) -> None:
+    cmd, pidfile = fake_qemu(tmp_path, """
+        import socket
+        socket.socket(fileno=int(sys.argv[1])).sendall(b"hello")
+        time.sleep(60)
+    """)  # fmt: skip
+    with launch.launch(("port",)) as vm:
+        vm.start([*cmd, str(vm.fds["port"])])
+        vm.ours["port"].settimeout(20)
+        assert vm.ours["port"].recv(5) == b"hello"
+    assert gone(pidfile)
+
+
+def test_qmp_skips_events_and_says_what_qemu_refused() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b'{"QMP": {}}\n{"return": {}}\n{"event": "STOP"}\n{"return": {"status": "completed"}}\n'
+                       b'{"error": {"desc": "no such command"}}\n')
+        monitor = qmp.Qmp(ours, timeout=5)
+        assert monitor.call("query-migrate") == {"status": "completed"}
+        with pytest.raises(qmp.QmpError, match="no such command"):
+            monitor.call("bogus")
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(qmp.QmpClosed):
+            monitor.call("quit")
+
+
+def test_a_machine_is_built_like_its_parts() -> None:
+    m = qemu.Machine(Mode.TGZ, TCG, DISK, KERNEL, INITRD, "console=ttyS0")
+    assert qemu.machine_cmd(m) == tgz(cmdline="console=ttyS0")

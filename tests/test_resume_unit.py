@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import qemu, resume, virt
 from pipeline.cache import Store, hash_file, key_of
+from pipeline.qemu import Accel
 
 
 def test_run_conf_counts_its_lines_and_carries_clock_and_seed():
@@ -75,3 +76,10 @@ def test_find_explains_a_missing_or_damaged_entry(tmp_path: Path):
     with pytest.raises(resume.NoSnapshot, match="no snapshot"):  # the store's own check evicted it
         resume.find(store, m)
     assert not store.entry(resume.STAGE, key_of(m)).exists()
+
+
+def test_the_snapshot_shape_is_a_runs_command_with_placeholders(tmp_path: Path):
+    m = virt.machine(virt.VirtOptions(ro=True), kernel=tmp_path / "k", rootfs=tmp_path / "r", accel=Accel.TCG)
+    shape = resume.shape(m.canonical())
+    assert "socket,id=control,fd=103" in shape and "-append" in shape
+    assert not any("readonly=on" in a for a in shape)  # --ro is a per-run choice, made after the restore
