@@ -113,10 +113,10 @@ def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
     return Boot(files[Artifact.EXT4], files[Artifact.VMLINUX], files.get(Artifact.INITRD), cmdline, keys, plan)
 
 
-def machine(mode: Mode, b: Boot, settings: qemu.VmSettings, disk: Path | None = None) -> qemu.Machine:
-    """The VM that boots `b` in one mode (`disk`: a persistent copy instead of b.disk), handed
-    down whole to launch.machine_argv()."""
-    return qemu.Machine(mode, settings, disk or b.disk, b.kernel, b.initrd, b.cmdline)
+def machine(mode: Mode, b: Boot, settings: qemu.VmSettings, persistent: Path | None = None) -> qemu.Machine:
+    """The VM that boots `b` in one mode (`persistent`: a writable copy of b.disk to boot
+    instead), handed down whole to launch.machine_argv()."""
+    return qemu.Machine(mode, settings, persistent or b.disk, b.kernel, b.initrd, b.cmdline)
 
 
 @dataclass(frozen=True)
@@ -145,21 +145,21 @@ def boot_interactive(p: Project, mode: Mode, b: Boot, o: RunOptions, *, memory: 
     for host, guest in forwards:
         exposed = " (EXPOSE)" if guest in b.plan.tcp_ports else ""
         log(f"forwarding localhost:{host} -> guest port {guest}{exposed}")
-    disk = None
+    persistent = None
     if o.persist:
-        disk = Path(o.persist).resolve()
-        if p.store.root in disk.parents:
+        persistent = Path(o.persist).resolve()
+        if p.store.root in persistent.parents:
             raise UserError(f"--persist {o.persist} is inside the store", hint="give a path outside cache/")
-        if not disk.exists():
-            log(f"persistent disk: copying {b.disk.name} to {disk}")
-            run(["cp", "--sparse=always", b.disk, disk])
-        log(f"persistent disk: {disk} (changes are kept there)")
+        if not persistent.exists():
+            log(f"persistent disk: copying {b.disk.name} to {persistent}")
+            run(["cp", "--sparse=always", b.disk, persistent])
+        log(f"persistent disk: {persistent} (changes are kept there)")
     with tempfile.TemporaryDirectory(prefix="ldt-run-") as scratch:
         console_log = Path(scratch) / "console.log" if b.plan.app is not None else None
         settings = qemu.VmSettings(memory_mib=memory_mib(memory), cpus=cpus, accel=choice.accel, network=o.net,
                                    port_forwards=forwards, kernel_args=o.cmdline, interactive=True,
                                    snapshot=not o.persist, console_log=console_log)
-        with machine_argv(machine(mode, b, settings, disk)) as cmd:
+        with machine_argv(machine(mode, b, settings, persistent)) as cmd:
             status = run_interactive(cmd)
         if console_log is None:
             return status
