@@ -203,14 +203,14 @@ def fake_vm(script: str) -> list[str]:
 
 def test_an_app_exiting_non_zero_fails_the_check_with_its_output_and_status():
     res = headless.boot_check(fake_vm("echo booting; echo 'oops: no config'; echo 'ldt-app-exit: 3'; sleep 30"),
-                          timeout=20, marker=None, probe=lambda: None, exit_line=app.EXIT_MARKER_RE)
+                              timeout=20, marker=None, probe=lambda: None, exit_line=app.EXIT_MARKER_RE)
     assert not res.ok and res.exit_status == 3 and res.reason == "the app exited with status 3"
     assert "oops: no config" in res.tail
 
 
 def test_an_app_without_marker_or_http_passes_by_exiting_0():
     res = headless.boot_check(fake_vm("echo hi; echo 'ldt-app-exit: 0'; sleep 30"), timeout=20, marker=None,
-                          exit_line=app.EXIT_MARKER_RE)
+                              exit_line=app.EXIT_MARKER_RE)
     assert res.ok and res.passed_by == "the app exited 0"
 
 
@@ -222,7 +222,7 @@ def test_a_probe_passes_the_check_and_the_table_says_which():
         return "HTTP 200 /" if len(calls) > 1 else None
 
     res = headless.boot_check(fake_vm("echo up; sleep 30"), timeout=20, marker=None, probe=probe,
-                          exit_line=app.EXIT_MARKER_RE, grace=0.5)
+                              exit_line=app.EXIT_MARKER_RE, grace=0.5)
     assert res.ok and res.passed_by == "HTTP 200 /"
     table = vm.check_table("web", [vm.CheckResult(Mode.TGZ, True, res.seconds, False, passed_by=res.passed_by,
                                                   stopped="exit 143")])
