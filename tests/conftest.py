@@ -20,6 +20,58 @@ DOIT = [sys.executable, "-m", "doit"]
 IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
 
 
+# -- what the suite leaves in /tmp --------------------------------------------------------------
+# pyproject.toml keeps only a failed test's tmp_path and drops the whole base temp after a green
+# run. Store entries are read-only folders, which a user other than root cannot remove as they
+# are: these two make them removable first, and after a red run remove everything but the
+# failed tests' own folders (session fixtures' projects and images run to many GB).
+
+_FAILED_DIRS: set[Path] = set()
+
+
+def _make_removable(top: Path) -> None:
+    for d, _, _ in os.walk(top):
+        st = os.lstat(d)
+        if st.st_mode & 0o700 != 0o700:
+            os.chmod(d, st.st_mode | 0o700)
+
+
+@pytest.fixture(autouse=True)
+def _removable_tmp_path(request: pytest.FixtureRequest):
+    """Runs before tmp_path's own teardown (which removes a passed test's folder)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    path = request.getfixturevalue("tmp_path")
+    yield
+    if path.is_dir():
+        _make_removable(path)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(path, Path):
+        _FAILED_DIRS.add(path)
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is None or getattr(factory, "_given_basetemp", None) is not None or not basetemp.is_dir():
+        return
+    _make_removable(basetemp)
+    if exitstatus == 0:
+        return  # pytest removes the whole base temp
+    keep = {p.resolve() for p in _FAILED_DIRS}
+    for child in basetemp.iterdir():
+        if child.is_dir() and not child.is_symlink() and not any(k.is_relative_to(child.resolve()) for k in keep):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def docker_available() -> str | None:
     """None when the engine answers, else the reason."""
     try:
