@@ -8,7 +8,7 @@ ratio to the same kind of app started the usual way, by a systemd unit on a syst
     sysapp  FROM hello (kernel, systemd) + python3, the same server as ldt-app.service
     ratio   webapp / sysapp                                               goal <= 0.4 under TCG
 
-Both boot in tgz mode through the check's own executor (qemu.boot_check with the HTTP probe,
+Both boot in tgz mode through the check's own executor (headless.boot_check with the HTTP probe,
 the forward on a free port), never the check cache; alternating, REPEAT times each, medians.
 The machine may be small and shared: the numbers are noisy, and nothing is asserted.
 """
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import app, qemu, vm  # noqa: E402
+from pipeline import app, headless, kvm, qemu, vm  # noqa: E402
+from pipeline.launch import machine_argv  # noqa: E402
 from pipeline.project import Project  # noqa: E402
 from pipeline.qemu import Mode  # noqa: E402
 
@@ -38,10 +38,9 @@ def first_http_200(p: Project, name: str, accel: qemu.Accel) -> float:
     forwards = vm.plan_forwards(b.plan.tcp_ports[:1], ())
     settings = qemu.VmSettings(memory_mib=vm.memory_mib(r.memory), cpus=r.cpus, accel=accel,
                                port_forwards=forwards)
-    with tempfile.TemporaryDirectory(prefix="ldt-bench-") as scratch:
-        cmd = vm.vm_command(Mode.TGZ, b, settings, Path(scratch))
-        res = qemu.boot_check(cmd, timeout=600, marker=None, probe=vm.http_probe(forwards[0][0], "/"),
-                              exit_line=app.EXIT_MARKER_RE, grace=0)
+    with machine_argv(vm.machine(Mode.TGZ, b, settings)) as cmd:
+        res = headless.boot_check(cmd, timeout=600, marker=None, probe=vm.http_probe(forwards[0][0], "/"),
+                                  exit_line=app.EXIT_MARKER_RE, grace=0)
     if not res.ok:
         raise SystemExit(f"{name}: {res.reason}\n" + "\n".join(res.tail))
     return res.seconds
@@ -49,7 +48,7 @@ def first_http_200(p: Project, name: str, accel: qemu.Accel) -> float:
 
 def main() -> None:
     p = Project(ROOT)
-    choice = qemu.select_accel(cache_dir=p.store.root)
+    choice = kvm.select_accel(cache_dir=p.store.root)
     times: dict[str, list[float]] = {OURS: [], BASELINE: []}
     for i in range(REPEAT):
         for name in (OURS, BASELINE):

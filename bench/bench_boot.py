@@ -11,7 +11,7 @@
    baselines: `python -c pass`, bare `doit list` on an empty dodo.py (launch to exit), and a
    bare dodo.py whose one task runs qemu (launch to exec, like ours)
 
-The boots go straight through qemu.boot_to_marker() (never the check cache). For 2, a fake
+The boots go straight through headless.boot_to_marker() (never the check cache). For 2, a fake
 `qemu-system-x86_64` first on PATH records its start time (bash's $EPOCHREALTIME: no extra
 process) and exits 0; LDT_ACCEL=tcg, so select_accel() does not probe KVM with that fake.
 The machine may be small and shared: the numbers are noisy.
@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import qemu, vm  # noqa: E402
+from pipeline import firmware, headless, kvm, qemu, vm  # noqa: E402
+from pipeline.launch import machine_argv  # noqa: E402
 from pipeline.project import Project  # noqa: E402
 from pipeline.qemu import Mode  # noqa: E402
 
@@ -66,8 +67,8 @@ def note(text: str) -> None:
 # -- 1. boot to the login prompt -------------------------------------------------------------------
 
 
-def boot(cmd: list[str], marker: re.Pattern[str], timeout: int) -> qemu.BootResult:
-    res = qemu.boot_to_marker(cmd, timeout=timeout, marker=marker)
+def boot(cmd: list[str], marker: re.Pattern[str], timeout: int) -> headless.BootResult:
+    res = headless.boot_to_marker(cmd, timeout=timeout, marker=marker)
     if not res.ok:
         note(f"FAILED: {res.reason}; last console lines:")
         for line in res.tail[-5:]:
@@ -77,11 +78,11 @@ def boot(cmd: list[str], marker: re.Pattern[str], timeout: int) -> qemu.BootResu
 
 def bench_boot(p: Project, tmp: Path) -> None:
     r = p.recipe(RECIPE)
-    choice = qemu.select_accel(cache_dir=p.store.root, notice=False)
+    choice = kvm.select_accel(cache_dir=p.store.root, notice=False)
     print(f"{choice.notice}; guest {r.memory} RAM, {r.cpus} CPUs, {os.cpu_count()} host CPUs", flush=True)
     settings = qemu.VmSettings(memory_mib=vm.memory_mib(r.memory), cpus=r.cpus, accel=choice.accel,
                                network=False)
-    marker = re.compile(r.boot_marker or qemu.LOGIN_PROMPT.pattern, re.MULTILINE)
+    marker = re.compile(r.boot_marker or headless.LOGIN_PROMPT.pattern, re.MULTILINE)
     b = vm.boot_inputs(p, r, Mode.TGZ)
     bare_cmd = shlex.split(BARE_TGZ.format(
         accel=BARE_ACCEL[choice.accel], cpus=settings.cpus, memory=settings.memory_mib,
@@ -89,10 +90,9 @@ def bench_boot(p: Project, tmp: Path) -> None:
         cmdline=shlex.quote(b.cmdline or ""), disk=shlex.quote(str(b.disk)),
     ))
 
-    def ours(mode: str) -> qemu.BootResult:
-        scratch = Path(tempfile.mkdtemp(prefix=f"boot-{mode}-", dir=tmp))  # fresh OVMF vars per boot
-        cmd = vm.vm_command(Mode(mode), vm.boot_inputs(p, r, Mode(mode)), settings, scratch)
-        return boot(cmd, marker, r.boot_timeout)
+    def ours(mode: str) -> headless.BootResult:
+        with machine_argv(vm.machine(Mode(mode), vm.boot_inputs(p, r, Mode(mode)), settings)) as cmd:
+            return boot(cmd, marker, r.boot_timeout)  # fresh OVMF vars per boot
 
     times: dict[str, list[float]] = {"bare": [], "tgz": []}
     for i in range(BOOT_REPEAT):
@@ -138,7 +138,7 @@ def bench_start(p: Project, tmp: Path) -> None:
     fake.chmod(0o755)
     stamp = tmp / "qemu-started"
     env = {**os.environ, "PATH": f"{fakebin}{os.pathsep}{os.environ['PATH']}", "LDT_BENCH_STAMP": str(stamp),
-           qemu.ACCEL_ENV: "tcg"}
+           kvm.ACCEL_ENV: "tcg"}
     empty, bare = tmp / "empty", tmp / "bare"
     empty.mkdir()
     (empty / "dodo.py").write_text("def task_nothing():\n    return {'actions': None}\n")
@@ -158,7 +158,7 @@ def bench_start(p: Project, tmp: Path) -> None:
         bare_exec.append(start_to_exec([DOIT, "vm"], bare, env, stamp)[0])
     ours = statistics.median(t for t, _, _ in runs)
 
-    print(f"overhead before qemu starts ({qemu.ACCEL_ENV}=tcg, so no KVM probe; fake qemu first on PATH; "
+    print(f"overhead before qemu starts ({kvm.ACCEL_ENV}=tcg, so no KVM probe; fake qemu first on PATH; "
           f"median of {START_REPEAT})", flush=True)
     name = f"doit run_tgz:{RECIPE}: launch -> qemu exec"
     row(name, ours, statistics.median(python), target="(baseline: python -c pass; target < 0.3 s absolute)")
@@ -189,22 +189,22 @@ def stale_build_tasks(p: Project) -> list[str]:
 
 def probe_notes(env: dict[str, str], tmp: Path) -> None:
     """What select_accel() does without LDT_ACCEL, shown against scratch caches (cache/ untouched)."""
-    if qemu.kvm_unavailable():
-        note(f"without {qemu.ACCEL_ENV}: no probe either ({qemu.kvm_unavailable()})")
+    if kvm.kvm_unavailable():
+        note(f"without {kvm.ACCEL_ENV}: no probe either ({kvm.kvm_unavailable()})")
         return
     saved = dict(os.environ)
     try:
         os.environ.update(PATH=env["PATH"], LDT_BENCH_STAMP=str(tmp / "probe-stamp"))
-        found = qemu.find_qemu()
-        choice = qemu.select_accel(env={}, cache_dir=tmp / "probe-fake", notice=False)
+        found = firmware.find_qemu()
+        choice = kvm.select_accel(env={}, cache_dir=tmp / "probe-fake", notice=False)
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    note(f"without {qemu.ACCEL_ENV}: find_qemu() resolves the fake ({found}), probe_key() no longer matches")
+    note(f"without {kvm.ACCEL_ENV}: find_qemu() resolves the fake ({found}), probe_key() no longer matches")
     note("  cache/accel-probe.json, so run_tgz would run the KVM probe on the fake and overwrite that file;")
     note(f"  on a scratch cache: {choice.notice}")
     t = time.perf_counter()
-    real = qemu.probe_kvm(qemu.find_qemu())  # no cache involved
+    real = kvm.probe_kvm(firmware.find_qemu())  # no cache involved
     note(f"  the real probe, paid on a cold cache (once per host boot and qemu binary): "
          f"{time.perf_counter() - t:.2f}s, {real.notice}")
 

@@ -8,9 +8,7 @@ root and no daemon; `probe()` reads the host, `announce(tool)` does both at an e
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import hashlib
 import os
 import shutil
 import sys
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.notices import first_time
 
 DOCKER_SOCKET = "/var/run/docker.sock"
 KVM = "/dev/kvm"
@@ -224,11 +223,6 @@ def announce(tool: str, facts: Facts | None = None, *, seen: Path | None = None)
     for n in notices(tool, facts if facts is not None else probe(tool)):
         if n.fatal:
             raise UserError(n.text.removeprefix(f"{tool}: "), hint=n.hint)
-        if seen is not None:
-            stamp = seen / hashlib.sha256(n.text.encode()).hexdigest()[:16]
-            if stamp.exists():
-                continue
-            with contextlib.suppress(OSError):
-                seen.mkdir(parents=True, exist_ok=True)
-                stamp.touch()
+        if seen is not None and not first_time(seen, n.text):
+            continue
         print(n.text, file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from pipeline import access, builders, rootfs_import, stages, vm
 from pipeline.artifacts import Artifact
 from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
+from pipeline.notices import first_time
 from pipeline.project import Project
 from pipeline.qemu import Mode
 from pipeline.recipes import Recipe
@@ -297,11 +298,8 @@ def suco_main(argv: Sequence[str] | None) -> int:
 
 
 def _notice_once(p: Project) -> None:
-    stamp = p.store.root / ".suco-notice-shown"
-    if not stamp.exists():
+    if first_time(p.store.root / "notices", SUCO_NOTICE):
         print(SUCO_NOTICE, file=sys.stderr)
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.touch()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,13 @@
 """virt's fast path: resume a saved post-boot VM instead of booting one (issue 12).
 
 Reading order: the stage and its manifest (what a snapshot is keyed by) → the pure builders
-(snapshot_cpio, run_conf, resume_args) → find() (a usable entry, or why not) → make() (boot
-to the snapshot point once, save) → prepare() (find or make; NoSnapshot means: boot cold).
+(snapshot_cpio, run_conf; the QEMU command-line pieces are in pipeline/qemu.py) → restore()
+→ find() (a usable entry, or why not) → make() (boot to the snapshot point once, save) →
+prepare() (find or make; NoSnapshot means: boot cold).
+
+virt.py hands down a frozen qemu.VirtMachine (the VM every run of these settings shares);
+the store look-ups (find, discard, _lock and the store part of prepare) are kept apart from
+the QEMU part (make, restore).
 
 What is saved. The guest's init (pipeline/guest/virt-init.sh with LDT_SNAPSHOT=1) boots as in
 a cold run up to the point where only per-run things are left: root mounted read-only,
@@ -26,33 +31,36 @@ random state.
 Keyed by: the kernel, initrd and root image (path, size, mtime: store entries never change,
 an explicit --rootfs that changes gets a new key), the qemu binary (same), the firmware, the
 init script's content, memory, cpus, the accelerator and the whole QEMU command line shape.
-A missing, damaged or unusable snapshot is never an error: prepare() returns None and says
+A missing, damaged or unusable snapshot is never an error: prepare() raises NoSnapshot, saying
 why under LDT_VERBOSE=1, and virt boots cold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
 import socket
-import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import notices, qemu
 from pipeline.cache import Store, hash_file, key_of
-from pipeline.initramfs import make_cpio
-from pipeline.run import log, reap, spawn, verbose
+from pipeline.initramfs import make_cpio, pad4
+from pipeline.launch import launch
+from pipeline.qmp import Qmp, QmpError
+from pipeline.run import log, reap, verbose
 
 STAGE = "virt_snapshot"  # the store folder cache/store/virt_snapshot/<key>/
 VERSION = 2  # bump when what a snapshot holds changes: every key changes
 RAM, STATE, INITRD, INFO = "vm.ram", "vm.state", "vm.initrd", "vm.json"
-RAM_ID = "ldt-ram"
 READY = b"ready\n"
 STARTED = b"started\n"
 MAKE_GUARD = 300.0  # seconds: a boot to the snapshot point that takes longer is given up
@@ -111,6 +119,20 @@ def manifest(*, kernel: Path, initrd: Path, rootfs: Path, qemu: str, bios: Path 
     }
 
 
+def manifest_of(machine: qemu.VirtMachine, *, initrd: Path, init: str) -> dict[str, Any]:
+    """The manifest of a snapshot of this VM (machine.canonical()), its initrd and init script."""
+    return manifest(kernel=machine.kernel, initrd=initrd, rootfs=machine.rootfs, qemu=machine.qemu,
+                    bios=machine.bios, init=init, memory=machine.memory, cpus=machine.cpus, accel=str(machine.accel),
+                    cmd_shape=shape(machine))
+
+
+def shape(machine: qemu.VirtMachine) -> list[str]:
+    """The command line every snapshot of this VM is made and resumed with, per-run values
+    (the share, the sockets, the console log) left as placeholders."""
+    fds = {p: 100 + i for i, p in enumerate(machine.ports)}
+    return qemu.virt_cmd(machine, workdir=Path("/WORK"), initrd=Path("/INITRD"), fds=fds, console_log=Path("/CONSOLE"))
+
+
 # ── pure builders ───────────────────────────────────────────────────────────────────────
 
 
@@ -127,22 +149,6 @@ def run_conf(settings: str, *, seed: bytes, now_ns: int) -> bytes:
     return f"conf {text.count(chr(10))}\n{text}".encode()
 
 
-def memory_args(ram: Path, memory: int, *, share: bool) -> list[str]:
-    """Guest RAM in a file: shared while making (the file becomes the snapshot), private
-    (copy-on-write) when resuming. Migration skips it (x-ignore-shared)."""
-    backend = f"memory-backend-file,id={RAM_ID},size={memory}M,mem-path={_opt(ram)},share={'on' if share else 'off'}"
-    return [
-        "-object", backend,
-        "-machine", f"memory-backend={RAM_ID}",
-    ]  # fmt: skip
-
-
-def resume_args(snap: Snapshot, memory: int, qmp_fd: int) -> list[str]:
-    """The state comes in once restore() set the capability migration needs (QEMU 7.2 has no
-    command-line switch for x-ignore-shared)."""
-    return [*memory_args(snap.ram, memory, share=False), *qmp_args(qmp_fd), "-incoming", "defer"]
-
-
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
@@ -150,11 +156,11 @@ def restore(qmp_sock: socket.socket, uri: str, marks: dict[str, float], timeout:
     """Start loading the saved state from `uri` (fd:N, the state file passed to QEMU); the VM
     runs by itself once loaded. NoSnapshot when QEMU does not get that far."""
     try:
-        qmp = _Qmp(qmp_sock, timeout)
+        qmp = Qmp(qmp_sock, timeout)
         marks["monitor"] = time.monotonic()
         qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
         qmp.call("migrate-incoming", uri=uri)
-    except (MakeFailed, OSError, ValueError) as e:
+    except (QmpError, OSError, ValueError) as e:
         raise NoSnapshot(f"the restore failed: {e}") from None
 
 
@@ -168,14 +174,6 @@ def timings(marks: dict[str, float]) -> str:
     and imports come before it)."""
     parts = [f"{name} {marks[b] - marks[a]:.3f}s" for name, a, b in PHASES if a in marks and b in marks]
     return "resume timings: " + ", ".join(parts)
-
-
-def qmp_args(fd: int) -> list[str]:
-    return ["-chardev", f"socket,id=qmp,fd={fd}", "-mon", "chardev=qmp,mode=control"]
-
-
-def _opt(path: Path) -> str:
-    return os.fspath(path).replace(",", ",,")
 
 
 # ── finding a snapshot ──────────────────────────────────────────────────────────────────
@@ -214,8 +212,6 @@ def discard(snap: Snapshot) -> None:
 @contextlib.contextmanager
 def _lock(store: Store, key: str) -> Iterator[None]:
     """One maker per key: a second run waits for the first's snapshot instead of making its own."""
-    import fcntl
-
     store.tmp.mkdir(parents=True, exist_ok=True)
     with open(store.tmp / f"{STAGE}-{key}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -233,63 +229,31 @@ class MakeFailed(Exception):
         self.console = console
 
 
-BaseCmd = Callable[..., list[str]]  # virt_qemu_cmd with everything but these fixed:
-# (workdir=, initrd=, fds=, console_log=) -> the argv of a cold run
-
-
-def shape(base_cmd: BaseCmd, ports: Sequence[str]) -> list[str]:
-    """The command line every snapshot of these settings is made and resumed with, per-run
-    values (the share, the sockets, the console log) left as placeholders."""
-    fds = {p: 100 + i for i, p in enumerate(ports)}
-    return base_cmd(workdir=Path("/WORK"), initrd=Path("/INITRD"), fds=fds, console_log=Path("/CONSOLE"))
-
-
-def make(work: Path, *, base_cmd: BaseCmd, ports: Sequence[str], memory: int, guard: float = MAKE_GUARD) -> None:
-    """Boot to the snapshot point and save the VM into work/ (which holds INITRD already)."""
-    import tempfile
-
-    pairs = {p: socket.socketpair() for p in (*ports, "qmp")}
-    ours = {p: a for p, (a, _) in pairs.items()}
-    theirs = {p: b for p, (_, b) in pairs.items()}
+def make(work: Path, *, machine: qemu.VirtMachine, guard: float = MAKE_GUARD) -> None:
+    """Boot `machine` to the snapshot point and save the VM into work/ (which holds INITRD already)."""
     start = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="ldt-virt-snap-") as tmp:
-            share, console_log, err = Path(tmp) / "share", Path(tmp) / "console.log", Path(tmp) / "qemu.err"
-            share.mkdir()
-            cmd = [
-                *base_cmd(workdir=share, initrd=work / INITRD, fds={p: theirs[p].fileno() for p in ports},
-                          console_log=console_log),
-                *memory_args(work / RAM, memory, share=True),
-                *qmp_args(theirs["qmp"].fileno()),
-            ]  # fmt: skip
-            with open(err, "wb") as err_file, spawn(
-                cmd, pass_fds=[s.fileno() for s in theirs.values()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True,
-            ) as proc:  # fmt: skip
-                for s in theirs.values():
-                    s.close()
-                if not _wait_for(ours["control"], READY, start + guard):
-                    reap(proc)
-                    console = console_log.read_text(errors="replace") if console_log.exists() else ""
-                    qemu_err = err.read_text(errors="replace").strip()
-                    raise MakeFailed(f"the guest did not reach the snapshot point{': ' + qemu_err if qemu_err else ''}",
-                                     console)
-                booted = time.monotonic()
-                qmp = _Qmp(ours["qmp"])
-                # No `stop` first: migration stops the VM when it completes, and the restored
-                # one then starts by itself (it takes over the saved "running" state).
-                qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-                qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-                qmp.call("migrate", uri=f"exec:cat > {shlex.quote(os.fspath(work / STATE))}")
-                while (status := qmp.call("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
-                    time.sleep(0.01)
-                if status != "completed":
-                    raise MakeFailed(f"saving the VM state {status}: {err.read_text(errors='replace').strip()}")
-                qmp.call("quit")
-                proc.wait(timeout=30)
-    finally:
-        for s in (*ours.values(), *theirs.values()):
-            s.close()
+    with tempfile.TemporaryDirectory(prefix="ldt-virt-snap-") as tmp, launch((*machine.ports, "qmp")) as vm:
+        share, console_log, err = Path(tmp) / "share", Path(tmp) / "console.log", Path(tmp) / "qemu.err"
+        share.mkdir()
+        cmd = [
+            *qemu.virt_cmd(machine, workdir=share, initrd=work / INITRD, fds=vm.fds, console_log=console_log),
+            *qemu.memory_args(work / RAM, machine.memory, share=True),
+            *qemu.qmp_args(vm.fds["qmp"]),
+        ]  # fmt: skip
+        with open(err, "wb") as err_file:
+            proc = vm.start(cmd, stderr=err_file, new_session=True)
+        if not _wait_for(vm.ours["control"], READY, start + guard):
+            reap(proc)
+            console = console_log.read_text(errors="replace") if console_log.exists() else ""
+            qemu_err = err.read_text(errors="replace").strip()
+            raise MakeFailed(f"the guest did not reach the snapshot point{': ' + qemu_err if qemu_err else ''}",
+                             console)
+        booted = time.monotonic()
+        try:
+            _save(Qmp(vm.ours["qmp"]), work / STATE, err)
+        except QmpError as e:
+            raise MakeFailed(str(e)) from None
+        proc.wait(timeout=30)
     sizes = {name: os.stat(work / name).st_size for name in (RAM, STATE, INITRD)}
     info = {"sizes": sizes, "state_xxh3": hash_file(work / STATE), "boot_s": round(booted - start, 3),
             "save_s": round(time.monotonic() - booted, 3)}
@@ -297,6 +261,20 @@ def make(work: Path, *, base_cmd: BaseCmd, ports: Sequence[str], memory: int, gu
     if verbose():
         log(f"virt: snapshot made: boot {info['boot_s']}s, save {info['save_s']}s, "
             f"state {sizes[STATE] >> 10} KiB, RAM {_allocated(work / RAM) >> 20} MiB of {sizes[RAM] >> 20}")
+
+
+def _save(qmp: Qmp, state: Path, err: Path) -> None:
+    """Migrate the VM's device state into `state`, then quit. No `stop` first: migration stops
+    the VM when it completes, and the restored one then starts by itself (it takes over the
+    saved "running" state)."""
+    qmp.call("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+    qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    qmp.call("migrate", uri=f"exec:cat > {shlex.quote(os.fspath(state))}")
+    while (status := qmp.call("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+        time.sleep(0.01)
+    if status != "completed":
+        raise MakeFailed(f"saving the VM state {status}: {err.read_text(errors='replace').strip()}")
+    qmp.call("quit")
 
 
 def _allocated(path: Path) -> int:
@@ -323,55 +301,21 @@ def _wait_for(sock: socket.socket, line: bytes, deadline: float) -> bool:
     return True
 
 
-class _Qmp:
-    """The QEMU monitor protocol over a socket: one command at a time, events skipped."""
-
-    def __init__(self, sock: socket.socket, timeout: float = 60.0) -> None:
-        sock.settimeout(timeout)
-        self.f = sock.makefile("rwb")
-        self._reply()  # the greeting
-        self.call("qmp_capabilities")
-
-    def _reply(self) -> dict[str, Any]:
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise MakeFailed("QEMU closed its monitor")
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def call(self, command: str, **arguments: Any) -> dict[str, Any]:
-        self.f.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
-        self.f.flush()
-        msg = self._reply()
-        if "error" in msg:
-            raise MakeFailed(f"qmp {command}: {msg['error'].get('desc', msg['error'])}")
-        return msg.get("return", {}) if isinstance(msg.get("return"), dict) else {}
-
-
 # ── find or make ────────────────────────────────────────────────────────────────────────
 
 
-def _say_once(store: Store, text: str) -> None:
-    """One line on stderr, the first time in this project (cache/notices/ remembers it)."""
-    stamp = store.root / "notices" / f"virt-snapshot-{key_of({'text': text})[:12]}"
-    if stamp.exists():
-        return
-    with contextlib.suppress(OSError):
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.touch()
-    log(text)
+NOTICE = ("virt: this run boots and saves the VM once it is up (a few seconds); later runs with the same image "
+          "and settings resume it instead of booting")
 
 
-def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports: Sequence[str], initrd: Path,
-            cpio: bytes, memory: int) -> Snapshot:
-    """The snapshot of manifest m: found, or made now (once: concurrent runs wait for one
-    maker). NoSnapshot when there is none and none can be made; MakeFailed from the guest."""
-    from pipeline.initramfs import pad4
-
+def prepare(store: Store | None, machine: qemu.VirtMachine, *, initrd: Path, init: str, cpio: bytes) -> Snapshot:
+    """The snapshot of `machine` (canonical: see VirtMachine.canonical) booting `initrd` with
+    `cpio` (the init script `init` in snapshot mode) appended: found, or made now (once:
+    concurrent runs wait for one maker). Raises NoSnapshot when there is none and none can be
+    made (the caller boots cold), MakeFailed when the guest failed on the way."""
     if store is None:
         raise NoSnapshot("no writable store for a snapshot")
+    m = manifest_of(machine, initrd=initrd, init=init)
     try:
         return find(store, m)
     except NoSnapshot as e:
@@ -381,17 +325,26 @@ def prepare(store: Store | None, m: dict[str, Any], *, base_cmd: BaseCmd, ports:
     with _lock(store, key):
         with contextlib.suppress(NoSnapshot):
             return find(store, m)  # made by a concurrent run while this one waited
-        if store.lookup(STAGE, key) is not None:  # damaged: make it again
-            discard(Snapshot(store.entry(STAGE, key)))
-        _say_once(store, "virt: this run boots and saves the VM once it is up (a few seconds); later runs "
-                         "with the same image and settings resume it instead of booting")
+        _discard_damaged(store, key)
+        if notices.first_time(store.root / "notices", NOTICE):
+            log(NOTICE)
         try:
             with store.build(STAGE, key, m, writable=(RAM,)) as work:
-                with open(work / INITRD, "wb") as f, open(initrd, "rb") as src:
-                    shutil.copyfileobj(src, f)
-                    f.write(pad4(f.tell()))
-                    f.write(cpio)
-                make(work, base_cmd=base_cmd, ports=ports, memory=memory)
+                _write_initrd(work / INITRD, initrd, cpio)
+                make(work, machine=machine)
         except OSError as e:
             raise NoSnapshot(f"could not make a snapshot: {e}") from None
         return find(store, m)
+
+
+def _discard_damaged(store: Store, key: str) -> None:
+    """An entry find() refused is made again."""
+    if store.lookup(STAGE, key) is not None:
+        discard(Snapshot(store.entry(STAGE, key)))
+
+
+def _write_initrd(dest: Path, initrd: Path, cpio: bytes) -> None:
+    with open(dest, "wb") as f, open(initrd, "rb") as src:
+        shutil.copyfileobj(src, f)
+        f.write(pad4(f.tell()))
+        f.write(cpio)

@@ -1,6 +1,11 @@
 """Running and checking VMs of a recipe: run_tgz / run_bios / run_uefi on this terminal, and
 check_boot, the boot matrix (each Mode headless to the boot marker, passes kept in the store).
 
+How the work splits: vm.py knows recipes, their artifacts and apps; it describes each VM once
+as a frozen qemu.Machine (machine()) and hands it down: launch.machine_argv() turns it into an
+argv on this host, launch.run_interactive() or headless.boot_to_marker()/boot_check() run it.
+Nothing below calls back up. (virt.py is the other user of the QEMU toolkit: a command in a VM.)
+
 An app image (app.json has an app) boots into its app: the run forwards its EXPOSEd TCP ports
 and ends with the app's exit status (read from the console's `ldt-app-exit: N`); its check waits
 for [boot] marker, an HTTP answer at [boot] http, or else the app's exit with status 0.
@@ -20,11 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import app, qemu
+from pipeline import app, disk, headless, kvm, qemu, stages
 from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
 from pipeline.cache import key_of
 from pipeline.errors import UserError
+from pipeline.ext4 import read_ext4_identity
+from pipeline.launch import exit_status, machine_argv, run_interactive
 from pipeline.project import Project
 from pipeline.qemu import Accel, Mode
 from pipeline.recipes import Recipe
@@ -96,9 +103,6 @@ class Boot:
 
 def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
     """The recipe's current files for booting in `mode` (UserError naming the task when one is missing)."""
-    from pipeline import disk, stages
-    from pipeline.ext4 import read_ext4_identity
-
     files = stages.current(p, r, mode.needs(initrd=r.initrd))
     keys = tuple(dict.fromkeys(f.parent.name for f in files.values()))
     plan = Plan.from_json(json.loads(files[Artifact.APP].read_text()))
@@ -109,14 +113,10 @@ def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
     return Boot(files[Artifact.EXT4], files[Artifact.VMLINUX], files.get(Artifact.INITRD), cmdline, keys, plan)
 
 
-def vm_command(mode: Mode, b: Boot, settings: qemu.VmSettings, scratch: Path, disk: Path | None = None) -> list[str]:
-    """The qemu argv for booting `b` in one mode (scratch: a per-run dir for OVMF vars)."""
-    ovmf = vars_ = None
-    if mode.needs_ovmf:
-        ovmf = qemu.find_ovmf()
-        vars_ = qemu.fresh_ovmf_vars(ovmf, scratch)
-    return qemu.qemu_cmd(mode, settings=settings, disk=disk or b.disk, kernel=b.kernel, initrd=b.initrd,
-                         cmdline=b.cmdline, ovmf=ovmf, ovmf_vars=vars_, qemu=qemu.find_qemu())
+def machine(mode: Mode, b: Boot, settings: qemu.VmSettings, persistent: Path | None = None) -> qemu.Machine:
+    """The VM that boots `b` in one mode (`persistent`: a writable copy of b.disk to boot
+    instead), handed down whole to launch.machine_argv()."""
+    return qemu.Machine(mode, settings, persistent or b.disk, b.kernel, b.initrd, b.cmdline)
 
 
 @dataclass(frozen=True)
@@ -140,33 +140,34 @@ def run_recipe(p: Project, r: Recipe, mode: Mode, o: RunOptions) -> int:
 def boot_interactive(p: Project, mode: Mode, b: Boot, o: RunOptions, *, memory: str, cpus: int) -> int:
     """The cached artifact is never written: the disk is a throwaway snapshot, or with `persist`
     a copy outside the store."""
-    choice = qemu.select_accel(Accel.parse(o.accel or "auto", origin="--accel"), cache_dir=p.store.root)
+    choice = kvm.select_accel(Accel.parse(o.accel or "auto", origin="--accel"), cache_dir=p.store.root)
     forwards = plan_forwards(b.plan.tcp_ports if o.net else (), parse_forwards(o.forward))
     for host, guest in forwards:
         exposed = " (EXPOSE)" if guest in b.plan.tcp_ports else ""
         log(f"forwarding localhost:{host} -> guest port {guest}{exposed}")
-    disk = None
+    persistent = None
     if o.persist:
-        disk = Path(o.persist).resolve()
-        if p.store.root in disk.parents:
+        persistent = Path(o.persist).resolve()
+        if p.store.root in persistent.parents:
             raise UserError(f"--persist {o.persist} is inside the store", hint="give a path outside cache/")
-        if not disk.exists():
-            log(f"persistent disk: copying {b.disk.name} to {disk}")
-            run(["cp", "--sparse=always", b.disk, disk])
-        log(f"persistent disk: {disk} (changes are kept there)")
+        if not persistent.exists():
+            log(f"persistent disk: copying {b.disk.name} to {persistent}")
+            run(["cp", "--sparse=always", b.disk, persistent])
+        log(f"persistent disk: {persistent} (changes are kept there)")
     with tempfile.TemporaryDirectory(prefix="ldt-run-") as scratch:
         console_log = Path(scratch) / "console.log" if b.plan.app is not None else None
         settings = qemu.VmSettings(memory_mib=memory_mib(memory), cpus=cpus, accel=choice.accel, network=o.net,
                                    port_forwards=forwards, kernel_args=o.cmdline, interactive=True,
                                    snapshot=not o.persist, console_log=console_log)
-        status = qemu.run_interactive(vm_command(mode, b, settings, Path(scratch), disk))
+        with machine_argv(machine(mode, b, settings, persistent)) as cmd:
+            status = run_interactive(cmd)
         if console_log is None:
             return status
         app_status = app.exit_status(console_log.read_text(errors="replace")) if console_log.exists() else None
         if app_status is None:
             # like `docker run` when the container never ran its command (125: the runtime failed)
             code = status if status > 0 else NO_APP_STATUS
-            log(f"qemu {qemu.exit_status(status)} before the app reported its exit status; exiting {code}")
+            log(f"qemu {exit_status(status)} before the app reported its exit status; exiting {code}")
             return code
         log(f"the app exited with status {app_status}")
         return app_status
@@ -177,8 +178,6 @@ NO_APP_STATUS = 125  # a run target's status when the app never reported one (do
 
 def runs_app(p: Project, r: Recipe) -> bool:
     """Whether the recipe's current image boots into an app (its run ends with the app's status)."""
-    from pipeline import stages
-
     f = stages.current(p, r, (Artifact.APP,))[Artifact.APP]
     return Plan.from_json(json.loads(f.read_text())).app is not None
 
@@ -199,7 +198,7 @@ def check_spec(r: Recipe, plan: Plan) -> dict[str, str | None]:
     """What the check of a recipe waits for: the marker, an HTTP path, or (an app with neither)
     its exit with status 0; an OS waits for the marker or a login prompt."""
     if plan.app is None:
-        return {"marker": r.boot_marker or qemu.LOGIN_PROMPT.pattern, "http": None}
+        return {"marker": r.boot_marker or headless.LOGIN_PROMPT.pattern, "http": None}
     return {"marker": r.boot_marker, "http": r.http if r.boot_marker is None else None}
 
 
@@ -253,38 +252,62 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     already passed."""
     b = boot_inputs(p, r, mode)
     spec = check_spec(r, b.plan)
-    manifest = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode), "booted": list(b.keys),
-                "marker": spec["marker"], "cmdline": b.cmdline}
+    manifest = check_manifest(mode, b, spec)
+    cached = _passed_before(p, mode, manifest)
+    if cached is not None:
+        return cached
+    if b.plan.app is None:
+        res = check_os(r, mode, b, accel, spec["marker"] or "")
+    else:
+        res = check_app(r, mode, b, accel, spec)
+    if res.ok:  # only passes are remembered: a failure is retried next time
+        _remember_pass(p, manifest, res, accel)
+    return res
+
+
+# ── the store's part of a check (a boot pass is an entry of CHECK_STAGE) ────────────────
+
+
+def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None]) -> dict[str, object]:
+    """What a pass is keyed by: the mode, the store keys of everything booted, what it waited for."""
+    manifest: dict[str, object] = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode),
+                                   "booted": list(b.keys), "marker": spec["marker"], "cmdline": b.cmdline}
     if b.plan.app is not None:
         manifest["http"] = spec["http"]
+    return manifest
+
+
+def _passed_before(p: Project, mode: Mode, manifest: dict[str, object]) -> CheckResult | None:
+    """The cached pass of this exact check (local store, else the registry), or None."""
     key = key_of(manifest)
     entry = p.store.lookup(CHECK_STAGE, key)
     if entry is not None:
         p.store.push_entry(CHECK_STAGE, key)  # the fleet's, if it lacks this pass
     else:
         entry = p.store.pull(CHECK_STAGE, key, manifest)
-    if entry is not None:
-        res = json.loads((entry / "result.json").read_text())
-        return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "login prompt"),
-                           stopped=res.get("stopped", ""))
-    if b.plan.app is None:
-        res = check_os(r, mode, b, accel, spec["marker"] or "")
-    else:
-        res = check_app(r, mode, b, accel, spec)
-    if res.ok:  # only passes are remembered: a failure is retried next time
-        with p.store.build(CHECK_STAGE, key, manifest) as work:
-            (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
-                                                          "passed_by": res.passed_by, "stopped": res.stopped}))
-        p.store.push_entry(CHECK_STAGE, key)
-    return res
+    if entry is None:
+        return None
+    res = json.loads((entry / "result.json").read_text())
+    return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "login prompt"),
+                       stopped=res.get("stopped", ""))
+
+
+def _remember_pass(p: Project, manifest: dict[str, object], res: CheckResult, accel: Accel) -> None:
+    key = key_of(manifest)
+    with p.store.build(CHECK_STAGE, key, manifest) as work:
+        (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
+                                                      "passed_by": res.passed_by, "stopped": res.stopped}))
+    p.store.push_entry(CHECK_STAGE, key)
+
+
+# ── booting a check ─────────────────────────────────────────────────────────────────────
 
 
 def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
-    with tempfile.TemporaryDirectory(prefix="ldt-check-") as scratch:
-        cmd = vm_command(mode, b, settings, Path(scratch))
+    with machine_argv(machine(mode, b, settings)) as cmd:
         log(f"{r.name}: booting {mode} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
-        res = qemu.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
+        res = headless.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
                        passed_by="marker" if r.boot_marker else "login prompt")
 
@@ -301,12 +324,12 @@ def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str 
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=True,
                                port_forwards=forwards or ())
     what = f"marker {marker!r}" if marker else f"HTTP {path} on port {b.plan.tcp_ports[0]}" if path else "its exit 0"
-    stop = qemu.Stop.CTRL_ALT_DEL if b.plan.init is InitKind.LDT else qemu.Stop.POWER_BUTTON
-    with tempfile.TemporaryDirectory(prefix="ldt-check-") as scratch:
-        cmd = vm_command(mode, b, settings, Path(scratch))
+    stop = headless.Stop.CTRL_ALT_DEL if b.plan.init is InitKind.LDT else headless.Stop.POWER_BUTTON
+    with machine_argv(machine(mode, b, settings)) as cmd:
         log(f"{r.name}: booting {mode} headless, waiting for {what} (timeout {r.boot_timeout}s)")
-        res = qemu.boot_check(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE) if marker else None,
-                              probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop)
+        res = headless.boot_check(cmd, timeout=r.boot_timeout,
+                                  marker=re.compile(marker, re.MULTILINE) if marker else None,
+                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop)
     stopped = "" if res.stop_status is None else f"exit {res.stop_status}"
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
                        passed_by=res.passed_by, stopped=stopped)
@@ -326,7 +349,7 @@ def check_table(name: str, results: list[CheckResult]) -> str:
 def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode)) -> list[CheckResult]:
     """The boot matrix of a recipe: each mode to its marker, headless; prints a table of the
     results, and raises a UserError naming the failed modes with their last console lines."""
-    accel = qemu.select_accel(cache_dir=p.store.root).accel
+    accel = kvm.select_accel(cache_dir=p.store.root).accel
     results = [check_one(p, r, mode, accel) for mode in modes]
     print(check_table(r.name, results), flush=True)
     failed = [c for c in results if not c.ok]

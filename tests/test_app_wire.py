@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import app, builders, ext4, kernel, qemu, rootfs, vm
+from pipeline import app, builders, ext4, headless, kernel, qemu, rootfs, vm
 from pipeline.app import AppSettings, InitKind, Plan, RootfsFacts
 from pipeline.errors import UserError
 from pipeline.qemu import Accel, Mode, VmSettings
@@ -193,7 +193,7 @@ def test_what_a_check_waits_for():
     assert vm.check_spec(r, served) == {"marker": None, "http": "/"}
     assert vm.check_spec(Recipe(name="web", dir=Path("/x"), boot_marker="ready"), served) == {
         "marker": "ready", "http": None}
-    assert vm.check_spec(Recipe(name="os", dir=Path("/x")), Plan())["marker"] == qemu.LOGIN_PROMPT.pattern
+    assert vm.check_spec(Recipe(name="os", dir=Path("/x")), Plan())["marker"] == headless.LOGIN_PROMPT.pattern
 
 
 def fake_vm(script: str) -> list[str]:
@@ -202,15 +202,15 @@ def fake_vm(script: str) -> list[str]:
 
 
 def test_an_app_exiting_non_zero_fails_the_check_with_its_output_and_status():
-    res = qemu.boot_check(fake_vm("echo booting; echo 'oops: no config'; echo 'ldt-app-exit: 3'; sleep 30"),
-                          timeout=20, marker=None, probe=lambda: None, exit_line=app.EXIT_MARKER_RE)
+    res = headless.boot_check(fake_vm("echo booting; echo 'oops: no config'; echo 'ldt-app-exit: 3'; sleep 30"),
+                              timeout=20, marker=None, probe=lambda: None, exit_line=app.EXIT_MARKER_RE)
     assert not res.ok and res.exit_status == 3 and res.reason == "the app exited with status 3"
     assert "oops: no config" in res.tail
 
 
 def test_an_app_without_marker_or_http_passes_by_exiting_0():
-    res = qemu.boot_check(fake_vm("echo hi; echo 'ldt-app-exit: 0'; sleep 30"), timeout=20, marker=None,
-                          exit_line=app.EXIT_MARKER_RE)
+    res = headless.boot_check(fake_vm("echo hi; echo 'ldt-app-exit: 0'; sleep 30"), timeout=20, marker=None,
+                              exit_line=app.EXIT_MARKER_RE)
     assert res.ok and res.passed_by == "the app exited 0"
 
 
@@ -221,8 +221,8 @@ def test_a_probe_passes_the_check_and_the_table_says_which():
         calls.append(1)
         return "HTTP 200 /" if len(calls) > 1 else None
 
-    res = qemu.boot_check(fake_vm("echo up; sleep 30"), timeout=20, marker=None, probe=probe,
-                          exit_line=app.EXIT_MARKER_RE, grace=0.5)
+    res = headless.boot_check(fake_vm("echo up; sleep 30"), timeout=20, marker=None, probe=probe,
+                              exit_line=app.EXIT_MARKER_RE, grace=0.5)
     assert res.ok and res.passed_by == "HTTP 200 /"
     table = vm.check_table("web", [vm.CheckResult(Mode.TGZ, True, res.seconds, False, passed_by=res.passed_by,
                                                   stopped="exit 143")])

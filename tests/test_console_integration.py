@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import doit
 
-from pipeline import qemu, run, vm
+from pipeline import kvm, qemu, run, vm
 from pipeline.console import SYSTEMD_FAILED_UNITS, ConsoleSession, Login, Verdict
 from pipeline.project import Project
 from pipeline.qemu import Mode
@@ -21,14 +21,14 @@ from pipeline.report import phases_from_console
 pytestmark = pytest.mark.integration
 
 
-def test_login_and_commands_on_a_real_boot(built_hello, tmp_path):
+def test_login_and_commands_on_a_real_boot(built_hello):
     doit("build_app:hello", "extract_boot:hello", "build_rootfs:hello", cwd=built_hello)
     p = Project(built_hello)
     r = p.recipe("hello")
     b = vm.boot_inputs(p, r, Mode.TGZ)
-    accel = qemu.select_accel(cache_dir=p.store.root).accel
+    accel = kvm.select_accel(cache_dir=p.store.root).accel
     settings = qemu.VmSettings(memory_mib=vm.memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
-    cmd = vm.vm_command(Mode.TGZ, b, settings, tmp_path)
+    cmd = qemu.machine_cmd(vm.machine(Mode.TGZ, b, settings))
     ours, theirs = socket.socketpair()
     stamped: list[tuple[float, str]] = []
     start = time.monotonic()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import qemu
+from pipeline import firmware, headless, kvm, qemu
 from pipeline.qemu import Accel, DiskBus, Mode, VmSettings
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session", autouse=True)
 def need_qemu() -> None:
     if shutil.which(qemu.QEMU) is None:
-        pytest.skip(f"{qemu.QEMU} is not installed ({qemu.QEMU_HINT})")
+        pytest.skip(f"{qemu.QEMU} is not installed ({firmware.QEMU_HINT})")
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def hello_kernel_initrd(hello_artifacts: dict[str, Path]) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def accel() -> Accel:
     """What select_accel() picks here (TCG on the nested hosts this was written on)."""
-    return qemu.select_accel(env={}, notice=False).accel
+    return kvm.select_accel(env={}, notice=False).accel
 
 
 def tagged(cmd: list[str]) -> tuple[list[str], str]:
@@ -60,24 +60,24 @@ def running(tag: str) -> list[int]:
 
 
 def test_kvm_probe_is_bounded_and_cached(tmp_path: Path) -> None:
-    qemu._probed.clear()
+    kvm._probed.clear()
     start = time.monotonic()
-    choice = qemu.select_accel(cache_dir=tmp_path, env={})
+    choice = kvm.select_accel(cache_dir=tmp_path, env={})
     elapsed = time.monotonic() - start
     assert elapsed < 15, f"the probe took {elapsed:.1f}s"
     if choice.accel is Accel.KVM:
         assert "reached long mode" in choice.reason
     else:  # the hosts this was developed on: nested KVM aborts (-cpu host) or crawls
         assert choice.reason
-    qemu._probed.clear()
+    kvm._probed.clear()
     start = time.monotonic()
-    again = qemu.select_accel(cache_dir=tmp_path, env={})
+    again = kvm.select_accel(cache_dir=tmp_path, env={})
     assert time.monotonic() - start < 0.1
     assert again.accel is choice.accel and again.reason.endswith("; cached")
 
 
 def test_probe_firmware_reaches_long_mode_under_tcg() -> None:
-    ok, why = qemu.probe_guest(Accel.TCG.qemu_args(2), timeout=10)
+    ok, why = kvm.probe_guest(Accel.TCG.qemu_args(2), timeout=10)
     assert ok, why
 
 
@@ -85,14 +85,14 @@ def test_probe_firmware_reaches_long_mode_under_tcg() -> None:
 def test_probe_verdict_on_plain_kvm_is_bounded() -> None:
     """Without -cpu host (which aborts on some hosts) the probe sees KVM's speed itself."""
     start = time.monotonic()
-    ok, why = qemu.probe_guest(["-accel", "kvm", "-cpu", "qemu64"], timeout=2.0)
+    ok, why = kvm.probe_guest(["-accel", "kvm", "-cpu", "qemu64"], timeout=2.0)
     assert time.monotonic() - start < 5
     assert ok or "did not finish within 2s" in why or "qemu" in why
 
 
 def test_ldt_accel_env_wins(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LDT_ACCEL", "tcg")
-    assert qemu.select_accel().accel is Accel.TCG
+    assert kvm.select_accel().accel is Accel.TCG
     assert "accelerator: tcg (LDT_ACCEL=tcg)" in capsys.readouterr().err
 
 
@@ -113,10 +113,10 @@ def test_qemu_accepts_the_command_line(
         kernel, initrd = request.getfixturevalue("hello_kernel_initrd")
         kw = {"kernel": kernel, "initrd": initrd}
     if mode is Mode.UEFI:
-        ovmf = qemu.find_ovmf()
-        kw = {"ovmf": ovmf, "ovmf_vars": qemu.fresh_ovmf_vars(ovmf, tmp_path)}
+        ovmf = firmware.find_ovmf()
+        kw = {"ovmf": ovmf, "ovmf_vars": firmware.fresh_ovmf_vars(ovmf, tmp_path)}
     cmd, tag = tagged([*qemu.qemu_cmd(mode, settings=settings, disk=disk, **kw), "-S"])
-    result = qemu.boot_to_marker(cmd, marker="never", timeout=1.5, grace=0)
+    result = headless.boot_to_marker(cmd, marker="never", timeout=1.5, grace=0)
     assert not result.ok
     assert "within 1.5s" in result.reason, result.reason  # still running: qemu liked the argv
     assert running(tag) == []
@@ -136,7 +136,7 @@ def test_boot_to_the_initramfs_shell(hello_kernel_initrd: tuple[Path, Path], acc
     """break=top: the initramfs drops to its shell first thing (~20 s under TCG on 2 cores)."""
     cmd, tag = hello_cmd(hello_kernel_initrd, accel, "console=ttyS0 quiet break=top")
     start = time.monotonic()
-    result = qemu.boot_to_marker(cmd, marker="(initramfs)", timeout=120, grace=1)
+    result = headless.boot_to_marker(cmd, marker="(initramfs)", timeout=120, grace=1)
     assert result.ok, f"{result.reason}\n" + "\n".join(result.tail)
     assert result.seconds < 120
     assert "(initramfs)" in result.tail[-1]
@@ -147,7 +147,7 @@ def test_boot_to_the_initramfs_shell(hello_kernel_initrd: tuple[Path, Path], acc
 def test_marker_that_never_comes(hello_kernel_initrd: tuple[Path, Path], accel: Accel) -> None:
     cmd, tag = hello_cmd(hello_kernel_initrd, accel, "console=ttyS0 earlyprintk=ttyS0 panic=-1")
     start = time.monotonic()
-    result = qemu.boot_to_marker(cmd, marker="this never appears", timeout=6)
+    result = headless.boot_to_marker(cmd, marker="this never appears", timeout=6)
     assert time.monotonic() - start < 15
     assert not result.ok
     assert "within 6s" in result.reason
@@ -159,7 +159,7 @@ def test_marker_that_never_comes(hello_kernel_initrd: tuple[Path, Path], accel: 
 def test_qemu_failing_at_startup(tmp_path: Path, accel: Accel) -> None:
     missing = tmp_path / "no-such-vmlinuz"
     cmd, tag = tagged(qemu.qemu_cmd(Mode.TGZ, settings=VmSettings(accel=accel), disk=None, kernel=missing))
-    result = qemu.boot_to_marker(cmd, timeout=30)
+    result = headless.boot_to_marker(cmd, timeout=30)
     assert not result.ok and result.seconds < 10
     assert result.reason.startswith("qemu exited with status 1")
     assert "no-such-vmlinuz" in result.reason

@@ -1,11 +1,13 @@
-"""pipeline.qemu: the pure command-line builders, accelerator choice, and boot_to_marker's
-console handling against a fake qemu (a Python script), so no VM runs here."""
+"""The QEMU toolkit without a VM: qemu.py's pure command-line builders, kvm.py's accelerator
+choice, firmware look-ups, and headless.boot_to_marker's console handling, launch() and the QMP
+client against a fake qemu (a Python script)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import sys
 import textwrap
 import time
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import qemu
+from pipeline import firmware, headless, kvm, launch, qemu, qmp
 from pipeline.errors import UserError
-from pipeline.qemu import Accel, DiskBus, Mode, Ovmf, VmSettings, qemu_cmd
+from pipeline.firmware import Ovmf
+from pipeline.qemu import Accel, DiskBus, Mode, VmSettings, qemu_cmd
 
 KERNEL = Path("/k/vmlinuz")
 INITRD = Path("/k/initrd.img")
@@ -225,16 +228,16 @@ def test_unresolved_accel_cannot_build_a_command() -> None:
 
 def test_requested_accel_precedence() -> None:
     env = {"LDT_ACCEL": "kvm"}
-    assert qemu.requested_accel(Accel.TCG, env) == (Accel.TCG, "requested")
-    assert qemu.requested_accel(Accel.AUTO, env) == (Accel.KVM, "LDT_ACCEL=kvm")
-    assert qemu.requested_accel(Accel.AUTO, {"LDT_ACCEL": " TCG "})[0] is Accel.TCG
-    assert qemu.requested_accel(Accel.AUTO, {"LDT_ACCEL": ""})[0] is Accel.AUTO
-    assert qemu.requested_accel(Accel.AUTO, {})[0] is Accel.AUTO
+    assert kvm.requested_accel(Accel.TCG, env) == (Accel.TCG, "requested")
+    assert kvm.requested_accel(Accel.AUTO, env) == (Accel.KVM, "LDT_ACCEL=kvm")
+    assert kvm.requested_accel(Accel.AUTO, {"LDT_ACCEL": " TCG "})[0] is Accel.TCG
+    assert kvm.requested_accel(Accel.AUTO, {"LDT_ACCEL": ""})[0] is Accel.AUTO
+    assert kvm.requested_accel(Accel.AUTO, {})[0] is Accel.AUTO
 
 
 def test_bad_ldt_accel_is_a_user_error() -> None:
     with pytest.raises(UserError) as e:
-        qemu.requested_accel(Accel.AUTO, {"LDT_ACCEL": "hvf"})
+        kvm.requested_accel(Accel.AUTO, {"LDT_ACCEL": "hvf"})
     assert "LDT_ACCEL='hvf'" in e.value.message and "kvm" in (e.value.hint or "")
 
 
@@ -243,38 +246,38 @@ def no_probe(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record probe calls instead of running qemu; KVM looks present."""
     calls: list[str] = []
 
-    def fake_probe(qemu_path: str, timeout: float = 0) -> qemu.AccelChoice:
+    def fake_probe(qemu_path: str, timeout: float = 0) -> kvm.AccelChoice:
         calls.append(qemu_path)
-        return qemu.AccelChoice(Accel.TCG, "KVM unusable: fake")
+        return kvm.AccelChoice(Accel.TCG, "KVM unusable: fake")
 
-    monkeypatch.setattr(qemu, "probe_kvm", fake_probe)
-    monkeypatch.setattr(qemu, "kvm_unavailable", lambda: None)
-    monkeypatch.setattr(qemu, "find_qemu", lambda name=qemu.QEMU: sys.executable)
-    monkeypatch.setattr(qemu, "_probed", {})
+    monkeypatch.setattr(kvm, "probe_kvm", fake_probe)
+    monkeypatch.setattr(kvm, "kvm_unavailable", lambda: None)
+    monkeypatch.setattr(firmware, "find_qemu", lambda name=qemu.QEMU: sys.executable)
+    monkeypatch.setattr(kvm, "_probed", {})
     return calls
 
 
 def test_env_override_skips_the_probe(no_probe: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    choice = qemu.select_accel(env={"LDT_ACCEL": "tcg"})
-    assert choice == qemu.AccelChoice(Accel.TCG, "LDT_ACCEL=tcg")
+    choice = kvm.select_accel(env={"LDT_ACCEL": "tcg"})
+    assert choice == kvm.AccelChoice(Accel.TCG, "LDT_ACCEL=tcg")
     assert no_probe == []
     assert capsys.readouterr().err == "ldt: accelerator: tcg (LDT_ACCEL=tcg)\n"
 
 
 def test_forced_kvm_without_dev_kvm_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu, "kvm_unavailable", lambda: "no /dev/kvm: hardware virtualization unavailable")
+    monkeypatch.setattr(kvm, "kvm_unavailable", lambda: "no /dev/kvm: hardware virtualization unavailable")
     with pytest.raises(UserError) as e:
-        qemu.select_accel(Accel.KVM, env={})
+        kvm.select_accel(Accel.KVM, env={})
     assert "no /dev/kvm" in e.value.message and "LDT_ACCEL=tcg" in (e.value.hint or "")
-    assert qemu.select_accel(env={}, notice=False).reason.startswith("no /dev/kvm")
+    assert kvm.select_accel(env={}, notice=False).reason.startswith("no /dev/kvm")
 
 
 def test_probe_result_is_cached_in_process_and_on_disk(tmp_path: Path, no_probe: list[str]) -> None:
-    first = qemu.select_accel(cache_dir=tmp_path, env={}, notice=False)
+    first = kvm.select_accel(cache_dir=tmp_path, env={}, notice=False)
     assert first.accel is Accel.TCG and no_probe == [sys.executable]
-    assert qemu.select_accel(cache_dir=tmp_path, env={}, notice=False) == first  # in-process
-    qemu._probed.clear()
-    again = qemu.select_accel(cache_dir=tmp_path, env={}, notice=False)  # from the file
+    assert kvm.select_accel(cache_dir=tmp_path, env={}, notice=False) == first  # in-process
+    kvm._probed.clear()
+    again = kvm.select_accel(cache_dir=tmp_path, env={}, notice=False)  # from the file
     assert again.reason == "KVM unusable: fake; cached" and len(no_probe) == 1
     stored = json.loads((tmp_path / "accel-probe.json").read_text())
     assert stored["key"]["kernel"] == os.uname().release and stored["accel"] == "tcg"
@@ -282,18 +285,18 @@ def test_probe_result_is_cached_in_process_and_on_disk(tmp_path: Path, no_probe:
 
 def test_a_changed_key_probes_again(tmp_path: Path, no_probe: list[str]) -> None:
     (tmp_path / "accel-probe.json").write_text(json.dumps({"key": {"kernel": "other"}, "accel": "kvm", "reason": "x"}))
-    assert qemu.select_accel(cache_dir=tmp_path, env={}, notice=False).accel is Accel.TCG
+    assert kvm.select_accel(cache_dir=tmp_path, env={}, notice=False).accel is Accel.TCG
     assert len(no_probe) == 1
 
 
 def test_a_corrupt_cache_file_probes_again(tmp_path: Path, no_probe: list[str]) -> None:
     (tmp_path / "accel-probe.json").write_text("{not json")
-    qemu.select_accel(cache_dir=tmp_path, env={}, notice=False)
+    kvm.select_accel(cache_dir=tmp_path, env={}, notice=False)
     assert len(no_probe) == 1
 
 
 def test_probe_firmware_is_the_assembled_image() -> None:
-    image = qemu.probe_firmware()
+    image = kvm.probe_firmware()
     assert len(image) == 0x10000
     # sha256 of `as --64 probe.S && ld -Ttext=0xF0000 --oformat binary` (the listing in qemu.py)
     assert hashlib.sha256(image).hexdigest() == "4f9574b3c70f213d6d2b6f7dacaf1bfcb699e0fe2a9d671b9ebf12dddaa50f4c"
@@ -302,7 +305,7 @@ def test_probe_firmware_is_the_assembled_image() -> None:
 
 def test_probe_listing_blocks_do_not_overlap() -> None:
     ends = []
-    for offset, listing in qemu._PROBE_CODE:
+    for offset, listing in kvm._PROBE_CODE:
         assert not ends or offset >= ends[-1]
         ends.append(offset + sum(len(bytes.fromhex(code)) for code, _ in listing))
     assert ends[-1] <= 0x10000
@@ -313,7 +316,7 @@ def test_probe_cmd_uses_exactly_the_kvm_flags() -> None:
     assert cmd[cmd.index("-accel") : cmd.index("-accel") + 4] == ["-accel", "kvm", "-cpu", "host"]
     assert after(cmd, "-bios") == ["/tmp/p.bin"]
     assert "isa-debug-exit,iobase=0xf4,iosize=0x04" in after(cmd, "-device")
-    assert qemu.PROBE_EXIT == 85
+    assert kvm.PROBE_EXIT == 85
 
 
 def test_qemu_error_picks_the_error_line() -> None:
@@ -322,9 +325,9 @@ def test_qemu_error_picks_the_error_line() -> None:
         "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n"
         "qemu-system-x86_64: ../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\n"
     )
-    assert qemu.qemu_error(err) == "error: failed to set MSR 0x10a to 0x69"
-    assert qemu.qemu_error("qemu-system-x86_64: -drive x: Could not open 'x'\n") == "-drive x: Could not open 'x'"
-    assert qemu.exit_status(-6) == "was killed by SIGABRT" and qemu.exit_status(1) == "exited with status 1"
+    assert launch.qemu_error(err) == "error: failed to set MSR 0x10a to 0x69"
+    assert launch.qemu_error("qemu-system-x86_64: -drive x: Could not open 'x'\n") == "-drive x: Could not open 'x'"
+    assert launch.exit_status(-6) == "was killed by SIGABRT" and launch.exit_status(1) == "exited with status 1"
 
 
 # ── host look-ups ──
@@ -336,18 +339,18 @@ def test_find_ovmf_takes_the_first_complete_pair(tmp_path: Path) -> None:
     (tmp_path / "VARS.fd").write_bytes(b"vars")
     pairs = [(str(tmp_path / "CODE_4M.fd"), str(tmp_path / "VARS_4M.fd")),
              (str(tmp_path / "CODE.fd"), str(tmp_path / "VARS.fd"))]  # fmt: skip
-    ovmf = qemu.find_ovmf(pairs)
+    ovmf = firmware.find_ovmf(pairs)
     assert ovmf == Ovmf(tmp_path / "CODE.fd", tmp_path / "VARS.fd")
-    copy = qemu.fresh_ovmf_vars(ovmf, tmp_path / "run")
+    copy = firmware.fresh_ovmf_vars(ovmf, tmp_path / "run")
     assert copy.read_bytes() == b"vars" and copy != ovmf.vars_template
 
 
 def test_missing_ovmf_and_qemu_say_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(UserError) as e:
-        qemu.find_ovmf([(str(tmp_path / "a"), str(tmp_path / "b"))])
+        firmware.find_ovmf([(str(tmp_path / "a"), str(tmp_path / "b"))])
     assert e.value.hint == "apt install ovmf"
     with pytest.raises(UserError) as e:
-        qemu.find_qemu("qemu-system-nonexistent")
+        firmware.find_qemu("qemu-system-nonexistent")
     assert "qemu-system-x86" in (e.value.hint or "")
 
 
@@ -355,23 +358,23 @@ def test_missing_ovmf_and_qemu_say_what_to_install(tmp_path: Path) -> None:
 
 
 def test_login_prompt_marker() -> None:
-    assert qemu.LOGIN_PROMPT.search("localhost login: ")
-    assert qemu.LOGIN_PROMPT.search("hello-vm.example login: [   32.98] kvm: Nested Virtualization enabled")
-    assert qemu.LOGIN_PROMPT.search("login: ")
-    assert not qemu.LOGIN_PROMPT.search("         Starting systemd-logind.service - User Login Management...")
-    assert not qemu.LOGIN_PROMPT.search("Last login: Mon Jan 1")
+    assert headless.LOGIN_PROMPT.search("localhost login: ")
+    assert headless.LOGIN_PROMPT.search("hello-vm.example login: [   32.98] kvm: Nested Virtualization enabled")
+    assert headless.LOGIN_PROMPT.search("login: ")
+    assert not headless.LOGIN_PROMPT.search("         Starting systemd-logind.service - User Login Management...")
+    assert not headless.LOGIN_PROMPT.search("Last login: Mon Jan 1")
 
 
 def test_strip_ansi() -> None:
     raw = "\x1b[0;32m  OK  \x1b[0m] Started \x1b]0;title\x07getty\r\x1b[?25l\x1b(B."
-    assert qemu.strip_ansi(raw) == "  OK  ] Started getty."
+    assert headless.strip_ansi(raw) == "  OK  ] Started getty."
 
 
 def test_str_markers_are_literal() -> None:
-    assert qemu.as_pattern("(initramfs)").search("(initramfs) ")
-    assert not qemu.as_pattern("a.c").search("abc")
-    pattern = qemu.as_pattern(qemu.LOGIN_PROMPT)
-    assert pattern is qemu.LOGIN_PROMPT
+    assert headless.as_pattern("(initramfs)").search("(initramfs) ")
+    assert not headless.as_pattern("a.c").search("abc")
+    pattern = headless.as_pattern(headless.LOGIN_PROMPT)
+    assert pattern is headless.LOGIN_PROMPT
 
 
 # ── boot_to_marker against a fake qemu ──
@@ -407,7 +410,7 @@ def test_marker_in_an_unfinished_line_is_found(tmp_path: Path) -> None:
         time.sleep(60)
     """)  # fmt: skip
     start = time.monotonic()
-    result = qemu.boot_to_marker(cmd, timeout=20, grace=0)
+    result = headless.boot_to_marker(cmd, timeout=20, grace=0)
     assert result.ok, result
     assert result.seconds < 10 and time.monotonic() - start < 10
     assert result.tail[-1] == "localhost login: "
@@ -422,7 +425,7 @@ def test_timeout_returns_the_tail_and_kills(tmp_path: Path) -> None:
         out.flush()
         time.sleep(60)
     """)  # fmt: skip
-    result = qemu.boot_to_marker(cmd, marker="never", timeout=1.0)
+    result = headless.boot_to_marker(cmd, marker="never", timeout=1.0)
     assert not result.ok
     assert "within 1s" in result.reason
     assert result.tail == [f"line {i}" for i in range(20, 50)]
@@ -435,7 +438,7 @@ def test_early_exit_reports_status_and_stderr(tmp_path: Path) -> None:
         sys.stderr.write("qemu-system-x86_64: -drive x: Could not open 'x'\\n")
         sys.exit(1)
     """)  # fmt: skip
-    result = qemu.boot_to_marker(cmd, marker="never", timeout=20)
+    result = headless.boot_to_marker(cmd, marker="never", timeout=20)
     assert not result.ok and result.seconds < 10
     assert result.reason == "qemu exited with status 1 before 'never': -drive x: Could not open 'x'"
     assert result.tail == ["half a line"]
@@ -450,9 +453,9 @@ def test_keyboard_interrupt_kills_qemu(tmp_path: Path, monkeypatch: pytest.Monke
     def interrupted(text: str) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qemu, "strip_ansi", interrupted)
+    monkeypatch.setattr(headless, "strip_ansi", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        qemu.boot_to_marker(cmd, timeout=20)
+        headless.boot_to_marker(cmd, timeout=20)
     assert gone(pidfile)
 
 
@@ -487,7 +490,7 @@ def test_power_off_after_the_marker(tmp_path: Path, exits_on: tuple[str], comman
     log = tmp_path / "qmp.log"
     cmd, pidfile = fake_qemu(tmp_path, FAKE_QMP.format(log=str(log), exits_on=exits_on))
     start = time.monotonic()
-    result = qemu.boot_to_marker(cmd, timeout=20, grace=1.5)
+    result = headless.boot_to_marker(cmd, timeout=20, grace=1.5)
     elapsed = time.monotonic() - start
     assert result.ok, result
     assert log.read_text().split() == commands
@@ -497,4 +500,39 @@ def test_power_off_after_the_marker(tmp_path: Path, exits_on: tuple[str], comman
 
 def test_interactive_commands_are_refused() -> None:
     with pytest.raises(ValueError, match="headless"):
-        qemu.boot_to_marker(tgz(VmSettings(accel=Accel.TCG, interactive=True)), timeout=1)
+        headless.boot_to_marker(tgz(VmSettings(accel=Accel.TCG, interactive=True)), timeout=1)
+
+
+# ── launch and the QMP client ──
+
+
+def test_launch_hands_qemu_its_socket_ends_and_reaps_it(tmp_path: Path) -> None:
+    cmd, pidfile = fake_qemu(tmp_path, """
+        import socket
+        socket.socket(fileno=int(sys.argv[1])).sendall(b"hello")
+        time.sleep(60)
+    """)  # fmt: skip
+    with launch.launch(("port",)) as vm:
+        vm.start([*cmd, str(vm.fds["port"])])
+        vm.ours["port"].settimeout(20)
+        assert vm.ours["port"].recv(5) == b"hello"
+    assert gone(pidfile)
+
+
+def test_qmp_skips_events_and_says_what_qemu_refused() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b'{"QMP": {}}\n{"return": {}}\n{"event": "STOP"}\n{"return": {"status": "completed"}}\n'
+                       b'{"error": {"desc": "no such command"}}\n')
+        monitor = qmp.Qmp(ours, timeout=5)
+        assert monitor.call("query-migrate") == {"status": "completed"}
+        with pytest.raises(qmp.QmpError, match="no such command"):
+            monitor.call("bogus")
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(qmp.QmpClosed):
+            monitor.call("quit")
+
+
+def test_a_machine_is_built_like_its_parts() -> None:
+    m = qemu.Machine(Mode.TGZ, TCG, DISK, KERNEL, INITRD, "console=ttyS0")
+    assert qemu.machine_cmd(m) == tgz(cmdline="console=ttyS0")

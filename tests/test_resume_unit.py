@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import resume, virt
+from pipeline import qemu, resume, virt
 from pipeline.cache import Store, hash_file, key_of
+from pipeline.qemu import Accel
 
 
 def test_run_conf_counts_its_lines_and_carries_clock_and_seed():
@@ -29,10 +30,10 @@ def test_guest_speaks_the_hosts_protocol():
 
 
 def test_ram_is_shared_while_making_and_private_when_resuming(tmp_path: Path):
-    made = resume.memory_args(tmp_path / "a,b" / resume.RAM, 1024, share=True)
+    made = qemu.memory_args(tmp_path / "a,b" / resume.RAM, 1024, share=True)
     assert f"mem-path={tmp_path}/a,,b/{resume.RAM},share=on" in made[1] and "size=1024M" in made[1]
     snap = resume.Snapshot(tmp_path)
-    args = resume.resume_args(snap, 512, qmp_fd=9)
+    args = qemu.resume_args(snap.ram, 512, qmp_fd=9)
     assert "share=off" in args[1] and args[-2:] == ["-incoming", "defer"]
     assert ["-chardev", "socket,id=qmp,fd=9"] == args[4:6]
 
@@ -75,3 +76,10 @@ def test_find_explains_a_missing_or_damaged_entry(tmp_path: Path):
     with pytest.raises(resume.NoSnapshot, match="no snapshot"):  # the store's own check evicted it
         resume.find(store, m)
     assert not store.entry(resume.STAGE, key_of(m)).exists()
+
+
+def test_the_snapshot_shape_is_a_runs_command_with_placeholders(tmp_path: Path):
+    m = virt.machine(virt.VirtOptions(ro=True), kernel=tmp_path / "k", rootfs=tmp_path / "r", accel=Accel.TCG)
+    shape = resume.shape(m.canonical())
+    assert "socket,id=control,fd=103" in shape and "-append" in shape
+    assert not any("readonly=on" in a for a in shape)  # --ro is a per-run choice, made after the restore

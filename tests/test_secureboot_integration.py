@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from console import Watched, watch
 
-from pipeline import disk, ext4, ids, qemu
+from pipeline import disk, ext4, firmware, headless, ids, qemu
 from pipeline import secureboot as sb
 from pipeline.run import run
 
@@ -61,7 +61,7 @@ def boot(disk_img: Path, code: Path, vars_file: Path, tmp: Path, *, secure: bool
     shutil.copyfile(vars_file, vars_copy)
     settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
     cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=disk_img,
-                        ovmf=qemu.Ovmf(code, vars_file), ovmf_vars=vars_copy)
+                        ovmf=firmware.Ovmf(code, vars_file), ovmf_vars=vars_copy)
     if secure:
         cmd += sb.secure_boot_qemu_args()
     try:
@@ -76,7 +76,7 @@ def file_digest(path: Path) -> str:
 
 
 def logged_in(console: str) -> bool:
-    return any(qemu.LOGIN_PROMPT.match(line) for line in console.splitlines())
+    return any(headless.LOGIN_PROMPT.match(line) for line in console.splitlines())
 
 
 def decided(console: str) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import doit
 
-from pipeline import qemu, resume
+from pipeline import firmware, kvm, qemu, resume
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def virt_artifacts(built_hello) -> Iterator[tuple[Path, Path, Path]]:
     Copied (sparse) into a world-readable folder, so a test can run virt as another user.
     """
     if shutil.which(qemu.QEMU) is None:
-        pytest.fail(f"{qemu.QEMU} is not installed ({qemu.QEMU_HINT})")
+        pytest.fail(f"{qemu.QEMU} is not installed ({firmware.QEMU_HINT})")
     doit("extract_boot:virt", "build_rootfs:virt")
     built = ROOT / "cache" / "recipes" / "virt"
     dest = Path(tempfile.mkdtemp(prefix="ldt-virt-artifacts-"))
@@ -61,7 +61,7 @@ def virt_artifacts(built_hello) -> Iterator[tuple[Path, Path, Path]]:
 @pytest.fixture(scope="session")
 def accel() -> str:
     """What select_accel() picks here (TCG on the nested hosts this was written on)."""
-    return str(qemu.select_accel(env={}, notice=False).accel)
+    return str(kvm.select_accel(env={}, notice=False).accel)
 
 
 @pytest.fixture(scope="session")

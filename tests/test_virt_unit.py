@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import initramfs, virt
+from pipeline import initramfs, qemu, virt
 from pipeline.errors import UserError
 from pipeline.qemu import Accel
 from pipeline.virt import VirtOptions
@@ -19,13 +19,10 @@ FDS = {"stdin": 10, "stdout": 11, "stderr": 12, "control": 13}
 
 
 def qemu_cmd(tmp_path: Path, **opts) -> list[str]:
-    return virt.virt_qemu_cmd(
-        kernel=tmp_path / "vmlinux",
+    return qemu.virt_cmd(
+        virt.machine(VirtOptions(**opts), kernel=tmp_path / "vmlinux", rootfs=tmp_path / "root.ext4", accel=Accel.TCG),
         initrd=tmp_path / "initrd",
-        rootfs=tmp_path / "root.ext4",
         workdir=tmp_path / "work",
-        options=VirtOptions(**opts),
-        accel=Accel.TCG,
         fds=FDS,
         console_log=tmp_path / "console.log",
     )
@@ -112,16 +109,13 @@ def test_qemu_cmd_ro_net_and_sizes(tmp_path: Path):
 
 
 def test_qemu_cmd_escapes_commas_in_paths(tmp_path: Path):
-    cmd = virt.virt_qemu_cmd(
-        kernel=tmp_path / "k",
+    cmd = qemu.virt_cmd(
+        virt.machine(VirtOptions(), kernel=tmp_path / "k", rootfs=tmp_path / "a,b.ext4", accel=Accel.KVM,
+                     bios=Path("/usr/share/qemu/qboot.rom")),
         initrd=tmp_path / "i",
-        rootfs=tmp_path / "a,b.ext4",
         workdir=tmp_path / "w,x",
-        options=VirtOptions(),
-        accel=Accel.KVM,
         fds=FDS,
         console_log=tmp_path / "c",
-        bios=Path("/usr/share/qemu/qboot.rom"),
     )
     assert "a,,b.ext4" in option(cmd, "-drive")[0]
     assert "path=" + os.fspath(tmp_path / "w,,x") + "," in option(cmd, "-fsdev")[0]
@@ -131,9 +125,9 @@ def test_qemu_cmd_escapes_commas_in_paths(tmp_path: Path):
 
 def test_qemu_cmd_needs_every_port(tmp_path: Path):
     with pytest.raises(ValueError, match="control"):
-        virt.virt_qemu_cmd(
-            kernel=tmp_path / "k", initrd=tmp_path / "i", rootfs=tmp_path / "r", workdir=tmp_path,
-            options=VirtOptions(), accel=Accel.TCG, fds={"stdin": 3, "stdout": 4, "stderr": 5},
+        qemu.virt_cmd(
+            virt.machine(VirtOptions(), kernel=tmp_path / "k", rootfs=tmp_path / "r", accel=Accel.TCG),
+            initrd=tmp_path / "i", workdir=tmp_path, fds={"stdin": 3, "stdout": 4, "stderr": 5},
             console_log=tmp_path / "c",
         )  # fmt: skip
 

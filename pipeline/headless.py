@@ -1,0 +1,284 @@
+"""Headless boots: QEMU with its serial console on a pipe, watched until a marker or an app's
+check, then powered off. check_boot (vm.py) and the tests use these; the argv comes from
+pipeline/qemu.py (built with interactive=False), the process from launch.launch().
+
+Reading order: BootResult and boot_to_marker() (an OS to its login prompt) → Stop,
+CheckOutcome and boot_check() (an app to its marker, HTTP answer or exit) → _Console, which
+reads QEMU's stdout and stderr without blocking, to deadlines.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import os
+import re
+import selectors
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import qmp
+from pipeline.launch import exit_status, launch, qemu_error, wait
+from pipeline.qemu import qmp_listen_args
+from pipeline.run import Cmd, argv
+
+# A serial getty starts a line with "<hostname> login: " and no newline; kernel messages may
+# follow on the same line, so the prompt is matched at the start of a line, not at its end.
+LOGIN_PROMPT = re.compile(r"^(?!Last login)(?:[\w.-]+ )?login: ")
+
+
+@dataclass(frozen=True)
+class BootResult:
+    ok: bool
+    seconds: float  # from starting qemu to the marker (or to the failure)
+    tail: list[str] = field(default_factory=list)  # last console lines, ANSI escapes removed
+    reason: str = ""
+
+
+_ANSI = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, clear screen
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC: window titles
+    r"|\x1b[()*+][0-9A-Za-z]"  # character set selection
+    r"|\x1b[@-Z\\-_]"  # other two-byte escapes
+    r"|[\x00-\x08\x0b-\x1f\x7f]"  # remaining control characters (keeps \t and \n)
+)
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def as_pattern(marker: str | re.Pattern[str]) -> re.Pattern[str]:
+    """A str marker is literal text; pass re.compile(...) for a regular expression."""
+    return marker if isinstance(marker, re.Pattern) else re.compile(re.escape(marker))
+
+
+def boot_to_marker(
+    cmd: Cmd,
+    *,
+    timeout: float,
+    marker: str | re.Pattern[str] = LOGIN_PROMPT,
+    grace: float = 3.0,
+    tail_lines: int = 30,
+) -> BootResult:
+    """Boot headless until `marker` shows on the serial console, then power the guest off.
+
+    `cmd` must be built with interactive=False (serial console on stdout). A QMP socket is
+    added; after the marker the guest gets an ACPI power-down and `grace` seconds, then
+    QEMU is told to quit, then killed. QEMU never outlives this call: not on timeout, on an
+    exception or on KeyboardInterrupt.
+    """
+    args = argv(cmd)
+    if "mon:stdio" in args:
+        raise ValueError("boot_to_marker needs a headless command (interactive=False)")
+    pattern = as_pattern(marker)
+    with launch(qmp_path=True) as vm:
+        assert vm.qmp_path is not None
+        start = time.monotonic()
+        proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
+        console = _Console(proc, tail_lines)
+        outcome = console.pump(pattern, deadline=start + timeout)
+        seconds = time.monotonic() - start
+        tail = console.tail()
+        if outcome == "marker":
+            _power_off(proc, console, vm.qmp_path, grace)
+            return BootResult(True, seconds, tail, f"marker seen after {seconds:.1f}s")
+        wanted = marker if isinstance(marker, str) else f"/{pattern.pattern}/"
+        if outcome == "timeout":
+            reason = f"no {wanted!r} on the console within {timeout:g}s"
+        else:
+            reason = f"qemu {_exited(proc)} before {wanted!r}{console.error_suffix()}"
+        return BootResult(False, seconds, tail, reason)
+
+
+class Stop(enum.StrEnum):
+    """How a check asks the guest to shut down once it passed: the ACPI power button (systemd
+    stops the app's unit), or Ctrl-Alt-Del (our app init turns it into `docker stop`)."""
+
+    POWER_BUTTON = "system_powerdown"
+    CTRL_ALT_DEL = "ctrl-alt-delete"
+
+    def request(self, path: Path) -> bool:
+        if self is Stop.POWER_BUTTON:
+            return qmp.ask(path, "system_powerdown")
+        keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
+        return qmp.ask(path, "send-key", {"keys": keys})
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What boot_check saw: passed or not, when, by which check; the app's exit status while
+    running (a failure) or while stopping (how the power-off ended it), the console's tail."""
+
+    ok: bool
+    seconds: float
+    passed_by: str = ""
+    reason: str = ""
+    exit_status: int | None = None
+    stop_status: int | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+def boot_check(
+    cmd: Cmd,
+    *,
+    timeout: float,
+    marker: re.Pattern[str] | None,
+    probe: Callable[[], str | None] | None = None,
+    exit_line: re.Pattern[str],
+    stop: Stop = Stop.POWER_BUTTON,
+    grace: float = 15.0,
+    tail_lines: int = 30,
+) -> CheckOutcome:
+    """Boot an app VM headless until the check passes: `marker` on the console, or `probe()`
+    (called about four times a second; it must not block) returning what answered, or, with neither, the app's exit
+    line with status 0. The app's exit line with any other status fails at once. After a pass
+    the guest is asked to stop (`stop`), and its exit line while stopping is reported too.
+    QEMU never outlives this call."""
+    args = argv(cmd)
+    if "mon:stdio" in args:
+        raise ValueError("boot_check needs a headless command (interactive=False)")
+    watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker) if p is not None), re.MULTILINE)
+    with launch(qmp_path=True) as vm:
+        assert vm.qmp_path is not None
+        start = time.monotonic()
+        deadline = start + timeout
+        proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
+        console = _Console(proc, tail_lines)
+        passed_by = ""
+        while not passed_by:
+            now = time.monotonic()
+            if now >= deadline:
+                return CheckOutcome(False, now - start, reason=f"no answer within {timeout:g}s",
+                                   tail=console.tail())
+            outcome = console.pump(watch, deadline=min(deadline, now + (0.25 if probe is not None else 1.0)))
+            status = _last_exit(console, exit_line)
+            if status is not None:
+                seconds = time.monotonic() - start
+                if marker is None and probe is None and status == 0:
+                    passed_by = "the app exited 0"
+                    break
+                return CheckOutcome(False, seconds, reason=f"the app exited with status {status}",
+                                   exit_status=status, tail=console.tail())
+            if outcome == "marker":
+                passed_by = f"marker /{marker.pattern}/" if marker is not None else "marker"
+            elif outcome == "eof":
+                return CheckOutcome(False, time.monotonic() - start,
+                                   reason=f"qemu {_exited(proc)} before the check passed{console.error_suffix()}",
+                                   tail=console.tail())
+            elif probe is not None:
+                passed_by = probe() or ""
+        seconds = time.monotonic() - start
+        before = len(console.all_exits)
+        if not passed_by.startswith("the app exited"):
+            if stop.request(vm.qmp_path):
+                console.drain(proc, grace)
+            if proc.poll() is None and qmp.ask(vm.qmp_path, "quit"):
+                console.drain(proc, 3.0)
+            _last_exit(console, exit_line)  # the lines read while it stopped
+        stopped = console.all_exits[before:]
+        return CheckOutcome(True, seconds, passed_by, exit_status=None,
+                           stop_status=stopped[-1] if stopped else None, tail=console.tail())
+
+
+def _last_exit(console: _Console, exit_line: re.Pattern[str]) -> int | None:
+    """The status of an exit line among the lines read since the last call."""
+    found = None
+    for line in console.take_new():
+        m = exit_line.search(line)
+        if m:
+            found = int(m.group(1))
+            console.all_exits.append(found)
+    return found
+
+
+def _exited(proc: subprocess.Popen) -> str:
+    status = wait(proc, 5.0)
+    return exit_status(status) if status is not None else "closed its console"
+
+
+class _Console:
+    """Reads qemu's stdout (the serial console) and stderr without blocking, to deadlines."""
+
+    MAX_LINE = 16384
+
+    def __init__(self, proc: subprocess.Popen, tail_lines: int) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.decoders: dict[int, codecs.IncrementalDecoder] = {}
+        for stream in (proc.stdout, proc.stderr):
+            assert stream is not None
+            self.selector.register(stream.fileno(), selectors.EVENT_READ)
+            self.decoders[stream.fileno()] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out_fd = proc.stdout.fileno() if proc.stdout else -1
+        self.max_lines = tail_lines
+        self.lines: deque[str] = deque(maxlen=tail_lines)
+        self.partial = ""  # raw text after the last newline
+        self.stderr: list[str] = []
+        self.new: list[str] = []  # complete lines not yet taken (take_new)
+        self.all_exits: list[int] = []  # statuses of exit lines seen, for boot_check
+
+    def pump(self, pattern: re.Pattern[str] | None, deadline: float) -> str:
+        """Read until the marker ("marker"), both pipes close ("eof") or the deadline ("timeout")."""
+        while self.selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            for key, _ in self.selector.select(min(remaining, 0.5)):
+                if self._read(key.fd, pattern):
+                    return "marker"
+        return "eof"
+
+    def _read(self, fd: int, pattern: re.Pattern[str] | None) -> bool:
+        data = os.read(fd, 65536)
+        if not data:
+            self.selector.unregister(fd)
+        text = self.decoders[fd].decode(data, final=not data)
+        if fd != self.out_fd:
+            self.stderr.append(text)
+            return False
+        return self._feed(text, pattern)
+
+    def _feed(self, text: str, pattern: re.Pattern[str] | None) -> bool:
+        *complete, self.partial = (self.partial + text).split("\n")
+        self.partial = self.partial[-self.MAX_LINE :]
+        found = False
+        for raw in complete:
+            line = strip_ansi(raw)
+            self.lines.append(line)
+            self.new.append(line)
+            del self.new[: -self.max_lines * 4]
+            found = found or bool(pattern and pattern.search(line))
+        # Prompts ("login: ") end without a newline: look at the unfinished line too.
+        return found or bool(pattern and pattern.search(strip_ansi(self.partial)))
+
+    def take_new(self) -> list[str]:
+        lines, self.new = self.new, []
+        return lines
+
+    def tail(self) -> list[str]:
+        last = strip_ansi(self.partial)
+        lines = [*self.lines, last] if last.strip() else list(self.lines)
+        return lines[-self.max_lines :]
+
+    def error_suffix(self) -> str:
+        """": <qemu's error message>" if it printed one on stderr."""
+        text = "".join(self.stderr)
+        return f": {qemu_error(text)}" if text.strip() else ""
+
+    def drain(self, proc: subprocess.Popen, seconds: float) -> bool:
+        """Keep the pipes empty (a full pipe would stall the guest) until qemu exits."""
+        deadline = time.monotonic() + seconds
+        self.pump(None, deadline)
+        return wait(proc, max(0.0, deadline - time.monotonic())) is not None
+
+
+def _power_off(proc: subprocess.Popen, console: _Console, qmp_path: Path, grace: float) -> None:
+    """ACPI power button, then `quit`, then SIGKILL (by reap); each step bounded."""
+    if grace > 0 and qmp.ask(qmp_path, "system_powerdown") and console.drain(proc, grace):
+        return
+    if qmp.ask(qmp_path, "quit"):
+        console.drain(proc, 3.0)
