@@ -24,8 +24,8 @@ from pipeline.recipes import Recipe, from_images, recipe_of_image
 from pipeline.run import log, verbose
 
 if TYPE_CHECKING:
+    from pipeline.build import Build
     from pipeline.project import Project
-    from pipeline.stages import Build
 
 A = Artifact
 MiB = 1 << 20
