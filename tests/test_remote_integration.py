@@ -226,7 +226,7 @@ def test_registry_down_is_remote_unavailable_quickly(tmp_path):
 
 
 def test_registry_that_never_answers_times_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(remote, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(oci, "READ_TIMEOUT", 0.5)
     with socket.socket() as s:  # accepts connections (kernel backlog), never says a word
         s.bind(("127.0.0.1", 0))
         s.listen(8)
