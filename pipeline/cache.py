@@ -500,6 +500,14 @@ class Store:
                     continue  # a build in progress
                 shutil.rmtree(w, ignore_errors=True) if w.is_dir() else w.unlink()
                 removed.append(w)
+        locks = self.root / "locks"
+        for lock in sorted(locks.iterdir()) if locks.is_dir() else ():
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its key is being made
+                lock.unlink()
         return removed
 
 

@@ -207,6 +207,12 @@ def current(p: Project, r: Recipe, artifacts: tuple[Artifact, ...]) -> dict[Arti
     return out
 
 
+def needs_of(files: dict[Artifact, Path]) -> dict[str, str]:
+    """{row: key} of the entries holding `files` (each a file in a finished entry, as current()
+    gives them): the "needs" of a row made from them (a boot pass), which store_gc follows."""
+    return {MAKER[a].name: f.parent.name for a, f in files.items()}
+
+
 def tgz_epoch(entry: Path) -> int:
     """The timestamp of every file the image stages write: fixed per tgz entry, so the same tgz
     gives byte-identical images."""

@@ -106,6 +106,25 @@ def test_a_row_that_is_not_shared_never_asks_the_registry(tmp_path):
     assert shared.pulls == [] and shared.pushes == []
 
 
+def test_gc_removes_the_locks_nobody_holds(tmp_path):
+    import fcntl
+
+    store = Store(tmp_path / "cache")
+    store.obtain(SHARED, {**SHARED.head(), "x": 3}, lambda work, key: (work / "out").write_text("x"))
+    (free,) = (store.root / "locks").iterdir()
+    held = store.root / "locks" / "thing-being-made.lock"
+    with open(held, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        store.gc(stages.ROWS)
+        assert held.exists() and not free.exists()
+
+
+def test_needs_of_names_the_row_and_key_of_each_file(tmp_path):
+    store = Store(tmp_path / "cache")
+    files = {A.UEFI_IMG: store.entry("uefi", "u1") / A.UEFI_IMG, A.APP: store.entry("app", "a1") / A.APP}
+    assert stages.needs_of(files) == {"uefi": "u1", "app": "a1"}
+
+
 def test_store_only_on_success(tmp_path):
     shared = FakeShared()
     store = Store(tmp_path / "cache", shared)
