@@ -14,6 +14,11 @@ snapshots, pulled images), and every row's entries come through one path, Store.
         -> built here, atomically -> pushed          (a row that is not `shared` skips the registry;
                                                       an `only_passes` row stores a passed result only)
 
+obtain() is the one caller of those steps (lookup, pull, build, push_entry) for the stages and
+pulled images; vm.check_one and resume.prepare still call the steps themselves until they move
+onto it. A layer under the store (issue 17: entries as content-addressed blocks, locally and in
+the registry) plugs in there: how an entry is looked up, materialized, pulled and pushed.
+
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds
 the inputs (whose hash is the key) and, under "files", each file's size and sha256 (the OCI

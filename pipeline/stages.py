@@ -33,7 +33,9 @@ The other rows (OTHER_ROWS) are entries made from a recipe's entries, not doit s
 A check entry is stored only when the boot passed (only_passes); a virt snapshot is keyed by
 this machine's paths, so it is never shared (shared=False); a published image is pulled by its
 builder (the registry's own verified image pull), keyed by its digest. The recipe stages are
-kept while a recipe points at them (Keep.POINTED).
+kept while a recipe points at them (Keep.POINTED). vm.check_one and resume.prepare still take
+the path's steps themselves (lookup, pull, build, push_entry) with these rows' names and
+versions; moving them onto obtain() is the next step of issue 16.
 
 Stage functions take typed values (the Project, the Recipe) and raise UserError; graph.py
 adapts them to doit actions and cli.py to console scripts.
