@@ -11,6 +11,8 @@ Why not oras-py (0.2.43, read before deciding): its requests carry no timeout, i
 decorator sleeps 3+5+11+29+83 s on a registry that is down, its plain upload reads a whole
 blob into memory, and a pulled blob's digest is never checked. Wrapping all that would have
 replaced most of it; the spec's API is small enough to speak with `requests` directly.
+`requests` (and urllib3 under it) is imported when the first client is made, not with this
+module: the CLI's start, virt's and a no-op doit never pay for it.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import requests
-import urllib3
 import zstandard
 
 from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.run import log, verbose
+
+if TYPE_CHECKING:
+    import requests
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TITLE = "org.opencontainers.image.title"
@@ -180,6 +183,8 @@ class Client:
     def __init__(self, remote: Remote, creds: Credentials | None) -> None:
         self.remote = remote
         self.creds = creds
+        import requests  # on first use: see the module's docstring
+
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc credentials or proxies behind our back
         self.authorization: str | None = None
@@ -205,6 +210,8 @@ class Client:
         headers = dict(kwargs.pop("headers", None) or {})
         if self.authorization and authorize:
             headers["Authorization"] = self.authorization
+        import requests
+
         if verbose():  # method and path only: headers and bodies may carry credentials
             log(f"remote: {method} {urllib.parse.urlsplit(url).path}")
         try:
@@ -425,11 +432,14 @@ class _HashingReader:
     def __init__(self, r: requests.Response, limit: int, host: str, what: str) -> None:
         self.r, self.limit, self.host, self.what = r, limit, host, what
         self.hash, self.size = hashlib.sha256(), 0
+        import urllib3  # loaded with requests by now
+
+        self.broken = (urllib3.exceptions.HTTPError, OSError)  # the stream broke off
 
     def read(self, n: int = -1) -> bytes:
         try:
             data = self.r.raw.read(IO_CHUNK if n is None or n < 0 else n, decode_content=True)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+        except self.broken as e:
             raise RemoteUnavailable(f"remote store {self.host} broke off sending {self.what} "
                                     f"({type(e).__name__})") from None
         self.hash.update(data)
