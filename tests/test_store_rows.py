@@ -252,3 +252,36 @@ def test_doit_store_gc_keeps_them(tmp_path):
         assert e[n].is_dir(), f"doit store_gc removed {n}"
     for n in DEAD:
         assert not e[n].exists(), n
+
+
+def test_a_boot_pass_is_stored_once_and_survives_store_gc(tmp_path, monkeypatch):
+    """vm.check_one through the store: a failed boot stores nothing, a pass is stored and then
+    cached, and store_gc keeps it while the disk it booted is the recipe's (no QEMU: check_os faked)."""
+    from pipeline.project import Project
+    from pipeline.qemu import Accel, Mode
+    from pipeline.recipes import Recipe
+
+    monkeypatch.delenv("LDT_REMOTE", raising=False)
+    p = Project(tmp_path)
+    r = Recipe(name="hello", dir=tmp_path / "recipes" / "hello")
+    store = p.store
+    store.point("hello", A.APP, entry(store, "app", "a1", {"stage": "app"}, {A.APP: b'{"app": null}'}) / A.APP)
+    store.point("hello", A.BIOS_IMG, entry(store, "bios", "b1", {"stage": "bios"}, {A.BIOS_IMG: b"disk"}) / A.BIOS_IMG)
+    boots: list[bool] = []
+    outcome = {"ok": False}
+
+    def check_os(r, mode, b, accel, marker):
+        boots.append(outcome["ok"])
+        return vm.CheckResult(mode, outcome["ok"], 2.0, cached=False, reason="" if outcome["ok"] else "no marker")
+
+    monkeypatch.setattr(vm, "check_os", check_os)
+    failed = vm.check_one(p, r, Mode.BIOS, Accel.TCG)
+    assert not failed.ok and store.entries() == [store.entry("app", "a1"), store.entry("bios", "b1")]
+    outcome["ok"] = True
+    assert vm.check_one(p, r, Mode.BIOS, Accel.TCG).ok
+    cached = vm.check_one(p, r, Mode.BIOS, Accel.TCG)
+    assert cached.ok and cached.cached and boots == [False, True]
+    (passed,) = (store.store / "check").iterdir()
+    assert store.gc(stages.ROWS) == [] and passed.is_dir()
+    store.point("hello", A.BIOS_IMG, entry(store, "bios", "b2", {"stage": "bios"}, {A.BIOS_IMG: b"new"}) / A.BIOS_IMG)
+    assert set(store.gc(stages.ROWS)) == {store.entry("bios", "b1"), passed}
