@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' project and registry helpe
 from conftest import BOOTSTRAP_TOML, DOIT, make_project  # noqa: E402
 from registry import Registry, env_without_credentials, free_port, serve  # noqa: E402
 
-from pipeline.remote import OCI_MANIFEST  # noqa: E402
+from pipeline.oci import OCI_MANIFEST  # noqa: E402
 
 PREFIX = "ldtf-"  # every recipe (and so every ldt/<name> image) this bench makes
 HELLO = f"{PREFIX}hello"

@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' registry helper, as pytest
 
 from registry import serve  # noqa: E402
 
-from pipeline import remote  # noqa: E402
+from pipeline import entries, oci  # noqa: E402
 
 STEP = """
 import json, resource, sys, time
 from pathlib import Path
-from pipeline import remote
-r = remote.Remote.parse(sys.argv[1])
+from pipeline import oci, remote
+r = oci.Remote.parse(sys.argv[1])
 op, key, path = sys.argv[2], sys.argv[3], Path(sys.argv[4])
 t = time.monotonic()
 ok = remote.push_entry(r, "bench", key, path) if op == "push" else remote.pull_entry(r, "bench", key, path)
@@ -79,7 +79,7 @@ def main() -> None:
         entry = tmp / "entry"
         entry.mkdir()
         make_disk(entry / "disk.img", size)
-        (entry / "manifest.json").write_text(json.dumps({"files": remote.file_records(entry)}))
+        (entry / "manifest.json").write_text(json.dumps({"files": entries.file_records(entry)}))
         st = os.stat(entry / "disk.img")
         with serve(tmp / "registry") as reg:
             cp = min(timed(["cp", entry / "disk.img", reg.root / f"cp{i}.img"]) for i in range(2))
@@ -90,7 +90,7 @@ def main() -> None:
             pulled.mkdir()
             pull = step(reg.url, "pull", "k1", pulled)
             doc = json.loads(subprocess.run(
-                ["curl", "-sf", "-H", f"Accept: {remote.OCI_MANIFEST}", f"http://{reg.host}/v2/ldt/bench/manifests/k1"],
+                ["curl", "-sf", "-H", f"Accept: {oci.OCI_MANIFEST}", f"http://{reg.host}/v2/ldt/bench/manifests/k1"],
                 capture_output=True, check=True).stdout)
         sent = sum(d["size"] for d in doc["layers"]) + doc["config"]["size"]
         pst = os.stat(pulled / "disk.img")

@@ -30,8 +30,8 @@ from pipeline.run import log, verbose
 from pipeline.tgz import Fixups, bootstrap, filter_tar, write_tgz
 
 if TYPE_CHECKING:
+    from pipeline.build import Build
     from pipeline.project import Project
-    from pipeline.stages import Build
 
 A = Artifact
 MiB = 1 << 20

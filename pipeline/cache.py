@@ -1,9 +1,23 @@
-"""The content-hash store under cache/, content keys, and doit's xxhash file checker.
+"""The content-hash store under cache/: its rows, the one path every entry takes, and doit's
+xxhash file checker.
 
 Layout:
-    cache/store/<stage>/<key>/        immutable entries: the artifact files + manifest.json
+    cache/store/<row>/<key>/          immutable entries: the artifact files + manifest.json
     cache/recipes/<name>/<artifact>   stable paths (doit targets): symlinks to the current entry
     cache/tmp/                        work dirs; never taken for a finished entry
+    cache/locks/                      one lock file per key being made (one maker per key)
+
+Every kind of entry is a Row (the table is stages.ROWS: the recipe stages, boot passes, VM
+snapshots, pulled images), and every row's entries come through one path, Store.obtain():
+
+    local entry (verified) -> the shared store (pulled, verified while it streams)
+        -> built here, atomically -> pushed          (a row that is not `shared` skips the registry;
+                                                      an `only_passes` row stores a passed result only)
+
+obtain() is the one caller of those steps (lookup, pull, build, push_entry) for the stages and
+pulled images; vm.check_one and resume.prepare still call the steps themselves until they move
+onto it. A layer under the store (issue 17: entries as content-addressed blocks, locally and in
+the registry) plugs in there: how an entry is looked up, materialized, pulled and pushed.
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds
@@ -12,74 +26,53 @@ registry's own digest, so a pulled entry is checked end to end). Entries are rea
 stored; one changed afterwards is found before it is used (verify(): size, and a rehash when
 a file is newer than the manifest written last), evicted with one line, and made again.
 
-With LDT_REMOTE set (an OCI registry, see remote.py) fetch() looks up local -> remote ->
-build, and pushes what it built (unless LDT_REMOTE_PUSH=0). The registry is a cache, never a
-point of failure: down, refusing or damaged means one warning line and a local build.
+The shared store (an OCI registry, remote.RegistryStore) is handed in by the project
+(project.py, from LDT_REMOTE); this module never imports it. It is a cache, never a point of
+failure: down, refusing or damaged means one warning line and a local build.
+
+`doit store_gc` keeps what the rows say is live (Keep, live_entries()): what a recipe points
+at, and what was made from live entries (boot passes, VM snapshots), and the newest pull of
+each published image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
-import hashlib
+import fcntl
 import json
 import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
 from doit.dependency import FileChangedChecker
 
+from pipeline.entries import (
+    MANIFEST,
+    EntryCorrupt,
+    RemoteUnavailable,
+    Shared,
+    file_record,
+    file_records,
+    hash_file,
+    inputs_of,
+    key_of,
+    manifest_json,
+)
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, fsync_path
 from pipeline.run import log
 
-MANIFEST = "manifest.json"
-CHUNK = 1 << 20
+__all__ = ["MANIFEST", "Keep", "Obtained", "Row", "Source", "Store", "XXHashChecker", "hash_file", "key_of",
+           "live_entries", "tree_manifest"]
+
 READ_ONLY_FILE, READ_ONLY_DIR = 0o444, 0o555
-
-
-def hash_file(path: str | os.PathLike[str]) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Size and sha256 of a file, read once (what an entry's manifest.json records per file)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def file_records(entry_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """{name: {size, sha256}} of every file of an entry but its manifest.json."""
-    d = Path(entry_dir)
-    return {p.name: file_record(p) for p in sorted(d.iterdir()) if p.name != MANIFEST and p.is_file()}
-
-
-def inputs_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The part of a stored manifest.json that is hashed into the key (all but "files")."""
-    return {k: v for k, v in manifest.items() if k != "files"}
-
-
-def manifest_json(manifest: dict[str, Any]) -> str:
-    return json.dumps(manifest, sort_keys=True, indent=1) + "\n"
-
-
-def key_of(manifest: dict[str, Any]) -> str:
-    """xxh3-128 over the sorted JSON of every input of a stage."""
-    return xxhash.xxh3_128_hexdigest(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
 
 
 def tree_manifest(root: Path, relpaths: Iterable[str]) -> list[dict[str, Any]]:
@@ -97,23 +90,66 @@ def tree_manifest(root: Path, relpaths: Iterable[str]) -> list[dict[str, Any]]:
     return entries
 
 
+# -- rows: the kinds of entry the store holds ---------------------------------------------------
+
+
+class Keep(enum.StrEnum):
+    """How `doit store_gc` decides an entry of a row is live (each row says which rule is its)."""
+
+    POINTED = "pointed"  # a recipe's stable path points at it (the recipe stages)
+    NEEDS = "needs"  # every entry its manifest names ("needs": {row: key}, or "booted": [key]) is live
+    FILES = "files"  # every file its "inputs" identify (path:size:mtime) is unchanged: in a live entry, or outside
+    NEWEST = "newest"  # the newest entry of each "image" (a pulled image; older pulls of it are garbage)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One kind of store entry: the folder cache/store/<name>/, and what the store does with it."""
+
+    name: str  # the store folder, the registry repository, and "stage" in every manifest
+    version: int  # bump when what an entry holds changes: every key of the row changes
+    doc: str
+    needs: tuple[str, ...] = ()  # the rows whose entries it is made from (named in its manifest)
+    reads: tuple[str, ...] = ()  # the recipe settings (Recipe.settings() keys) that go into the key
+    shared: bool = True  # pulled from and pushed to the shared store (False: keyed by this machine's paths)
+    only_passes: bool = False  # stored only when the builder's result passed (a failed boot is retried)
+    writable: tuple[str, ...] = ()  # files that stay writable by their owner (see Store.build)
+    keep: Keep = Keep.POINTED  # store_gc's rule
+    builder: str = ""  # where the builder is, for a row whose builder lives above the store ("vm.check_one")
+
+    def head(self) -> dict[str, Any]:
+        """What every manifest of the row starts with."""
+        return {"stage": self.name, "version": self.version}
+
+
+class Source(enum.StrEnum):
+    LOCAL = "local"
+    REMOTE = "remote"
+    BUILT = "built"
+
+
+@dataclass(frozen=True)
+class Obtained:
+    """What Store.obtain() gives: the entry (None: an only_passes row whose build did not pass),
+    where it came from, its key, and what the builder returned (None unless it ran)."""
+
+    entry: Path | None
+    source: Source
+    key: str
+    result: Any = None
+
+
 class Absent(Exception):
     """Raised inside Store.build() by a body that found nothing to store (a remote miss)."""
 
 
-_remote_down: set[str] = set()  # remotes that failed in this process: warned once, not asked again
+_remote_down: set[str] = set()  # shared stores that failed in this process: warned once, not asked again
 
 
 @dataclass(frozen=True)
 class Store:
     root: Path  # the cache/ folder
-    remote_url: str | None = None  # oci://HOST[:PORT]/PREFIX; None: no shared store
-    push: bool = True  # False: pull only (a pull-request runner: LDT_REMOTE_PUSH=0)
-
-    @classmethod
-    def from_env(cls, root: Path, env: dict[str, str] | None = None) -> Store:
-        env = dict(os.environ) if env is None else env
-        return cls(root, env.get("LDT_REMOTE") or None, env.get("LDT_REMOTE_PUSH", "1") not in ("0", "false", "no"))
+    remote: Shared | None = None  # the store a fleet shares (the project's, from LDT_REMOTE); None: none
 
     def __post_init__(self) -> None:
         # entries are compared with resolved pointer targets: keep one spelling of every path
@@ -136,6 +172,58 @@ class Store:
 
     def entry(self, stage: str, key: str) -> Path:
         return self.store / stage / key
+
+    # -- the one path -------------------------------------------------------------------------
+
+    def obtain(self, row: Row, manifest: dict[str, Any], build: Callable[[Path, str], Any], *,
+               key: str | None = None, passed: Callable[[Any], bool] = bool, quiet: bool = False) -> Obtained:
+        """The entry of `manifest` (which starts with row.head()), by the one path every row takes:
+        the local entry (verified; shared if the registry lacks it), else the shared store's
+        (pulled, verified), else `build(work, key)` fills an empty work dir that becomes the entry
+        atomically, and is pushed. One maker per key: a second process waits for the first's
+        entry instead of making its own. For an only_passes row the entry is stored only when
+        passed(what build returned); Obtained.result is that value. `key` defaults to
+        key_of(manifest) (a pulled image's is its digest). quiet: a damaged local entry is evicted
+        without a line (virt's stderr belongs to its command)."""
+        key = key_of(manifest) if key is None else key
+        found = self._found(row, key, quiet)
+        if found is not None:
+            return found
+        with self._one_maker(row.name, key):
+            found = self._found(row, key, quiet)  # made by a concurrent run while this one waited
+            if found is not None:
+                return found
+            if row.shared:
+                entry = self.pull(row.name, key, manifest)
+                if entry is not None:
+                    return Obtained(entry, Source.REMOTE, key)
+            result = None
+            with self.build(row.name, key, manifest, writable=row.writable) as work:
+                result = build(work, key)
+                if row.only_passes and not passed(result):
+                    raise Absent  # only passes are remembered: a failure is retried next time
+        entry = self.lookup(row.name, key, quiet=quiet)
+        if entry is not None and row.shared:
+            self.push_entry(row.name, key)
+        return Obtained(entry, Source.BUILT, key, result)
+
+    def _found(self, row: Row, key: str, quiet: bool) -> Obtained | None:
+        entry = self.lookup(row.name, key, quiet=quiet)
+        if entry is None:
+            return None
+        if row.shared:
+            self.push_entry(row.name, key)  # the fleet's, if it lacks this one
+        return Obtained(entry, Source.LOCAL, key)
+
+    @contextlib.contextmanager
+    def _one_maker(self, row: str, key: str) -> Iterator[None]:
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{row}-{key}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    # -- the steps of the path ----------------------------------------------------------------
 
     def lookup(self, stage: str, key: str, *, quiet: bool = False) -> Path | None:
         """The finished local entry, verified (quickly: see verify()); a damaged one is evicted
@@ -225,52 +313,31 @@ class Store:
                          hint="free some space (`doit store_gc` removes unused entries) or move cache/ to a "
                               "bigger disk, then run it again")
 
-    # -- the shared store (an OCI registry) --------------------------------------------------
+    # -- the shared store ----------------------------------------------------------------------
 
-    def fetch(self, stage: str, key: str, manifest: dict[str, Any],
-              build: Callable[[Path, str], None]) -> tuple[Path, str]:
-        """The entry of `key`: (entry, "local" | "remote" | "built"). Local first (and shared if the
-        remote lacks it), then the remote (pulled and verified while it streams), else built
-        here and pushed."""
-        entry = self.lookup(stage, key)
-        if entry is not None:
-            self.push_entry(stage, key)
-            return entry, "local"
-        entry = self.pull(stage, key, manifest)
-        if entry is not None:
-            return entry, "remote"
-        with self.build(stage, key, manifest) as work:
-            build(work, key)
-        self.push_entry(stage, key)
-        return self.entry(stage, key), "built"
-
-    def _remote(self):
-        if not self.remote_url or self.remote_url in _remote_down:
+    def _shared(self) -> Shared | None:
+        """The shared store, unless it failed earlier in this process."""
+        if self.remote is None or str(self.remote) in _remote_down:
             return None
-        from pipeline import remote
-
-        return remote.Remote.parse(self.remote_url, push=self.push)
+        return self.remote
 
     def _remote_failed(self, e: Exception) -> None:
-        assert self.remote_url is not None
-        _remote_down.add(self.remote_url)
+        _remote_down.add(str(self.remote))
         log(f"warning: {e.message if isinstance(e, UserError) else e}; building locally from here on")
 
     def pull(self, stage: str, key: str, manifest: dict[str, Any]) -> Path | None:
         """The remote entry of `key`, through the same atomic door as a build; None on a miss."""
-        r = self._remote()
+        r = self._shared()
         if r is None:
             return None
-        from pipeline import remote
-
         try:
             with self.build(stage, key, manifest) as work:
-                if not remote.pull_entry(r, stage, key, work):
+                if not r.pull_entry(stage, key, work):
                     raise Absent
-        except remote.RemoteUnavailable as e:
+        except RemoteUnavailable as e:
             self._remote_failed(e)
             return None
-        except (remote.EntryCorrupt, UserError) as e:
+        except (EntryCorrupt, UserError) as e:
             log(f"remote entry {stage}:{key[:12]} is unusable ({e.message}); building locally")
             return None
         entry = self.entry(stage, key)
@@ -281,49 +348,47 @@ class Store:
 
     def push_entry(self, stage: str, key: str) -> bool:
         """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0); True if pushed."""
-        r = self._remote()
+        r = self._shared()
         if r is None or not r.push:
             return False
-        from pipeline import remote
-
         entry = self.entry(stage, key)
         self.tmp.mkdir(parents=True, exist_ok=True)
         try:
-            if remote.push_entry(r, stage, key, entry, tmp_dir=self.tmp):
+            if r.push_entry(stage, key, entry, tmp_dir=self.tmp):
                 log(f"{stage}:{key[:12]} pushed to {r}")
                 return True
-        except remote.RemoteUnavailable as e:
+        except RemoteUnavailable as e:
             self._remote_failed(e)
-        except remote.EntryCorrupt as e:
+        except EntryCorrupt as e:
             log(f"not pushed: {e.message}")
             self.check(entry, deep=True)
         return False
 
-    def push_all(self) -> int:
-        """Push every local entry the remote lacks (after a run whose pushes failed); how many."""
-        if self._remote() is None:
+    def push_all(self, rows: Iterable[Row] | None = None) -> int:
+        """Push every local entry the remote lacks (after a run whose pushes failed); how many.
+        With `rows` (the table), only the entries of shared rows."""
+        if self._shared() is None:
             raise UserError("no remote store to push to", hint="set LDT_REMOTE=oci://HOST[:PORT]/PREFIX")
+        local_only = set() if rows is None else {r.name for r in rows if not r.shared}
         before = len(_remote_down)
         pushed = 0
         for e in self.entries():
-            if self._remote() is None:
+            if self._shared() is None:
                 break
-            if self.push_entry(e.parent.name, e.name):
+            if e.parent.name not in local_only and self.push_entry(e.parent.name, e.name):
                 pushed += 1
         if len(_remote_down) > before:
-            raise UserError(f"the remote store {self.remote_url} went away; {pushed} entries pushed before")
+            raise UserError(f"the remote store {self.remote} went away; {pushed} entries pushed before")
         return pushed
 
     def remote_keys(self, stage: str) -> set[str] | None:
         """Keys the remote holds for a stage; None without a (reachable) remote."""
-        r = self._remote()
+        r = self._shared()
         if r is None:
             return None
-        from pipeline import remote
-
         try:
-            return set(remote.remote_keys(r, stage))
-        except remote.RemoteUnavailable as e:
+            return set(r.keys(stage))
+        except RemoteUnavailable as e:
             self._remote_failed(e)
             return None
 
@@ -377,7 +442,7 @@ class Store:
             used.setdefault(entry, []).append(f"{link.parent.name}/{link.name}")
         local = self.entries()
         remote: dict[str, set[str]] = {}
-        if self.remote_url:
+        if self.remote is not None:
             for stage in dict.fromkeys([*stages, *(e.parent.name for e in local)]):
                 keys = self.remote_keys(stage)
                 if keys is None:
@@ -399,7 +464,7 @@ class Store:
             lines.append(f"{st:<14} {k[:16]:<16} {'remote':<12} {'':>10} {'':>10}")
         work = sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
         lines.append(f"{len(local)} local entries, {human(total_apparent)} apparent, {human(total_disk)} on disk"
-                     + (f"; {len(only_remote)} more in {self.remote_url}" if remote else "")
+                     + (f"; {len(only_remote)} more in {self.remote}" if remote else "")
                      + (f"; {len(work)} unfinished work dirs in {self.tmp}" if work else ""))
         return "\n".join(lines)
 
@@ -413,9 +478,24 @@ class Store:
                 self.evict(e)
         return bad
 
-    def gc(self, keep: Iterable[Path] = ()) -> list[Path]:
-        """Remove entries no stable path points at (and leftover work dirs)."""
-        live = set(self.pointers().values()) | {Path(k) for k in keep}
+    def manifests(self) -> dict[Path, dict[str, Any]]:
+        """Every finished entry -> its manifest.json ({} when unreadable)."""
+        out: dict[Path, dict[str, Any]] = {}
+        for e in self.entries():
+            try:
+                out[e] = json.loads((e / MANIFEST).read_text())
+            except (OSError, ValueError):
+                out[e] = {}
+        return out
+
+    def live(self, rows: Iterable[Row]) -> set[Path]:
+        """The entries the table says are live (live_entries(): each row's Keep rule)."""
+        return live_entries(self.manifests(), set(self.pointers().values()), rows, self.store)
+
+    def gc(self, rows: Iterable[Row] = (), keep: Iterable[Path] = ()) -> list[Path]:
+        """Remove the entries that are not live (by the rows' rules; an entry of no row is live
+        only while a stable path points at it) and leftover work dirs."""
+        live = self.live(rows) | {Path(k) for k in keep}
         removed = [e for e in self.entries() if e not in live]
         for e in removed:
             self.evict(e)
@@ -425,7 +505,78 @@ class Store:
                     continue  # a build in progress
                 shutil.rmtree(w, ignore_errors=True) if w.is_dir() else w.unlink()
                 removed.append(w)
+        locks = self.root / "locks"
+        for lock in sorted(locks.iterdir()) if locks.is_dir() else ():
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its key is being made
+                lock.unlink()
         return removed
+
+
+def live_entries(manifests: Mapping[Path, dict[str, Any]], pointed: set[Path], rows: Iterable[Row],
+                 store: Path, stat_of: Callable[[str], os.stat_result] = os.stat) -> set[Path]:
+    """Which entries (of `manifests`: entry dir -> its manifest.json) are live: those a recipe
+    points at, then by each row's Keep rule, until nothing more is found (a boot pass of a
+    snapshot's files is live once they are). Pure but for stat_of (FILES: outside files)."""
+    rule = {r.name: r.keep for r in rows}
+    live = {e for e in manifests if e in pointed}
+    newest: dict[tuple[str, str], Path] = {}
+    for e, m in manifests.items():
+        if rule.get(e.parent.name) is Keep.NEWEST and isinstance(m.get("image"), str):
+            group = (e.parent.name, m["image"])
+            if group not in newest or _stored_at(e) > _stored_at(newest[group]):
+                newest[group] = e
+    live |= set(newest.values())
+    grown = True
+    while grown:
+        grown = False
+        keys = {e.name for e in live}
+        for e, m in manifests.items():
+            keep = rule.get(e.parent.name)
+            if e in live or keep not in (Keep.NEEDS, Keep.FILES):
+                continue
+            if _alive(keep, m, live, keys, store, stat_of):
+                live.add(e)
+                grown = True
+    return live
+
+
+def _alive(keep: Keep, m: dict[str, Any], live: set[Path], keys: set[str], store: Path,
+           stat_of: Callable[[str], os.stat_result]) -> bool:
+    if keep is Keep.NEEDS:
+        needs, booted = m.get("needs"), m.get("booted")
+        named = [store / row / key for row, key in needs.items()] if isinstance(needs, dict) else []
+        old = [k for k in booted if isinstance(k, str)] if isinstance(booted, list) else []  # check v2 manifests
+        return bool(named or old) and all(e in live for e in named) and all(k in keys for k in old)
+    identities = m.get("inputs")
+    if not isinstance(identities, dict):
+        return False
+    for ident in identities.values():
+        if ident is None:
+            continue
+        path, size, mtime = str(ident).rsplit(":", 2)
+        inside = Path(path).relative_to(store).parts if Path(path).is_relative_to(store) else ()
+        if inside:
+            if len(inside) < 3 or store / inside[0] / inside[1] not in live:
+                return False
+            continue
+        try:
+            st = stat_of(path)
+        except OSError:
+            return False
+        if f"{st.st_size}:{st.st_mtime_ns}" != f"{size}:{mtime}":
+            return False
+    return True
+
+
+def _stored_at(entry: Path) -> int:
+    try:
+        return (entry / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def verify(entry: Path, *, deep: bool = False) -> str | None:

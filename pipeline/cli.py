@@ -183,7 +183,7 @@ def _file_or_pulled(arg: str, artifact: Artifact) -> Path:
         return Path(arg)
     from pipeline import publish
 
-    f = publish.fetch(Project(project_root()), arg) / artifact
+    f = publish.pull_published(Project(project_root()), arg) / artifact
     if not f.is_file():
         raise UserError(f"{arg} holds no {artifact}", hint="publish the recipe with its disk images built")
     return f

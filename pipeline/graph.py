@@ -15,7 +15,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from pipeline import stages, vm
+from pipeline import publish, stages, vm
 from pipeline.errors import UserError
 from pipeline.project import Project
 from pipeline.qemu import Mode
@@ -77,12 +77,12 @@ def check_action(root: str, name: str) -> None:
 
 @doit_edge
 def store_action(root: str) -> None:
-    print(Project(Path(root)).store.listing([*stages.STAGE, vm.CHECK_STAGE]))
+    print(Project(Path(root)).store.listing([r.name for r in stages.ROWS if r.shared]))
 
 
 @doit_edge
 def store_gc_action(root: str) -> None:
-    removed = Project(Path(root)).store.gc()
+    removed = Project(Path(root)).store.gc(stages.ROWS)
     for e in removed:
         print(f"removed {e}")
     print(f"{len(removed)} removed")
@@ -113,7 +113,7 @@ def store_verify_action(root: str) -> None:
 
 @doit_edge
 def store_push_action(root: str) -> None:
-    pushed = Project(Path(root)).store.push_all()
+    pushed = Project(Path(root)).store.push_all(stages.ROWS)
     print(f"{pushed} entries pushed")
 
 
@@ -188,8 +188,6 @@ def run_tasks(p: Project, recipes: dict[str, Recipe], mode: Mode) -> Iterator[di
 
 @doit_edge
 def publish_action(root: str, name: str, tag: str = "latest") -> None:
-    from pipeline import publish
-
     p = Project(Path(root))
     publish.publish(p, p.recipe(name), tag)
 
@@ -198,8 +196,6 @@ PUBLISH_DOC = "Push a recipe's disks, kernel, initrd and tgz to $LDT_REMOTE as o
 
 
 def publish_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, Any]]:
-    from pipeline import publish
-
     yield {"name": None, "doc": PUBLISH_DOC}
     for r in recipes.values():
         if not r.bootable:
@@ -262,8 +258,9 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
     store_tasks = {
         "store": (store_action, "Show the content-hash store: entries, sizes, which recipe points where (and with "
                                 "$LDT_REMOTE: local, remote or both)"),
-        "store_gc": (store_gc_action, "Remove store entries no recipe points at, unfinished work dirs and containers "
-                                      "a killed run left"),
+        "store_gc": (store_gc_action, "Remove store entries the table says are not live (no recipe points at them "
+                                      "or at what they were made from), unfinished work dirs and containers a "
+                                      "killed run left"),
         "store_verify": (store_verify_action, "Rehash every store entry against its manifest.json; remove the "
                                               "damaged ones"),
         "store_push": (store_push_action, "Push every local store entry $LDT_REMOTE lacks (e.g. after the registry "

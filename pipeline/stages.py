@@ -1,4 +1,5 @@
-"""The stages of the graph: one table says what each is, one runner runs any of them.
+"""The table of everything the store holds: one row per kind of entry, and one runner for the
+recipe stages. Every row's entries come through the store's one path (cache.Store.obtain).
 
     STAGES   name        task                 needs (made by)                 makes
              tgz         build_tgz            (Dockerfile, parents' tgz)      rootfs.tgz (+ image-config.json)
@@ -20,6 +21,22 @@ cannot drift. The runner reads top to bottom:
 
     inputs -> manifest -> key -> (store hit? point at it : build atomically, then point) -> outputs
 
+The other rows (OTHER_ROWS) are entries made from a recipe's entries, not doit stages:
+
+    ROWS     name           made by (builder)          from (needs)                store_gc keeps it while
+             check          vm.check_one (a boot)      the entries a mode boots    they are live (Keep.NEEDS)
+             virt_snapshot  resume.prepare (a VM save) kernel, initrd, rootfs,     every file it was made from is
+                                                       qemu, firmware files        unchanged (Keep.FILES)
+             published      publish.pull_published     an image in a registry      it is its image's newest pull
+                                                                                   (Keep.NEWEST)
+
+A check entry is stored only when the boot passed (only_passes); a virt snapshot is keyed by
+this machine's paths, so it is never shared (shared=False); a published image is pulled by its
+builder (the registry's own verified image pull), keyed by its digest. The recipe stages are
+kept while a recipe points at them (Keep.POINTED). vm.check_one and resume.prepare still take
+the path's steps themselves (lookup, pull, build, push_entry) with these rows' names and
+versions; moving them onto obtain() is the next step of issue 16.
+
 Stage functions take typed values (the Project, the Recipe) and raise UserError; graph.py
 adapts them to doit actions and cli.py to console scripts.
 """
@@ -33,32 +50,15 @@ from typing import Any
 
 from pipeline import builders
 from pipeline.artifacts import EPOCH, Artifact
-from pipeline.cache import key_of
+from pipeline.build import Build
+from pipeline.cache import Keep, Row, Source
+from pipeline.entries import hash_file, key_of
 from pipeline.errors import UserError
 from pipeline.project import Project
 from pipeline.recipes import Recipe
 from pipeline.run import log
 
 A = Artifact
-
-
-@dataclass(frozen=True)
-class Build:
-    """What a builder gets: the recipe, its key, an empty work dir to fill with `makes`, and the
-    files it needs (each in the finished entry of the stage that made it)."""
-
-    project: Project
-    recipe: Recipe
-    key: str
-    work: Path
-    inputs: dict[Artifact, Path]
-    epoch: int | None
-
-    def input(self, a: Artifact) -> Path | None:
-        return self.inputs.get(a)
-
-    def out(self, a: Artifact) -> Path:
-        return self.work / a
 
 
 def _always(r: Recipe) -> bool:
@@ -88,6 +88,12 @@ class Stage:
 
     def needs_for(self, r: Recipe) -> tuple[Artifact, ...]:
         return tuple(a for a in self.needs if wanted(a, r))
+
+    @property
+    def row(self) -> Row:
+        """The stage as a row of the store's table: kept while a recipe points at it."""
+        return Row(self.name, self.version, self.doc, needs=tuple(dict.fromkeys(MAKER[a].name for a in self.needs)),
+                   reads=self.reads, keep=Keep.POINTED, builder=f"builders.{self.build.__name__}")
 
     def makes_for(self, r: Recipe) -> tuple[Artifact, ...]:
         return tuple(a for a in self.makes if wanted(a, r))
@@ -144,6 +150,18 @@ STAGE = {s.name: s for s in STAGES}
 MAKER = {a: s for s in STAGES for a in s.makes}  # which stage makes each artifact
 TASKS = tuple(dict.fromkeys(s.task for s in STAGES))  # doit tasks, in table order
 
+CHECK = Row("check", 2, "A passed boot of one mode: result.json (seconds, accel, what passed it)",
+            needs=("vmlinux", "boot", "ext4", "app", "bios", "uefi"), reads=("boot_marker", "http", "cmdline"),
+            only_passes=True, keep=Keep.NEEDS, builder="vm.check_one")
+VIRT_SNAPSHOT = Row("virt_snapshot", 2, "virt's saved post-boot VM: vm.ram, vm.state, vm.initrd, vm.json",
+                    needs=("fast_boot", "ext4"), shared=False, writable=("vm.ram",), keep=Keep.FILES,
+                    builder="resume.prepare")
+PUBLISHED = Row("published", 1, "An image pulled by reference (oci://…), every byte checked; keyed by its digest",
+                shared=False, keep=Keep.NEWEST, builder="publish.pull_published")
+OTHER_ROWS: tuple[Row, ...] = (CHECK, VIRT_SNAPSHOT, PUBLISHED)
+ROWS: tuple[Row, ...] = (*(s.row for s in STAGES), *OTHER_ROWS)  # every kind of entry the store holds
+ROW = {r.name: r for r in ROWS}
+
 
 def task_stages(task: str) -> tuple[Stage, ...]:
     return tuple(s for s in STAGES if s.task == task)
@@ -191,6 +209,12 @@ def current(p: Project, r: Recipe, artifacts: tuple[Artifact, ...]) -> dict[Arti
     return out
 
 
+def needs_of(files: dict[Artifact, Path]) -> dict[str, str]:
+    """{row: key} of the entries holding `files` (each a file in a finished entry, as current()
+    gives them): the "needs" of a row made from them (a boot pass), which store_gc follows."""
+    return {MAKER[a].name: f.parent.name for a, f in files.items()}
+
+
 def tgz_epoch(entry: Path) -> int:
     """The timestamp of every file the image stages write: fixed per tgz entry, so the same tgz
     gives byte-identical images."""
@@ -202,7 +226,7 @@ def tgz_epoch(entry: Path) -> int:
 
 def head(stage: Stage) -> dict[str, Any]:
     """What every manifest of a stage starts with."""
-    return {"stage": stage.name, "version": stage.version}
+    return stage.row.head()
 
 
 def manifest(p: Project, r: Recipe, stage: Stage) -> dict[str, Any]:
@@ -221,13 +245,14 @@ def manifest(p: Project, r: Recipe, stage: Stage) -> dict[str, Any]:
 
 def stored(p: Project, stage: Stage, m: dict[str, Any], build: Callable[[Path, str], None], *, who: str,
            quiet: bool = False) -> Path:
-    """The entry of manifest m (which starts with head(stage)): a local store hit, a pull from the
-    shared store, or built atomically in a work dir (and shared). The door every entry goes
-    through (the CLI's imports and virt's files too)."""
-    entry, how = p.store.fetch(stage.name, key_of(m), m, build)
-    if how == "local" and not quiet:
-        log(f"{who}: {', '.join(stage.makes)} restored from the store ({entry.name[:12]}), nothing built")
-    return entry
+    """The entry of manifest m (which starts with head(stage)), by the store's one path: a local
+    hit, a pull from the shared store, or built atomically in a work dir (and shared). The CLI's
+    imports and virt's files come this way too."""
+    got = p.store.obtain(stage.row, m, build)
+    assert got.entry is not None  # a stage is not only_passes: a build that returns is stored
+    if got.source is Source.LOCAL and not quiet:
+        log(f"{who}: {', '.join(stage.makes)} restored from the store ({got.key[:12]}), nothing built")
+    return got.entry
 
 
 def store_entry(p: Project, r: Recipe, stage: Stage, m: dict[str, Any], build: Callable[[Path, str], None]) -> Path:
@@ -272,8 +297,6 @@ def up_to_date(p: Project, r: Recipe, stage: Stage) -> bool:
 def fast_boot_files(p: Project, kernel: Path, initrd: Path) -> tuple[Path, Path]:
     """virt's boot files for a kernel and initrd given as files (no recipe): a fast_boot entry
     keyed by their content."""
-    from pipeline.cache import hash_file
-
     stage = STAGE["fast_boot"]
     m = {**head(stage), "files": {"kernel": hash_file(kernel), "initrd": hash_file(initrd)}}
     entry = stored(p, stage, m, lambda work, key: builders.fast_boot_into(kernel, initrd, work), who="virt",

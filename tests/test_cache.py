@@ -17,7 +17,7 @@ from pipeline import cache, docker, stages
 from pipeline.artifacts import Artifact
 from pipeline.cache import MANIFEST, Store, XXHashChecker, key_of, tree_manifest
 from pipeline.errors import UserError
-from pipeline.project import Project
+from pipeline.project import Project, store_from_env
 
 # -- key_of ---------------------------------------------------------------------------------------------
 
@@ -666,6 +666,7 @@ def test_gc_removes_read_only_entries(tmp_path):
 
 
 def test_from_env_reads_the_remote_and_push_switch(tmp_path):
-    s = Store.from_env(tmp_path, {"LDT_REMOTE": "oci://127.0.0.1:5000/ldt", "LDT_REMOTE_PUSH": "0"})
-    assert s.remote_url == "oci://127.0.0.1:5000/ldt" and s.push is False
-    assert Store.from_env(tmp_path, {}).remote_url is None and Store.from_env(tmp_path, {}).push is True
+    s = store_from_env(tmp_path, {"LDT_REMOTE": "oci://127.0.0.1:5000/ldt", "LDT_REMOTE_PUSH": "0"})
+    assert str(s.remote) == "oci://127.0.0.1:5000/ldt" and s.remote.push is False
+    assert store_from_env(tmp_path, {}).remote is None
+    assert store_from_env(tmp_path, {"LDT_REMOTE": "oci://127.0.0.1:5000/ldt"}).remote.push is True

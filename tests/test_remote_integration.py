@@ -18,8 +18,9 @@ import pytest
 import requests
 from registry import auth_registry, env_without_credentials, registry  # noqa: F401 - fixtures
 
-from pipeline import remote
-from pipeline.remote import EntryCorrupt, Remote, RemoteUnavailable
+from pipeline import entries, oci, remote
+from pipeline.entries import EntryCorrupt, RemoteUnavailable
+from pipeline.oci import Remote
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def make_entry(path: Path, files: dict[str, bytes | tuple[int, dict[int, bytes]]
                 for off, data in chunks.items():
                     f.seek(off)
                     f.write(data)
-    manifest = {"inputs": inputs, "files": remote.file_records(path)}
+    manifest = {"inputs": inputs, "files": entries.file_records(path)}
     (path / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n")
     return path
 
@@ -86,7 +87,7 @@ def test_round_trip_of_a_sparse_entry(registry, tmp_path):  # noqa: F811 - pytes
     entry = sparse_disk(tmp_path)
     work = tmp_path / "work"
     round_trip(r, "ext4", "k" * 32, entry, work, NO_CREDS)
-    assert json.loads((work / "manifest.json").read_text())["files"] == remote.file_records(work)
+    assert json.loads((work / "manifest.json").read_text())["files"] == entries.file_records(work)
     # holes stay holes: 24 MiB apparent, about 4 MiB of data
     assert os.stat(work / "disk.img").st_blocks * 512 < 6 << 20
     assert remote.remote_keys(r, "ext4", env=NO_CREDS) == ["k" * 32]
@@ -122,13 +123,13 @@ def test_shared_blobs_are_not_uploaded_twice(registry, tmp_path):  # noqa: F811
     big = os.urandom(2 << 20)
     remote.push_entry(r, "dedup", "k1", make_entry(tmp_path / "e1", {"big": big}, n=1), env=NO_CREDS)
     sent = []
-    real = remote._upload_file
-    remote._upload_file = lambda c, repo, blob, path: (sent.append(blob), real(c, repo, blob, path))
+    real = oci.upload_file
+    oci.upload_file = lambda c, repo, blob, path: (sent.append(blob), real(c, repo, blob, path))
     try:
         remote.push_entry(r, "dedup", "k2", make_entry(tmp_path / "e2", {"big": big, "new": b"x" * 10}, n=2),
                           env=NO_CREDS)
     finally:
-        remote._upload_file = real
+        oci.upload_file = real
     assert len(sent) == 1  # only "new"; "big" was there already
     assert remote.remote_keys(r, "dedup", env=NO_CREDS) == ["k1", "k2"]
 
@@ -189,16 +190,16 @@ def test_lying_manifest_json_is_detected(registry, tmp_path):  # noqa: F811
     repo = r.repository("lying")
     src = tmp_path / "f"
     src.write_bytes(b"real content" * 1000)
-    rec = remote.file_record(src)
-    blob = remote.compress_file(src, tmp_path / "f.zst", rec)
+    rec = entries.file_record(src)
+    blob = oci.compress_file(src, tmp_path / "f.zst", rec)
     lie = {"size": rec["size"], "sha256": hashlib.sha256(b"something else").hexdigest()}
     config_raw = json.dumps({"files": {"f": lie}}).encode()
-    config = remote.Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
-    with remote._client(r, NO_CREDS) as c:
-        remote._upload_bytes(c, repo, config, config_raw)
-        remote._upload_file(c, repo, blob, tmp_path / "f.zst")
+    config = oci.Blob("sha256:" + hashlib.sha256(config_raw).hexdigest(), len(config_raw))
+    with oci.client(r, NO_CREDS) as c:
+        oci.upload_bytes(c, repo, config, config_raw)
+        oci.upload_file(c, repo, blob, tmp_path / "f.zst")
         c.request("PUT", f"/{repo}/manifests/k1", ok=(201,), data=remote.image_manifest(
-            "lying", "k1", config, {"f": (blob, lie)}), headers={"Content-Type": remote.OCI_MANIFEST}).close()
+            "lying", "k1", config, {"f": (blob, lie)}), headers={"Content-Type": oci.OCI_MANIFEST}).close()
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(EntryCorrupt, match="does not match manifest.json"):
@@ -225,7 +226,7 @@ def test_registry_down_is_remote_unavailable_quickly(tmp_path):
 
 
 def test_registry_that_never_answers_times_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(remote, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(oci, "READ_TIMEOUT", 0.5)
     with socket.socket() as s:  # accepts connections (kernel backlog), never says a word
         s.bind(("127.0.0.1", 0))
         s.listen(8)
@@ -316,9 +317,9 @@ def test_wrong_password_is_refused_without_showing_it(auth_registry, tmp_path, c
 PUSH = """
 import sys
 from pathlib import Path
-from pipeline import remote
-remote.UPLOAD_CHUNK = int(sys.argv[5])
-print(remote.push_entry(remote.Remote.parse(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])), flush=True)
+from pipeline import oci, remote
+oci.UPLOAD_CHUNK = int(sys.argv[5])
+print(remote.push_entry(oci.Remote.parse(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])), flush=True)
 """
 
 
@@ -372,8 +373,8 @@ def test_two_concurrent_pushes_of_one_key_both_succeed(registry, tmp_path):  # n
 MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from pipeline import remote
-r = remote.Remote.parse(sys.argv[1])
+from pipeline import oci, remote
+r = oci.Remote.parse(sys.argv[1])
 op = sys.argv[2]
 if op == "push":
     remote.push_entry(r, "big", "k1", Path(sys.argv[3]))
@@ -406,7 +407,7 @@ def test_push_and_pull_of_a_2g_sparse_disk_stay_small(registry, tmp_path):  # no
     assert pull_rss < size // 4, pull_rss
     assert os.stat(work / "disk.img").st_size == size
     assert os.stat(work / "disk.img").st_blocks * 512 < 64 << 20  # written sparse
-    assert remote.file_records(work) == json.loads((entry / "manifest.json").read_text())["files"]
+    assert entries.file_records(work) == json.loads((entry / "manifest.json").read_text())["files"]
 
 
 def test_bearer_token_auth(registry, tmp_path):  # noqa: F811

@@ -9,9 +9,10 @@ import os
 
 import pytest
 
-from pipeline import remote
+from pipeline import entries, oci, remote
+from pipeline.entries import EntryCorrupt
 from pipeline.errors import UserError
-from pipeline.remote import Blob, Credentials, EntryCorrupt, Remote
+from pipeline.oci import Blob, Credentials, Remote
 
 # -- Remote.parse / from_env ---------------------------------------------------------------------
 
@@ -71,24 +72,24 @@ def _b64(s):
 
 def test_credentials_from_docker_config_auth(tmp_path):
     env = _docker_config(tmp_path, {"other:1": {"auth": _b64("x:y")}, "reg.lan:5000": {"auth": _b64("bot:p:w")}})
-    assert remote.credentials("reg.lan:5000", env) == Credentials("bot", "p:w")
-    assert remote.credentials("reg.lan", env) is None
+    assert oci.credentials("reg.lan:5000", env) == Credentials("bot", "p:w")
+    assert oci.credentials("reg.lan", env) is None
 
 
 @pytest.mark.parametrize("key", ["https://reg.lan:5000", "https://reg.lan:5000/v2/", "http://reg.lan:5000/v1/"])
 def test_docker_config_keys_with_scheme_and_path_match(tmp_path, key):
     env = _docker_config(tmp_path, {key: {"auth": _b64("u:p")}})
-    assert remote.credentials("reg.lan:5000", env) == Credentials("u", "p")
+    assert oci.credentials("reg.lan:5000", env) == Credentials("u", "p")
 
 
 def test_env_credentials_win_over_docker_config(tmp_path):
     env = _docker_config(tmp_path, {"reg.lan": {"auth": _b64("u:p")}})
     env |= {"LDT_REMOTE_USER": "ci", "LDT_REMOTE_PASSWORD": "secret"}
-    assert remote.credentials("reg.lan", env) == Credentials("ci", "secret")
+    assert oci.credentials("reg.lan", env) == Credentials("ci", "secret")
 
 
 def test_no_config_file_means_no_credentials(tmp_path):
-    assert remote.credentials("reg.lan", {"DOCKER_CONFIG": str(tmp_path / "none")}) is None
+    assert oci.credentials("reg.lan", {"DOCKER_CONFIG": str(tmp_path / "none")}) is None
 
 
 def test_credentials_repr_hides_the_password():
@@ -99,16 +100,16 @@ def test_credentials_repr_hides_the_password():
 def test_unreadable_docker_auth_is_a_user_error_without_the_value(tmp_path):
     env = _docker_config(tmp_path, {"reg.lan": {"auth": "%%%notbase64"}})
     with pytest.raises(UserError) as e:
-        remote.credentials("reg.lan", env)
+        oci.credentials("reg.lan", env)
     assert "notbase64" not in e.value.render()
 
 
 def test_parse_challenge():
-    scheme, params = remote.parse_challenge(
+    scheme, params = oci.parse_challenge(
         'Bearer realm="https://auth.example/token",service="registry",scope="repository:a/b:pull,push"')
     assert scheme == "bearer"
     assert params == {"realm": "https://auth.example/token", "service": "registry", "scope": "repository:a/b:pull,push"}
-    assert remote.parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+    assert oci.parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
 
 
 # -- the manifest as a value ---------------------------------------------------------------------
@@ -177,18 +178,18 @@ def test_parse_manifest_refuses_a_bad_digest():
 def test_file_records(tmp_path):
     (tmp_path / "a.img").write_bytes(b"hello")
     (tmp_path / "manifest.json").write_text("{}")
-    assert remote.file_records(tmp_path) == {"a.img": {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}}
+    assert entries.file_records(tmp_path) == {"a.img": {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}}
 
 
 def test_compress_file_checks_the_record(tmp_path):
     src = tmp_path / "f"
     src.write_bytes(b"x" * 100_000)
-    blob = remote.compress_file(src, tmp_path / "f.zst", remote.file_record(src))
+    blob = oci.compress_file(src, tmp_path / "f.zst", entries.file_record(src))
     packed = (tmp_path / "f.zst").read_bytes()
     assert blob == Blob("sha256:" + hashlib.sha256(packed).hexdigest(), len(packed))
     assert len(packed) < 1000
     with pytest.raises(EntryCorrupt, match="no longer matches"):
-        remote.compress_file(src, tmp_path / "g.zst", {"size": 100_000, "sha256": "0" * 64})
+        oci.compress_file(src, tmp_path / "g.zst", {"size": 100_000, "sha256": "0" * 64})
 
 
 def test_write_sparse_keeps_content_and_makes_holes(tmp_path):
@@ -197,8 +198,8 @@ def test_write_sparse_keeps_content_and_makes_holes(tmp_path):
     data[6 << 20: (6 << 20) + 3] = b"end"
     dest = tmp_path / "out"
     with open(dest, "wb") as f:
-        for i in range(0, len(data), remote.IO_CHUNK):
-            remote.write_sparse(f, bytes(data[i: i + remote.IO_CHUNK]))
+        for i in range(0, len(data), oci.IO_CHUNK):
+            oci.write_sparse(f, bytes(data[i: i + oci.IO_CHUNK]))
         f.truncate(len(data))
     assert dest.read_bytes() == bytes(data)
     assert os.stat(dest).st_blocks * 512 <= 64 * 1024  # two 4 KiB blocks of data (fs may round up)
@@ -206,7 +207,7 @@ def test_write_sparse_keeps_content_and_makes_holes(tmp_path):
 
 def test_write_sparse_odd_lengths(tmp_path):
     with open(tmp_path / "f", "wb") as f:
-        remote.write_sparse(f, b"\0" * 5000 + b"x" + b"\0" * 10)
-        remote.write_sparse(f, b"\0" * 7)
+        oci.write_sparse(f, b"\0" * 5000 + b"x" + b"\0" * 10)
+        oci.write_sparse(f, b"\0" * 7)
         f.truncate(5018)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5000 + b"x" + b"\0" * 17
