@@ -161,6 +161,8 @@ class BlockStore:
     """A folder of packs and the index of the blocks in them."""
 
     root: Path
+    frame_blocks: int = FRAME_BLOCKS  # blocks per zstd frame of the packs it writes
+    pack_max: int = PACK_MAX
 
     @property
     def packs(self) -> Path:
@@ -224,7 +226,7 @@ class BlockStore:
                     writer.add(d, piece)
             batch.clear()
 
-        with self.db() as con, PackWriter(self, con) as writer:
+        with self.db() as con, PackWriter(self, con, frame_blocks=self.frame_blocks, pack_max=self.pack_max) as writer:
             for piece in layout.pieces(f):
                 h.update(piece)
                 size += len(piece)
