@@ -186,6 +186,7 @@ class Index:
     layout: Layout
     entries: bytes
     gzip: Gzip | None = None  # set: the entries describe the uncompressed stream
+    level: int = 0  # 1: the entries name blocks that hold the entries (packs.BlockStore.put_index)
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
         return ENTRY.iter_unpack(self.entries)
@@ -207,7 +208,8 @@ class Index:
         return {d for d, _ in self if d != HOLE}
 
     def to_bytes(self) -> bytes:
-        head = {"size": self.size, "sha256": self.sha256, "layout": str(self.layout), "entries": len(self)}
+        head = {"size": self.size, "sha256": self.sha256, "layout": str(self.layout), "entries": len(self),
+                "level": self.level}
         if self.gzip:
             head["gzip"] = {"cmd": list(self.gzip.cmd), "stream_size": self.gzip.stream_size,
                             "stream_sha256": self.gzip.stream_sha256}
@@ -226,12 +228,31 @@ class Index:
                 raise ValueError("entry count")
             g = head.get("gzip")
             gz = Gzip(tuple(g["cmd"]), g["stream_size"], g["stream_sha256"]) if g else None
-            index = cls(head["size"], head["sha256"], Layout(head["layout"]), entries, gz)
+            index = cls(head["size"], head["sha256"], Layout(head["layout"]), entries, gz, head.get("level", 0))
         except (ValueError, KeyError, TypeError, zstandard.ZstdError) as e:
             raise UserError(f"not a block index ({type(e).__name__}: {e})") from None
-        if sum(n for _, n in index) != index.stream_size:
+        if index.level == 0 and sum(n for _, n in index) != index.stream_size:
             raise UserError("not a block index (its entries do not add up to its size)")
         return index
+
+
+CHUNK_ENTRIES = BLOCK // ENTRY.size  # the most entries one block of an index holds (113)
+CHUNK_CUT = 4  # an index chunk ends after an entry whose digest starts with a byte below this (1 in 64)
+
+
+def index_chunks(entries: bytes) -> Iterator[bytes]:
+    """An index's entries in runs of at most one block, cut where the content says (after an entry
+    whose digest starts below CHUNK_CUT): an edit changes the runs around it only, and the ext4's
+    entries inside a disk image's entries give the same runs (the cut does not depend on offsets)."""
+    start, n = 0, 0
+    for i in range(0, len(entries), ENTRY.size):
+        n += 1
+        end = i + ENTRY.size
+        if n == CHUNK_ENTRIES or (entries[i] < CHUNK_CUT and entries[i:i + 32] != HOLE):
+            yield entries[start:end]
+            start, n = end, 0
+    if start < len(entries):
+        yield entries[start:]
 
 
 class IndexBuilder:

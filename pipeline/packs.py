@@ -37,7 +37,7 @@ import sqlite3
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,6 +54,7 @@ from pipeline.blocks import (
     IndexBuilder,
     Layout,
     digest,
+    index_chunks,
     is_zero,
     padded,
 )
@@ -241,6 +242,38 @@ class BlockStore:
             store_batch()
         return builder.finish(), size, h.hexdigest()
 
+    def put_index(self, index: Index) -> Index:
+        """An index kept as blocks too: its entries cut by blocks.index_chunks, each chunk a block;
+        what is left (level 1, 36 bytes per ~64 entries) is small. An edit of an artifact stores
+        the chunks around the change and a new small root, not a whole new index."""
+        if index.level:
+            return index
+        refs = IndexBuilder()
+        with self.db() as con, PackWriter(self, con, frame_blocks=self.frame_blocks,
+                                           pack_max=self.pack_max) as writer:
+            batch = [(digest(c), c) for c in index_chunks(index.entries)]
+            known = self.known([d for d, _ in batch], con)
+            for d, chunk in batch:
+                if d not in known:
+                    writer.add(d, chunk)
+                refs.add(d, len(chunk))
+        return replace(index, entries=refs.finish(), level=1)
+
+    def get_index(self, root: Index) -> Index:
+        """The full index of a root put_index made, every chunk checked against its digest."""
+        if root.level == 0:
+            return root
+        parts = []
+        with self.db() as con, PackReader(self, con) as reader:
+            entries = list(root)
+            reader.prefetch([d for d, _ in entries])
+            for d, n in entries:
+                parts.append(reader.get(d)[:n])
+        full = replace(root, entries=b"".join(parts), level=0)
+        if sum(n for _, n in full) != full.stream_size:
+            raise BlockCorrupt(f"the block index of a {full.size}-byte artifact does not add up to its size")
+        return full
+
     # -- reading ----------------------------------------------------------------------------------
 
     def locate(self, d: bytes, con: sqlite3.Connection | None = None) -> Location | None:
@@ -266,12 +299,13 @@ class BlockStore:
     def missing(self, index: Index) -> set[bytes]:
         """The blocks of an index this store lacks (what a pull would fetch)."""
         with self.db() as con:
-            needed = list(index.digests())
+            needed = list(self.get_index(index).digests())
             return set(needed) - self.known(needed, con)
 
     def materialize(self, index: Index, dest: Path) -> Path:
         """Write the artifact to dest atomically (sparse where it has holes), every block checked
         against its digest and the whole against the index's sha256; BlockCorrupt if not."""
+        index = self.get_index(index)
         with atomic_path(dest) as tmp:
             if index.gzip:
                 regzip.compress_into(index.gzip, lambda out: self.write_stream(index, out, sparse=False), tmp)

@@ -258,3 +258,19 @@ def test_an_index_round_trips_and_a_damaged_one_is_one_line():
         Index.from_bytes(index.to_bytes()[:-3])
     with pytest.raises(UserError, match="not a block index"):
         Index.from_bytes(b"garbage")
+
+
+def test_an_index_kept_as_blocks_grows_by_the_chunks_around_an_edit(tmp_path: Path):
+    a = rand(2000 * BLOCK, 15)
+    b = a[:1000 * BLOCK] + rand(BLOCK, 16) + a[1001 * BLOCK:]
+    store = BlockStore(tmp_path / "store")
+    root_a = store.put_index(store.put_file(write(tmp_path / "a", a)))
+    before = store.stats().blocks
+    full_b = store.put_file(write(tmp_path / "b", b))
+    root_b = store.put_index(full_b)
+    assert 1 + 1 <= store.stats().blocks - before <= 1 + 3  # the new data block, the index chunks around it
+    assert len(root_b.to_bytes()) < len(full_b.to_bytes()) // 20
+    assert Index.from_bytes(root_b.to_bytes()) == root_b and root_b.level == 1
+    assert store.get_index(root_b) == full_b
+    assert store.materialize(root_b, tmp_path / "b.out").read_bytes() == b
+    assert store.materialize(root_a, tmp_path / "a.out").read_bytes() == a
