@@ -9,7 +9,8 @@ sha256 (`-p 1` is a single deflate stream and does not). Storing the tar, cut pe
 again by the recorded command and checked against its sha256.
 
 Which command made a file is found by a probe (compress the first PROBE compressed bytes'
-worth of stream with each candidate, compare the prefixes), then proved by a full pass: the
+worth of stream with each candidate, compare the prefixes; the first candidate when that is
+too short to tell), then proved by a full pass: the
 stream is fed to the command while it is cut, and the command's output must have the file's
 sha256. A file that no candidate reproduces is stored as its compressed bytes (Layout.FIXED).
 """
@@ -35,6 +36,7 @@ CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("gzip", "-1", "-n"),  # ... without pigz
 )
 PROBE = 4 << 20  # compressed bytes the probe reads
+PROBE_STREAM = 32 << 20  # the most uncompressed bytes the probe makes (compressed zeros would be far more)
 MARGIN = 256 << 10  # compressed bytes at the end of a probe that may differ (the stream's end)
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -47,10 +49,12 @@ def probe(path: Path) -> tuple[str, ...] | None:
         return None
     dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        stream = dec.decompress(head, 64 * PROBE)
+        stream = dec.decompress(head, PROBE_STREAM)
     except zlib.error:
         return None
     whole = dec.eof and not dec.unused_data  # the probe holds the whole (single-member) file
+    # else: a prefix of the stream, whose compression must start like the file (but for its end)
+    undecided = None  # the first candidate when the probe is too short to tell (a stream of zeros)
     for cmd in CANDIDATES:
         if not shutil.which(cmd[0]):
             continue
@@ -62,7 +66,9 @@ def probe(path: Path) -> tuple[str, ...] | None:
         n = min(len(out), len(head)) - MARGIN
         if n > 0 and out[:n] == head[:n]:
             return cmd
-    return None
+        if n <= 0 and undecided is None:
+            undecided = cmd
+    return undecided  # the full pass proves it or not
 
 
 class Recompressing:

@@ -274,3 +274,16 @@ def test_an_index_kept_as_blocks_grows_by_the_chunks_around_an_edit(tmp_path: Pa
     assert store.get_index(root_b) == full_b
     assert store.materialize(root_b, tmp_path / "b.out").read_bytes() == b
     assert store.materialize(root_a, tmp_path / "a.out").read_bytes() == a
+
+
+@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+def test_a_tgz_of_mostly_zeros_is_still_stored_as_its_tar(tmp_path: Path):
+    tar = write(tmp_path / "t.tar", tar_of({"zeros": bytes(48 * MiB), "data": rand(3 * BLOCK, 17)}))
+    tgz = tmp_path / "t.tgz"
+    with open(tar, "rb") as i, open(tgz, "wb") as o:
+        subprocess.run(["pigz", "-1", "-n", "-p", "2"], stdin=i, stdout=o, check=True)
+    store = BlockStore(tmp_path / "store")
+    index = store.put(tgz)
+    assert index.gzip is not None
+    assert store.stats().blocks == 2 + 3  # two members' headers and the data; the zeros are holes
+    assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
