@@ -8,13 +8,31 @@ zero-padded last block of the same file in an ext4 image are one stored block. A
 zeros is a hole (digest HOLE): it costs an index entry and nothing else, and neighbouring
 holes merge into one entry.
 
-How an artifact is cut is its Layout (measured in bench/bench_blocks.py on hello's images):
+How an artifact is cut is its Layout. Measured on hello (bench/bench_blocks.py; MiB of A not
+held by B, zeros excluded, before compression):
+
+                                    fixed 4 KiB   FastCDC avg 4K   FastCDC avg 16K
+    bios.img / uefi.img not in ext4     43.3            1.3              1.8
+    the tar (per member) not in ext4    10.5           76.6            153.1
+    rev2's ext4 not in rev1's           12.4           25.1             51.6
+    unique bytes of all five           760.6          747.9            865.1
+
 - FIXED: every BLOCK bytes from offset 0. ext4 images are made of 4 KiB blocks and the disk
   images put their partitions at 1 MiB offsets, so a file's data in the ext4 and in both disks
-  are the same blocks. (Content-defined chunking, FastCDC, lost to this on our images.)
+  are the same blocks. FastCDC wins only on the FAT partitions (512-byte clusters whose data
+  area starts at 1 KiB past a 4 KiB boundary, and the UKI's sections at 512-byte file
+  alignment); it loses 2x across revisions and 7x on the tar. Aligning the FAT data (and the
+  UKI) to 4 KiB gives fixed blocks those 42 MiB too.
 - TAR: per tar member: a regular file's data is cut in BLOCK pieces from its first byte, so it
   gives the blocks the ext4 holds for that file; headers, padding and the data of other
-  members between two files' data are one run, cut in BLOCK pieces.
+  members between two files' data are one run, cut in BLOCK pieces. With the tgz remade by its
+  compressor (regzip.py) the 235 MiB tgz costs 5.0 MiB on top of its ext4, instead of 236 MiB.
+
+An index is itself kept as blocks (index_chunks, packs.BlockStore.put_index): a whole index is
+36 bytes per piece (5 MiB for hello's ext4, 22 MiB per revision of its chain), which alone would
+be twice the growth a one-line edit is allowed; as content-defined chunks of entries plus a
+small root, a revision stores the chunks around its change (hello: 2.4 MiB of blocks and
+0.4 MiB of roots for the whole chain, 0.012x its tgz).
 
 This module only cuts and describes; packs.py stores the blocks.
 """

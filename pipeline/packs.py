@@ -26,6 +26,12 @@ A pack is renamed into packs/ before its rows are committed, so a crash leaves a
 nothing points at (reindex() adopts it), never a row naming bytes that are not there. Every
 block read is checked against its digest before use; a damaged pack is one BlockCorrupt line
 (the caller makes the artifact again).
+
+For the store (not wired yet): `root = bs.put_index(bs.put(path))` keeps a file as blocks and
+returns a small Index to keep (root.to_bytes(), a few hundred KiB for a 1 GiB disk image);
+`bs.materialize(Index.from_bytes(data), dest)` makes the file again or raises BlockCorrupt (a
+UserError: one line, then build); `bs.missing(index)` and `bs.locate(digest)` say what a pull
+lacks and which byte range of which pack (an OCI blob named by its sha256) holds it.
 """
 
 from __future__ import annotations
