@@ -322,6 +322,7 @@ class BlockStore:
             if sha != index.sha256:
                 raise BlockCorrupt(f"{dest.name} made from blocks does not match its recorded sha256")
             fsync_path(tmp)
+        fsync_path(dest.parent)
         return dest
 
     def write_stream(self, index: Index, out: BinaryIO, *, sparse: bool) -> str:
