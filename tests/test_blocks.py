@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
-from pipeline.packs import BlockStore, verify_pack
+from pipeline.packs import BlockStore, block_of, decompress_frame, verify_pack
 
 MiB = 1 << 20
 
@@ -287,3 +287,20 @@ def test_a_tgz_of_mostly_zeros_is_still_stored_as_its_tar(tmp_path: Path):
     assert index.gzip is not None
     assert store.stats().blocks == 2 + 3  # two members' headers and the data; the zeros are holes
     assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
+
+
+def test_a_missing_block_is_one_byte_range_of_one_pack(tmp_path: Path):
+    """What a pull by HTTP Range requests relies on: locate() names a pack and a byte range that
+    holds the block's frame alone."""
+    data = rand(50 * BLOCK, 18)
+    remote = BlockStore(tmp_path / "remote")
+    index = remote.put_file(write(tmp_path / "a", data))
+    local = BlockStore(tmp_path / "local")
+    assert local.missing(index) == index.digests() and len(index.digests()) == 50
+    d = digest(data[37 * BLOCK:38 * BLOCK])
+    loc = remote.locate(d)
+    assert loc is not None and loc.length < 20 * BLOCK
+    with open(remote.pack_path(loc.pack), "rb") as f:
+        f.seek(loc.offset)
+        frame = decompress_frame(f.read(loc.length), loc)  # bytes=offset-(offset+length-1)
+    assert block_of(frame, d, loc) == data[37 * BLOCK:38 * BLOCK]
