@@ -125,23 +125,26 @@ class _Exact:
         return out
 
 
-def _tar_number(field: bytes) -> int:
+def _tar_number(field: bytes) -> int | None:
+    """A header's numeric field; None if it is not one (not a tar header)."""
     if field[:1] and field[0] & 0x80:  # GNU base-256
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
     try:
         return int(text, 8) if text else 0
     except ValueError:
-        raise UserError(f"not a tar archive (a header's size field is {text[:12]!r})") from None
+        return None
 
 
 FILE_TYPES = (b"0", b"\0", b"7")  # tar member types whose data is a file's content
+NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: no data, whatever the size says
 
 
 def tar_pieces(f: BinaryIO) -> Iterator[bytes]:
     """A tar stream cut per member: each regular file's data in BLOCK pieces from its first byte,
     everything between two files' data (headers, padding, PAX records) as runs of BLOCK pieces.
-    After the end-of-archive marker, the rest is cut like FIXED."""
+    After the end-of-archive marker, or a header that is none, the rest is cut like FIXED: the
+    pieces always add up to the stream, tar or not."""
     r = _Exact(f)
     run = bytearray()
 
@@ -156,6 +159,10 @@ def tar_pieces(f: BinaryIO) -> Iterator[bytes]:
         if len(header) < TAR_BLOCK or header == ZEROS[:TAR_BLOCK]:
             break
         size = _tar_number(header[124:136])
+        if size is None:  # not a tar (any more): the rest is cut like FIXED, bytes unchanged
+            break
+        if header[156:157] in NO_DATA_TYPES:
+            continue  # like tarfile: no data follows a link, device, dir or fifo header
         padding = -size % TAR_BLOCK
         if header[156:157] in FILE_TYPES and size > 0:
             yield from flush()
@@ -163,12 +170,12 @@ def tar_pieces(f: BinaryIO) -> Iterator[bytes]:
             while left > 0:
                 piece = r.read(min(BLOCK, left))
                 if not piece:
-                    raise UserError("the tar stream ended early (truncated archive)")
+                    break  # a truncated archive: what there is, then the end
                 left -= len(piece)
                 yield piece
             run += r.read(padding)
         else:
-            run += r.read(size + padding)  # PAX/GNU long-name records, or a non-file's data
+            run += r.read(size + padding)  # PAX/GNU long-name records, GNU sparse maps, unknown types
     yield from flush()
     yield from fixed_pieces(r)  # after the end-of-archive marker: the record's padding, zeros
 

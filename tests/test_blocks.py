@@ -304,3 +304,11 @@ def test_a_missing_block_is_one_byte_range_of_one_pack(tmp_path: Path):
         f.seek(loc.offset)
         frame = decompress_frame(f.read(loc.length), loc)  # bytes=offset-(offset+length-1)
     assert block_of(frame, d, loc) == data[37 * BLOCK:38 * BLOCK]
+
+
+def test_anything_cut_as_a_tar_still_adds_up_to_itself(tmp_path: Path):
+    hard = tarfile.TarInfo("hard")
+    hard.type, hard.linkname, hard.size = tarfile.LNKTYPE, "a", 0
+    tar = tar_of({"a": rand(9000, 19)}, hard=hard)
+    for stream in (tar, rand(3 * BLOCK + 5, 20), tar[:1536] + b"x" * 700, b"", bytes(10240)):
+        assert b"".join(tar_pieces(io.BytesIO(stream))) == stream
