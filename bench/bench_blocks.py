@@ -271,17 +271,20 @@ def store_chain(rev1: Path, rev2: Path, tmp: Path) -> None:
 
 # -- resources, in a child process so its peak RSS is its own -------------------------------------
 
+# the peak RSS is VmHWM (this process image's own), not ru_maxrss: that one keeps the parent's
+# RSS at fork time across exec, and the parent holds the chunk maps of part 1
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from pipeline.packs import BlockStore
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 store, src, dest = BlockStore(Path(sys.argv[2])), Path(sys.argv[3]), Path(sys.argv[4])
 t = time.perf_counter(); idx = store.put(src); put = time.perf_counter() - t
-rss_put = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss_put = hwm()
 t = time.perf_counter(); store.materialize(idx, dest); mat = time.perf_counter() - t
-print(json.dumps({"put": put, "materialize": mat, "rss_put": rss_put,
-                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"put": put, "materialize": mat, "rss_put": rss_put, "rss": hwm()}))
 """
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import regzip
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
 from pipeline.packs import BlockStore, block_of, decompress_frame, verify_pack
@@ -312,3 +313,12 @@ def test_anything_cut_as_a_tar_still_adds_up_to_itself(tmp_path: Path):
     tar = tar_of({"a": rand(9000, 19)}, hard=hard)
     for stream in (tar, rand(3 * BLOCK + 5, 20), tar[:1536] + b"x" * 700, b"", bytes(10240)):
         assert b"".join(tar_pieces(io.BytesIO(stream))) == stream
+
+
+def test_a_probe_the_full_pass_disproves_falls_back_to_compressed_bytes(tmp_path: Path, monkeypatch):
+    tgz = write(tmp_path / "t.tgz", gzip.compress(tar_of({"a": rand(30000, 21)}), compresslevel=9, mtime=0))
+    monkeypatch.setattr(regzip, "probe", lambda path: ("gzip", "-1", "-n"))  # a wrong guess
+    store = BlockStore(tmp_path / "store")
+    index = store.put(tgz)
+    assert index.gzip is None and index.layout is Layout.FIXED
+    assert store.materialize(index, tmp_path / "out").read_bytes() == tgz.read_bytes()
