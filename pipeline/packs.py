@@ -218,9 +218,12 @@ class BlockStore:
             gzipped = f.read(2) == regzip.GZIP_MAGIC
         return self.put_tgz(path) if gzipped else self.put_file(path, Layout.FIXED)
 
+    def writer(self, con: sqlite3.Connection) -> PackWriter:
+        return PackWriter(self, con, frame_blocks=self.frame_blocks, pack_max=self.pack_max)
+
     def put_stream(self, f: BinaryIO, layout: Layout) -> tuple[bytes, int, str]:
-        """Store a stream's blocks; (index entries, size, sha256 hex). Memory: a pack's worth of
-        digests and one frame, whatever the stream's size."""
+        """Store a stream's blocks; (index entries, size, sha256 hex). Memory: the entries (36 bytes
+        a piece), a pack's worth of digests, a batch of pieces and one frame."""
         builder = IndexBuilder()
         h = hashlib.sha256()
         size = 0
@@ -233,7 +236,7 @@ class BlockStore:
                     writer.add(d, piece)
             batch.clear()
 
-        with self.db() as con, PackWriter(self, con, frame_blocks=self.frame_blocks, pack_max=self.pack_max) as writer:
+        with self.db() as con, self.writer(con) as writer:
             for piece in layout.pieces(f):
                 h.update(piece)
                 size += len(piece)
@@ -255,8 +258,7 @@ class BlockStore:
         if index.level:
             return index
         refs = IndexBuilder()
-        with self.db() as con, PackWriter(self, con, frame_blocks=self.frame_blocks,
-                                           pack_max=self.pack_max) as writer:
+        with self.db() as con, self.writer(con) as writer:
             batch = [(digest(c), c) for c in index_chunks(index.entries)]
             known = self.known([d for d, _ in batch], con)
             for d, chunk in batch:
