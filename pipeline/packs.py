@@ -1,0 +1,539 @@
+"""Pack files of zstd-compressed blocks, and the local block store that holds them.
+
+A pack (packs/<sha256 of the pack>.pack, so its name is its OCI blob digest) is append-only
+while written, immutable once named:
+
+    "LDTPACK1"                          8 bytes
+    frame, frame, …                     each one zstd frame of up to FRAME_BLOCKS blocks of BLOCK bytes
+    trailer                             one zstd frame: per block TRAILER_ENTRY (digest, frame offset,
+                                        frame length, slot in the frame), in the order written
+    footer                              FOOTER: magic, trailer offset, trailer length, sha256 of the trailer
+
+So a pack verifies alone (verify_pack: footer → trailer → every frame → every block's digest),
+and a reader that knows one block's (pack, frame offset, frame length) fetches just that frame:
+one HTTP Range request on a registry blob. Frames group FRAME_BLOCKS consecutive new blocks
+(64 KiB before compression): one frame per 4 KiB block compresses worse and costs a request
+per block; blocks written together (one file's data) are mostly needed together. The numbers
+are in bench/bench_blocks.py.
+
+The local store (BlockStore, a folder):
+
+    packs/<name>.pack    finished packs (fsynced, renamed into place, then indexed)
+    tmp/                 a pack being written; never looked up
+    index.sqlite         digest -> (pack, frame offset, frame length, slot); packs -> size, blocks
+
+A pack is renamed into packs/ before its rows are committed, so a crash leaves at most a pack
+nothing points at (reindex() adopts it), never a row naming bytes that are not there. Every
+block read is checked against its digest before use; a damaged pack is one BlockCorrupt line
+(the caller makes the artifact again).
+
+For the store (not wired yet): `root = bs.put_index(bs.put(path))` keeps a file as blocks and
+returns a small Index to keep (root.to_bytes(), a few hundred KiB for a 1 GiB disk image);
+`bs.materialize(Index.from_bytes(data), dest)` makes the file again or raises BlockCorrupt (a
+UserError: one line, then build); `bs.missing(index)` and `bs.locate(digest)` say what a pull
+lacks and which byte range of which pack (an OCI blob named by its sha256) holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from pipeline import regzip
+from pipeline.blocks import (
+    BLOCK,
+    HOLE,
+    READ,
+    BlockCorrupt,
+    Gzip,
+    Index,
+    IndexBuilder,
+    Layout,
+    digest,
+    index_chunks,
+    is_zero,
+    padded,
+)
+from pipeline.files import atomic_path, fsync_path
+
+PACK_MAGIC = b"LDTPACK1"
+FOOTER = struct.Struct(">8sQI32s")  # magic, trailer offset, trailer length, sha256 of the trailer bytes
+TRAILER_ENTRY = struct.Struct(">32sQIH")  # block digest, frame offset, frame length, slot in the frame
+FRAME_BLOCKS = 16  # blocks per zstd frame: 64 KiB before compression
+PACK_MAX = 32 << 20  # a pack is closed once it holds this many compressed bytes
+LEVEL = 3  # zstd level of the frames
+FRAME_CACHE = 8  # decompressed frames a reader keeps
+BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str  # the pack's name (sha256 hex of its bytes)
+    offset: int  # of the block's frame in the pack
+    length: int  # of the frame (compressed)
+    slot: int  # the block's place in the frame
+
+
+@dataclass(frozen=True)
+class Stats:
+    packs: int
+    blocks: int
+    stored: int  # bytes of pack files
+
+
+def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
+    """A pack's own index, checked against the footer's digest."""
+    name = path.name.removesuffix(".pack")
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < len(PACK_MAGIC) + FOOTER.size:
+                raise BlockCorrupt(f"pack {name[:12]} is damaged (too short: {size} bytes)")
+            f.seek(size - FOOTER.size)
+            magic, offset, length, want = FOOTER.unpack(f.read(FOOTER.size))
+            if magic != PACK_MAGIC or offset + length > size - FOOTER.size:
+                raise BlockCorrupt(f"pack {name[:12]} is damaged (no valid footer)")
+            f.seek(offset)
+            raw = f.read(length)
+    except OSError as e:
+        raise BlockCorrupt(f"pack {name[:12]} is unreadable ({e.strerror})") from None
+    if hashlib.sha256(raw).digest() != want:
+        raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not match the footer's digest)")
+    try:
+        entries = zstandard.ZstdDecompressor().decompress(raw)
+    except zstandard.ZstdError:
+        raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not decompress)") from None
+    return [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(entries)]
+
+
+def decompress_frame(data: bytes, loc: Location) -> bytes:
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=FRAME_BLOCKS * BLOCK)
+    except zstandard.ZstdError:
+        raise BlockCorrupt(f"pack {loc.pack[:12]} is damaged (the frame at offset {loc.offset} "
+                           "does not decompress)") from None
+    if len(raw) % BLOCK or not raw:
+        raise BlockCorrupt(f"pack {loc.pack[:12]} is damaged (the frame at offset {loc.offset} "
+                           f"holds {len(raw)} bytes)")
+    return raw
+
+
+def block_of(frame: bytes, d: bytes, loc: Location) -> bytes:
+    """The block in a frame, checked against its digest."""
+    block = frame[loc.slot * BLOCK:(loc.slot + 1) * BLOCK]
+    if len(block) != BLOCK or hashlib.sha256(block).digest() != d:
+        raise BlockCorrupt(f"pack {loc.pack[:12]} is damaged (block {d.hex()[:12]} at offset {loc.offset} "
+                           "does not match its digest)")
+    return block
+
+
+def verify_pack(path: Path) -> int:
+    """Every block of a pack against its digest, the pack's name against its bytes; the count."""
+    entries = read_trailer(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ):
+            h.update(chunk)
+        if h.hexdigest() != path.name.removesuffix(".pack"):
+            raise BlockCorrupt(f"pack {path.name[:12]} is damaged (its bytes do not match its name)")
+        frames: dict[int, bytes] = {}
+        for d, loc in entries:
+            if loc.offset not in frames:
+                frames.clear()
+                f.seek(loc.offset)
+                frames[loc.offset] = decompress_frame(f.read(loc.length), loc)
+            block_of(frames[loc.offset], d, loc)
+    return len(entries)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (digest BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,
+                                   length INTEGER NOT NULL, slot INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, size INTEGER NOT NULL, blocks INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class BlockStore:
+    """A folder of packs and the index of the blocks in them."""
+
+    root: Path
+    frame_blocks: int = FRAME_BLOCKS  # blocks per zstd frame of the packs it writes
+    pack_max: int = PACK_MAX
+
+    @property
+    def packs(self) -> Path:
+        return self.root / "packs"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def pack_path(self, name: str) -> Path:
+        return self.packs / f"{name}.pack"
+
+    @contextlib.contextmanager
+    def db(self) -> Iterator[sqlite3.Connection]:
+        self.packs.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+        try:
+            con.executescript(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def put_file(self, path: Path, layout: Layout = Layout.FIXED) -> Index:
+        """Store a file's blocks (the new ones); its index."""
+        with open(path, "rb") as f:
+            entries, size, sha = self.put_stream(f, layout)
+        return Index(size, sha, layout, entries)
+
+    def put_tgz(self, path: Path) -> Index:
+        """A gzipped tar as its tar's blocks (cut per member) plus the command that compresses it
+        back to the same bytes; as its compressed bytes when no known command does (regzip)."""
+        cmd = regzip.probe(path)
+        if cmd is not None:
+            with regzip.Recompressing(path, cmd) as stream:
+                entries, tar_size, tar_sha = self.put_stream(stream, Layout.TAR)
+            if stream.reproduced:
+                return Index(stream.file_size, stream.file_hash.hexdigest(), Layout.TAR, entries,
+                             Gzip(cmd, tar_size, tar_sha))
+        return self.put_file(path, Layout.FIXED)
+
+    def put(self, path: Path) -> Index:
+        """Any artifact: a gzip file through put_tgz, anything else cut FIXED."""
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == regzip.GZIP_MAGIC
+        return self.put_tgz(path) if gzipped else self.put_file(path, Layout.FIXED)
+
+    def writer(self, con: sqlite3.Connection) -> PackWriter:
+        return PackWriter(self, con, frame_blocks=self.frame_blocks, pack_max=self.pack_max)
+
+    def put_stream(self, f: BinaryIO, layout: Layout) -> tuple[bytes, int, str]:
+        """Store a stream's blocks; (index entries, size, sha256 hex). Memory: the entries (36 bytes
+        a piece), a pack's worth of digests, a batch of pieces and one frame."""
+        builder = IndexBuilder()
+        h = hashlib.sha256()
+        size = 0
+        batch: list[tuple[bytes, bytes]] = []  # (digest, piece): looked up in the index together
+
+        def store_batch() -> None:
+            known = self.known([d for d, _ in batch], con)
+            for d, piece in batch:
+                if d not in known:
+                    writer.add(d, piece)
+            batch.clear()
+
+        with self.db() as con, self.writer(con) as writer:
+            for piece in layout.pieces(f):
+                h.update(piece)
+                size += len(piece)
+                if is_zero(piece):
+                    builder.add_hole(len(piece))
+                    continue
+                d = digest(piece)
+                builder.add(d, len(piece))
+                batch.append((d, piece))
+                if len(batch) >= BATCH:
+                    store_batch()
+            store_batch()
+        return builder.finish(), size, h.hexdigest()
+
+    def put_index(self, index: Index) -> Index:
+        """An index kept as blocks too: its entries cut by blocks.index_chunks, each chunk a block;
+        what is left (level 1, 36 bytes per ~64 entries) is small. An edit of an artifact stores
+        the chunks around the change and a new small root, not a whole new index."""
+        if index.level:
+            return index
+        refs = IndexBuilder()
+        with self.db() as con, self.writer(con) as writer:
+            batch = [(digest(c), c) for c in index_chunks(index.entries)]
+            known = self.known([d for d, _ in batch], con)
+            for d, chunk in batch:
+                if d not in known:
+                    writer.add(d, chunk)
+                refs.add(d, len(chunk))
+        return replace(index, entries=refs.finish(), level=1)
+
+    def get_index(self, root: Index) -> Index:
+        """The full index of a root put_index made, every chunk checked against its digest."""
+        if root.level == 0:
+            return root
+        parts = []
+        with self.db() as con, PackReader(self, con) as reader:
+            entries = list(root)
+            reader.prefetch([d for d, _ in entries])
+            for d, n in entries:
+                parts.append(reader.get(d)[:n])
+        full = replace(root, entries=b"".join(parts), level=0)
+        if sum(n for _, n in full) != full.stream_size:
+            raise BlockCorrupt(f"the block index of a {full.size}-byte artifact does not add up to its size")
+        return full
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def locate(self, d: bytes, con: sqlite3.Connection | None = None) -> Location | None:
+        if con is None:
+            with self.db() as c:
+                return self.locate(d, c)
+        row = con.execute("SELECT pack, offset, length, slot FROM blocks WHERE digest = ?", (d,)).fetchone()
+        return Location(*row) if row else None
+
+    def locate_many(self, digests: list[bytes], con: sqlite3.Connection) -> dict[bytes, Location]:
+        """Where each of these blocks is (those the store has), in one query per BATCH."""
+        out: dict[bytes, Location] = {}
+        for i in range(0, len(digests), BATCH):
+            part = digests[i:i + BATCH]
+            rows = con.execute(f"SELECT digest, pack, offset, length, slot FROM blocks WHERE digest IN "
+                               f"({','.join('?' * len(part))})", part)
+            out.update((row[0], Location(*row[1:])) for row in rows)
+        return out
+
+    def known(self, digests: list[bytes], con: sqlite3.Connection) -> set[bytes]:
+        return set(self.locate_many(digests, con))
+
+    def missing(self, index: Index) -> set[bytes]:
+        """The blocks of an index this store lacks (what a pull would fetch)."""
+        with self.db() as con:
+            needed = list(self.get_index(index).digests())
+            return set(needed) - self.known(needed, con)
+
+    def materialize(self, index: Index, dest: Path) -> Path:
+        """Write the artifact to dest atomically (sparse where it has holes), every block checked
+        against its digest and the whole against the index's sha256; BlockCorrupt if not."""
+        index = self.get_index(index)
+        with atomic_path(dest) as tmp:
+            if index.gzip:
+                regzip.compress_into(index.gzip, lambda out: self.write_stream(index, out, sparse=False), tmp)
+                sha = _sha256_file(tmp)
+            else:
+                with open(tmp, "wb") as out:
+                    sha = self.write_stream(index, out, sparse=True)
+            if sha != index.sha256:
+                raise BlockCorrupt(f"{dest.name} made from blocks does not match its recorded sha256")
+            fsync_path(tmp)
+        fsync_path(dest.parent)
+        return dest
+
+    def write_stream(self, index: Index, out: BinaryIO, *, sparse: bool) -> str:
+        """The entries' bytes into out (seeking over holes when sparse); their sha256 hex."""
+        h = hashlib.sha256()
+        zeros = bytes(READ)
+        entries = list(index) if len(index) <= BATCH else None
+        with self.db() as con, PackReader(self, con) as reader:
+            for i in range(0, len(index), BATCH):
+                part = entries if entries is not None else index.slice(i, i + BATCH)
+                reader.prefetch([d for d, _ in part if d != HOLE])
+                for d, length in part:
+                    if d == HOLE:
+                        left = length
+                        while left:
+                            n = min(left, READ)
+                            h.update(zeros[:n])
+                            if not sparse:
+                                out.write(zeros[:n])
+                            left -= n
+                        if sparse:
+                            out.seek(length, os.SEEK_CUR)
+                        continue
+                    data = reader.get(d)[:length]
+                    h.update(data)
+                    out.write(data)
+            if sparse:
+                out.truncate(out.tell())
+        if index.gzip and h.hexdigest() != index.gzip.stream_sha256:
+            raise BlockCorrupt("the stream made from blocks does not match its recorded sha256")
+        return h.hexdigest()
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        with self.db() as con:
+            packs, stored, blocks = con.execute("SELECT count(*), coalesce(sum(size), 0), "
+                                                "coalesce(sum(blocks), 0) FROM packs").fetchone()
+        return Stats(packs, blocks, stored)
+
+    def verify(self) -> list[str]:
+        """Every pack checked whole; one line per damaged one."""
+        bad = []
+        for p in sorted(self.packs.glob("*.pack")):
+            try:
+                verify_pack(p)
+            except BlockCorrupt as e:
+                bad.append(e.message)
+        return bad
+
+    def reindex(self) -> int:
+        """Index the packs in packs/ that the index lacks (a crash after the rename); how many."""
+        adopted = 0
+        with self.db() as con:
+            known = {n for (n,) in con.execute("SELECT name FROM packs")}
+            for p in sorted(self.packs.glob("*.pack")):
+                name = p.name.removesuffix(".pack")
+                if name not in known:
+                    _index_pack(con, name, p.stat().st_size, read_trailer(p))
+                    adopted += 1
+        return adopted
+
+
+def _index_pack(con: sqlite3.Connection, name: str, size: int, entries: list[tuple[bytes, Location]]) -> None:
+    with con:  # one transaction: every row of the pack or none
+        con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",
+                        ((d, name, loc.offset, loc.length, loc.slot) for d, loc in entries))
+        con.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?)", (name, size, len(entries)))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class PackWriter:
+    """New blocks into packs: a frame per FRAME_BLOCKS blocks, a new pack past PACK_MAX bytes.
+    Leaving the block with an exception removes the unfinished pack (finished ones stay: they are
+    complete and indexed, merely unreferenced)."""
+
+    def __init__(self, store: BlockStore, con: sqlite3.Connection, *, level: int = LEVEL,
+                 frame_blocks: int = FRAME_BLOCKS, pack_max: int = PACK_MAX) -> None:
+        self.store, self.con = store, con
+        self.frame_blocks, self.pack_max = frame_blocks, pack_max
+        self.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self.file: BinaryIO | None = None
+        self.tmp: Path | None = None
+        self.frame: list[bytes] = []
+        self.frame_digests: list[bytes] = []
+        self.pending: set[bytes] = set()  # blocks in the unfinished pack
+        self.trailer = bytearray()
+        self.hash = hashlib.sha256()
+        self.offset = 0
+        self.new_blocks = 0
+
+    def __enter__(self) -> PackWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if exc_type is None:
+            self.finish_pack()
+        elif self.file is not None:
+            self.file.close()
+            assert self.tmp is not None
+            with contextlib.suppress(FileNotFoundError):
+                self.tmp.unlink()
+
+    def add(self, d: bytes, piece: bytes) -> bool:
+        """Keep a block the store lacks (the caller asked the index) unless this writer has it;
+        True if it is new."""
+        if d in self.pending:
+            return False
+        self.pending.add(d)
+        self.frame.append(padded(piece))
+        self.frame_digests.append(d)
+        self.new_blocks += 1
+        if len(self.frame) >= self.frame_blocks:
+            self._flush_frame()
+            if self.offset >= self.pack_max:
+                self.finish_pack()
+        return True
+
+    def _write(self, data: bytes) -> None:
+        assert self.file is not None
+        self.file.write(data)
+        self.hash.update(data)
+        self.offset += len(data)
+
+    def _flush_frame(self) -> None:
+        if not self.frame:
+            return
+        if self.file is None:
+            self.store.tmp.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.store.tmp / f"pack-{os.getpid()}-{id(self)}-{os.urandom(4).hex()}"
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish_pack or __exit__)
+            self._write(PACK_MAGIC)
+        data = self.cctx.compress(b"".join(self.frame))
+        at = self.offset
+        self._write(data)
+        for slot, d in enumerate(self.frame_digests):
+            self.trailer += TRAILER_ENTRY.pack(d, at, len(data), slot)
+        self.frame, self.frame_digests = [], []
+
+    def finish_pack(self) -> None:
+        """Close the pack: trailer, footer, fsync, rename into packs/, then index its blocks."""
+        self._flush_frame()
+        if self.file is None:
+            return
+        assert self.tmp is not None
+        trailer = zstandard.ZstdCompressor(level=LEVEL).compress(bytes(self.trailer))
+        at = self.offset
+        self._write(trailer)
+        self._write(FOOTER.pack(PACK_MAGIC, at, len(trailer), hashlib.sha256(trailer).digest()))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        name = self.hash.hexdigest()
+        final = self.store.pack_path(name)
+        os.replace(self.tmp, final)
+        fsync_path(self.store.packs)
+        entries = [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(self.trailer)]
+        _index_pack(self.con, name, final.stat().st_size, entries)
+        self.file, self.tmp = None, None
+        self.pending.clear()
+        self.trailer = bytearray()
+        self.hash = hashlib.sha256()
+        self.offset = 0
+
+
+class PackReader:
+    """Blocks by digest, through a few cached decompressed frames, each block checked."""
+
+    def __init__(self, store: BlockStore, con: sqlite3.Connection) -> None:
+        self.store, self.con = store, con
+        self.files: dict[str, BinaryIO] = {}
+        self.frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.where: dict[bytes, Location] = {}  # the locations of the blocks of the current batch
+
+    def prefetch(self, digests: list[bytes]) -> None:
+        self.where = self.store.locate_many(digests, self.con)
+
+    def __enter__(self) -> PackReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def get(self, d: bytes) -> bytes:
+        loc = self.where.get(d) or self.store.locate(d, self.con)
+        if loc is None:
+            raise BlockCorrupt(f"block {d.hex()[:12]} is in no pack of {self.store.root}")
+        key = (loc.pack, loc.offset)
+        frame = self.frames.get(key)
+        if frame is None:
+            f = self.files.get(loc.pack)
+            if f is None:
+                try:
+                    f = self.files[loc.pack] = open(self.store.pack_path(loc.pack), "rb")  # noqa: SIM115
+                except OSError as e:
+                    raise BlockCorrupt(f"pack {loc.pack[:12]} is unreadable ({e.strerror})") from None
+            f.seek(loc.offset)
+            frame = decompress_frame(f.read(loc.length), loc)
+            self.frames[key] = frame
+            if len(self.frames) > FRAME_CACHE:
+                self.frames.popitem(last=False)
+        else:
+            self.frames.move_to_end(key)
+        return block_of(frame, d, loc)

@@ -1,0 +1,324 @@
+"""The block layer (blocks.py, packs.py, regzip.py) on files made here: byte counts, not only success."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from pipeline import regzip
+from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
+from pipeline.errors import UserError
+from pipeline.packs import BlockStore, block_of, decompress_frame, verify_pack
+
+MiB = 1 << 20
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def packs(store: BlockStore) -> list[Path]:
+    return sorted(store.packs.glob("*.pack"))
+
+
+def test_round_trip_is_byte_identical(tmp_path: Path):
+    data = rand(3 * MiB + 123, 1) + bytes(5 * BLOCK) + b"tail"
+    src = write(tmp_path / "a.img", data)
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(src)
+    assert index.size == len(data)
+    out = store.materialize(Index.from_bytes(index.to_bytes()), tmp_path / "out.img")
+    assert out.read_bytes() == data
+    assert store.verify() == []
+
+
+def test_blocks_shared_by_two_files_are_stored_once(tmp_path: Path):
+    common = rand(64 * BLOCK, 2)
+    a = write(tmp_path / "a", common)
+    b = write(tmp_path / "b", rand(8 * BLOCK, 3) + common + rand(8 * BLOCK, 4))
+    store = BlockStore(tmp_path / "store")
+    store.put_file(a)
+    after_a = store.stats()
+    assert after_a.blocks == 64
+    assert 64 * BLOCK <= after_a.stored < 64 * BLOCK + 4096  # random data: no compression, small overhead
+    index_b = store.put_file(b)
+    after_b = store.stats()
+    assert after_b.blocks == 64 + 16
+    assert after_b.stored - after_a.stored < 16 * BLOCK + 4096
+    assert store.missing(index_b) == set()
+    store.materialize(index_b, tmp_path / "b.out")
+    assert (tmp_path / "b.out").read_bytes() == b.read_bytes()
+
+
+def test_zeros_cost_nothing_and_stay_holes(tmp_path: Path):
+    src = tmp_path / "sparse.img"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(32 * MiB)
+        f.write(rand(BLOCK, 5))
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(src)
+    assert [(d == HOLE, n) for d, n in index] == [(True, 32 * MiB), (False, BLOCK), (True, 32 * MiB - BLOCK)]
+    assert store.stats().blocks == 1
+    assert store.stats().stored < 2 * BLOCK
+    out = store.materialize(index, tmp_path / "out.img")
+    assert out.read_bytes() == src.read_bytes()
+    assert out.stat().st_blocks * 512 < 1 * MiB  # written sparse
+
+
+def tar_of(files: dict[str, bytes], **extra: tarfile.TarInfo) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1700000000
+            tar.addfile(ti, io.BytesIO(data))
+        for ti in extra.values():
+            tar.addfile(ti)
+    return buf.getvalue()
+
+
+def test_tar_is_cut_per_member_like_the_files_themselves(tmp_path: Path):
+    files = {"a": rand(10000, 6), "b" * 150: rand(3 * BLOCK, 7), "empty": b"", "c": rand(100, 8)}
+    link = tarfile.TarInfo("sym")
+    link.type, link.linkname = tarfile.SYMTYPE, "a"
+    tar = tar_of(files, link=link)
+    pieces = list(tar_pieces(io.BytesIO(tar)))
+    assert b"".join(pieces) == tar
+    digests = {digest(p) for p in pieces}
+    for data in files.values():  # each file's blocks, zero-padded like an ext4 file's last block
+        assert {digest(p) for p in fixed_pieces(io.BytesIO(data))} <= digests
+
+
+def test_a_tar_members_tail_and_an_ext4_files_padded_block_are_one_block(tmp_path: Path):
+    data = rand(5000, 9)
+    ext4_like = write(tmp_path / "fs.img", bytes(BLOCK) + data + bytes(3 * BLOCK - len(data)))
+    tar = write(tmp_path / "t.tar", tar_of({"etc/file": data}))
+    store = BlockStore(tmp_path / "store")
+    store.put_file(ext4_like)
+    before = store.stats().blocks
+    index = store.put_file(tar, Layout.TAR)
+    assert store.stats().blocks - before == 1  # the headers; the file's two blocks were there
+    assert [n for d, n in index if d != HOLE] == [512, BLOCK, 5000 - BLOCK]  # the header, the data
+    store.materialize(index, tmp_path / "t.out")
+    assert (tmp_path / "t.out").read_bytes() == tar.read_bytes()
+
+
+@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+def test_a_pigz_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
+    files = {f"f{i}": rand(20000 + i, 10 + i) for i in range(40)}
+    tar = write(tmp_path / "t.tar", tar_of(files))
+    tgz = tmp_path / "t.tgz"
+    with open(tar, "rb") as i, open(tgz, "wb") as o:
+        subprocess.run(["pigz", "-1", "-n", "-p", "2"], stdin=i, stdout=o, check=True)
+    store = BlockStore(tmp_path / "store")
+    store.put_file(tar, Layout.TAR)
+    before = store.stats()
+    index = store.put(tgz)
+    assert index.layout is Layout.TAR and index.gzip is not None
+    assert index.gzip.cmd == ("pigz", "-1", "-n", "-p", "2")
+    assert store.stats() == before  # every block of the tgz is a block of the tar
+    out = store.materialize(index, tmp_path / "out.tgz")
+    assert out.read_bytes() == tgz.read_bytes()
+
+
+def test_a_gzip_no_candidate_reproduces_is_stored_as_compressed_bytes(tmp_path: Path):
+    tar = tar_of({"a": rand(50000, 20)})
+    tgz = write(tmp_path / "t.tgz", gzip.compress(tar, compresslevel=9, mtime=0))
+    store = BlockStore(tmp_path / "store")
+    index = store.put(tgz)
+    assert index.gzip is None and index.layout is Layout.FIXED
+    assert store.materialize(index, tmp_path / "out").read_bytes() == tgz.read_bytes()
+
+
+def flip(path: Path, offset: int) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_flipped_byte_in_a_pack_is_one_line_and_nothing_written(tmp_path: Path):
+    src = write(tmp_path / "a", rand(40 * BLOCK, 11))
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(src)
+    (pack,) = packs(store)
+    flip(pack, 100)  # inside the first frame
+    with pytest.raises(BlockCorrupt) as e:
+        store.materialize(index, tmp_path / "out")
+    assert "\n" not in e.value.message and pack.name[:12] in e.value.message
+    assert not (tmp_path / "out").exists()
+    assert [m for m in store.verify() if pack.name[:12] in m]
+    with pytest.raises(BlockCorrupt):
+        verify_pack(pack)
+
+
+def test_a_pack_verifies_alone_and_its_name_is_its_digest(tmp_path: Path):
+    store = BlockStore(tmp_path / "store")
+    store.put_file(write(tmp_path / "a", rand(100 * BLOCK, 12) + bytes(BLOCK) * 3))
+    (pack,) = packs(store)
+    alone = shutil.copy(pack, tmp_path / pack.name)
+    assert verify_pack(Path(alone)) == 100
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter(io.RawIOBase):
+    """A stream that raises after `limit` bytes, like a kill in the middle of a put."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self.data, self.limit, self.pos = data, limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos >= self.limit:
+            raise Killed
+        out = self.data[self.pos:self.pos + min(n, 64 * BLOCK)]
+        self.pos += len(out)
+        return out
+
+
+def test_an_interrupted_put_leaves_nothing_a_lookup_takes_for_finished(tmp_path: Path):
+    data = rand(400 * BLOCK, 13)
+    store = BlockStore(tmp_path / "store", pack_max=100 * BLOCK)  # a few packs finish before the kill
+    with pytest.raises(Killed):
+        store.put_stream(DiesAfter(data, 300 * BLOCK), Layout.FIXED)
+    assert list(store.tmp.iterdir()) == []  # the unfinished pack is gone
+    finished = packs(store)
+    assert finished
+    with sqlite3.connect(store.root / "index.sqlite") as con:
+        rows = con.execute("SELECT DISTINCT pack FROM blocks").fetchall()
+    assert {r for (r,) in rows} == {p.name.removesuffix(".pack") for p in finished}
+    for p in finished:
+        verify_pack(p)
+    last = [digest(data[i:i + BLOCK]) for i in range(299 * BLOCK, 300 * BLOCK, BLOCK)]
+    assert all(store.locate(d) is None for d in last)  # read, not in a finished pack: unknown
+    index = store.put_file(write(tmp_path / "a", data))  # the next put completes it
+    assert store.stats().blocks == 400
+    assert store.materialize(index, tmp_path / "out").read_bytes() == data
+
+
+def test_a_pack_renamed_but_not_indexed_is_adopted(tmp_path: Path):
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", rand(20 * BLOCK, 14)))
+    with sqlite3.connect(store.root / "index.sqlite") as con:  # a crash between rename and commit
+        con.execute("DELETE FROM blocks")
+        con.execute("DELETE FROM packs")
+    with pytest.raises(BlockCorrupt, match="in no pack"):
+        store.materialize(index, tmp_path / "out")
+    assert store.reindex() == 1
+    assert store.materialize(index, tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
+
+
+def test_memory_stays_bounded_on_a_200_mb_file(tmp_path: Path):
+    src = tmp_path / "big.img"
+    with open(src, "wb") as f:
+        f.truncate(200 * MiB)
+        for i in range(0, 200 * MiB, 256 * 1024):  # a random block every 256 KiB: 800 blocks
+            f.seek(i)
+            f.write(rand(BLOCK, i))
+    store = BlockStore(tmp_path / "store")
+    tracemalloc.start()
+    try:
+        index = store.put_file(src)
+        _, peak_put = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        store.materialize(index, tmp_path / "out.img")
+        _, peak_out = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.stats().blocks == 800
+    assert peak_put < 16 * MiB, peak_put
+    assert peak_out < 16 * MiB, peak_out
+    assert (tmp_path / "out.img").stat().st_size == 200 * MiB
+
+
+def test_an_index_round_trips_and_a_damaged_one_is_one_line():
+    index = Index(10, "ab" * 32, Layout.FIXED, b"\x01" * 32 + (10).to_bytes(4, "big"))
+    assert Index.from_bytes(index.to_bytes()) == index
+    with pytest.raises(UserError, match="not a block index"):
+        Index.from_bytes(index.to_bytes()[:-3])
+    with pytest.raises(UserError, match="not a block index"):
+        Index.from_bytes(b"garbage")
+
+
+def test_an_index_kept_as_blocks_grows_by_the_chunks_around_an_edit(tmp_path: Path):
+    a = rand(2000 * BLOCK, 15)
+    b = a[:1000 * BLOCK] + rand(BLOCK, 16) + a[1001 * BLOCK:]
+    store = BlockStore(tmp_path / "store")
+    root_a = store.put_index(store.put_file(write(tmp_path / "a", a)))
+    before = store.stats().blocks
+    full_b = store.put_file(write(tmp_path / "b", b))
+    root_b = store.put_index(full_b)
+    assert 1 + 1 <= store.stats().blocks - before <= 1 + 3  # the new data block, the index chunks around it
+    assert len(root_b.to_bytes()) < len(full_b.to_bytes()) // 20
+    assert Index.from_bytes(root_b.to_bytes()) == root_b and root_b.level == 1
+    assert store.get_index(root_b) == full_b
+    assert store.materialize(root_b, tmp_path / "b.out").read_bytes() == b
+    assert store.materialize(root_a, tmp_path / "a.out").read_bytes() == a
+
+
+@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+def test_a_tgz_of_mostly_zeros_is_still_stored_as_its_tar(tmp_path: Path):
+    tar = write(tmp_path / "t.tar", tar_of({"zeros": bytes(48 * MiB), "data": rand(3 * BLOCK, 17)}))
+    tgz = tmp_path / "t.tgz"
+    with open(tar, "rb") as i, open(tgz, "wb") as o:
+        subprocess.run(["pigz", "-1", "-n", "-p", "2"], stdin=i, stdout=o, check=True)
+    store = BlockStore(tmp_path / "store")
+    index = store.put(tgz)
+    assert index.gzip is not None
+    assert store.stats().blocks == 2 + 3  # two members' headers and the data; the zeros are holes
+    assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
+
+
+def test_a_missing_block_is_one_byte_range_of_one_pack(tmp_path: Path):
+    """What a pull by HTTP Range requests relies on: locate() names a pack and a byte range that
+    holds the block's frame alone."""
+    data = rand(50 * BLOCK, 18)
+    remote = BlockStore(tmp_path / "remote")
+    index = remote.put_file(write(tmp_path / "a", data))
+    local = BlockStore(tmp_path / "local")
+    assert local.missing(index) == index.digests() and len(index.digests()) == 50
+    d = digest(data[37 * BLOCK:38 * BLOCK])
+    loc = remote.locate(d)
+    assert loc is not None and loc.length < 20 * BLOCK
+    with open(remote.pack_path(loc.pack), "rb") as f:
+        f.seek(loc.offset)
+        frame = decompress_frame(f.read(loc.length), loc)  # bytes=offset-(offset+length-1)
+    assert block_of(frame, d, loc) == data[37 * BLOCK:38 * BLOCK]
+
+
+def test_anything_cut_as_a_tar_still_adds_up_to_itself(tmp_path: Path):
+    hard = tarfile.TarInfo("hard")
+    hard.type, hard.linkname, hard.size = tarfile.LNKTYPE, "a", 0
+    tar = tar_of({"a": rand(9000, 19)}, hard=hard)
+    for stream in (tar, rand(3 * BLOCK + 5, 20), tar[:1536] + b"x" * 700, b"", bytes(10240)):
+        assert b"".join(tar_pieces(io.BytesIO(stream))) == stream
+
+
+def test_a_probe_the_full_pass_disproves_falls_back_to_compressed_bytes(tmp_path: Path, monkeypatch):
+    tgz = write(tmp_path / "t.tgz", gzip.compress(tar_of({"a": rand(30000, 21)}), compresslevel=9, mtime=0))
+    monkeypatch.setattr(regzip, "probe", lambda path: ("gzip", "-1", "-n"))  # a wrong guess
+    store = BlockStore(tmp_path / "store")
+    index = store.put(tgz)
+    assert index.gzip is None and index.layout is Layout.FIXED
+    assert store.materialize(index, tmp_path / "out").read_bytes() == tgz.read_bytes()
