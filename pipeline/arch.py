@@ -171,8 +171,9 @@ def rootless_problem(uid: int) -> UserError | None:
 
 
 @contextlib.contextmanager
-def keyring(spec: Install) -> Iterator[Path]:
-    """A pacman.conf and the keyring it names, in a folder that goes when the block ends."""
+def keyring(spec: Install, rootless: bool) -> Iterator[Path]:
+    """A pacman.conf and the keyring it names, in a folder that goes when the block ends (pacman-key wants
+    root: as a user it runs in pacstrap -N's namespace, where the folder is root's)."""
     with tempfile.TemporaryDirectory(prefix="ldt-arch-") as tmp:
         gpgdir = Path(tmp) / "gnupg"
         fpr = None
@@ -185,7 +186,7 @@ def keyring(spec: Install) -> Iterator[Path]:
             if fpr is None:
                 raise UserError(f"{spec.key}: not a public key", hint="an armored public key (gpg --export -a KEYID)")
         for cmd in pacman_key_cmds(gpgdir, spec.key, fpr):
-            run(cmd, capture=True)
+            run((userns.Mapping.ROOT_IS_USER if rootless else userns.Mapping.NONE).wrap(cmd), capture=True)
         conf = Path(tmp) / "pacman.conf"
         conf.write_text(pacman_conf(spec, gpgdir))
         os.chmod(tmp, 0o755)  # pacstrap -N reads it as "root" of its namespace: it is ours already
@@ -217,7 +218,7 @@ def clear(target: Path, created: bool, mapping: userns.Mapping) -> None:
 
 def pacstrap(spec: Install, target: Path, rootless: bool) -> None:
     """Run pacstrap into target (made by the caller); a failure is one line (failure())."""
-    with keyring(spec) as conf:
+    with keyring(spec, rootless) as conf:
         # its progress goes to stderr, as mmdebstrap's: stdout is the one line that says what was made
         proc = run(pacstrap_cmd(conf, target, spec.packages, rootless), check=False, stdout=sys.stderr.fileno(),
                    stderr=subprocess.PIPE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pacman_repo
 import pytest
-from conftest import on_console
+from conftest import ROOT, on_console
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -76,8 +77,25 @@ def as_user(user: str, *argv: str, env: dict[str, str] | None = None) -> list[st
     return ["runuser", "-u", user, "--", "env", "HOME=/tmp", *extra, *argv]
 
 
+def tool(name: str, user: str | None = None) -> list[str]:
+    """A console script; as the user through Debian's python3 with this venv's packages on its path,
+    since the venv's own interpreter may lie under /root, where no user can reach it."""
+    if user is None:
+        return [str(BIN / name)]
+    system = "/usr/bin/python3"
+    if subprocess.run([system, "-c", f"import sys; sys.exit(sys.version_info[:2] != {sys.version_info[:2]})"]
+                      ).returncode:
+        pytest.skip(f"{system} is not Python {sys.version_info[0]}.{sys.version_info[1]} like the venv's")
+    path = ":".join([str(ROOT), *site.getsitepackages()])
+    func = name.replace("-", "_")
+    module = "arch" if name == "arch-install" else "cli"
+    return ["env", f"PYTHONPATH={path}", system, "-c",
+            f"import sys; sys.argv[0] = {name!r}; from pipeline.{module} import {'main' if module == 'arch' else func}"
+            f" as main; main()"]
+
+
 def arch_install(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    argv = [str(BIN / "arch-install"), *args]
+    argv = [*tool("arch-install", user), *args]
     return subprocess.run(as_user(user, *argv) if user else argv, capture_output=True, text=True, timeout=900,
                           cwd="/tmp")
 
@@ -149,7 +167,8 @@ def test_rootless_arch_install_boots_under_run_dir_as_the_user(mirror, shared_tm
     project = home / "project"
     project.mkdir()
     shutil.chown(project, user, user)
-    argv = as_user(user, str(BIN / "run-dir"), "--no-net", str(tree), env={"LDT_ROOT": str(project)})
+    argv = as_user(user, *tool("run-dir", user), "--no-net", str(tree), env={"LDT_ROOT": str(project)})
+    argv = ["/usr/sbin/runuser" if Path("/usr/sbin/runuser").exists() else shutil.which("runuser"), *argv[1:]]
     seen, status = on_console(argv, home, until=pacman_repo.MARKER.encode() + b": arch")
     assert b"root image: " in seen and status == 0
     tgz = next((project / "cache" / "store" / "tgz").glob("*/rootfs.tgz"))
@@ -176,7 +195,8 @@ def test_a_tree_mmdebstrap_made_rootless_is_read_with_its_real_owners_as_the_use
     code = ("import sys; from pathlib import Path; from pipeline import imports; from pipeline.project import "
             "Project; t = Path(sys.argv[1]); r = imports.adhoc_recipe(t, 'dir'); p = Project(Path(sys.argv[2]), "
             "extra=(r,)); imports.import_tree(p, t, r); print(p.store.pointer(r.name, 'rootfs.tgz').resolve())")
-    p = subprocess.run(as_user(user, sys.executable, "-c", code, str(tree), str(project)), capture_output=True,
+    python = tool("run-dir", user)[:3]  # env PYTHONPATH=… /usr/bin/python3
+    p = subprocess.run(as_user(user, *python, "-c", code, str(tree), str(project)), capture_output=True,
                        text=True, timeout=600, cwd="/tmp")
     assert p.returncode == 0, p.stderr[-3000:]
     with tarfile.open(p.stdout.strip().splitlines()[-1]) as t:
