@@ -185,12 +185,26 @@ def keyring(spec: Install, rootless: bool) -> Iterator[Path]:
             fpr = fingerprint_of(out)
             if fpr is None:
                 raise UserError(f"{spec.key}: not a public key", hint="an armored public key (gpg --export -a KEYID)")
-        for cmd in pacman_key_cmds(gpgdir, spec.key, fpr):
-            run((userns.Mapping.ROOT_IS_USER if rootless else userns.Mapping.NONE).wrap(cmd), capture=True)
-        conf = Path(tmp) / "pacman.conf"
-        conf.write_text(pacman_conf(spec, gpgdir))
-        os.chmod(tmp, 0o755)  # pacstrap -N reads it as "root" of its namespace: it is ours already
-        yield conf
+        mapping = userns.Mapping.ROOT_IS_USER if rootless else userns.Mapping.NONE
+        try:
+            for cmd in pacman_key_cmds(gpgdir, spec.key, fpr):
+                run(mapping.wrap(cmd), capture=True)
+            conf = Path(tmp) / "pacman.conf"
+            conf.write_text(pacman_conf(spec, gpgdir))
+            os.chmod(tmp, 0o755)  # pacstrap -N reads it as "root" of its namespace: it is ours already
+            yield conf
+        finally:
+            stop_agent(gpgdir, mapping)
+
+
+def stop_agent_cmd(gpgdir: Path) -> list[str]:
+    """pacman-key --init starts a gpg-agent for its keyring, which would outlive us."""
+    return ["gpgconf", "--homedir", os.fspath(gpgdir), "--kill", "all"]
+
+
+def stop_agent(gpgdir: Path, mapping: userns.Mapping) -> None:
+    if gpgdir.is_dir():
+        run(mapping.wrap(stop_agent_cmd(gpgdir)), check=False, capture=True)
 
 
 def mounts_below(target: Path) -> list[str]:
@@ -222,6 +236,9 @@ def pacstrap(spec: Install, target: Path, rootless: bool) -> None:
         # its progress goes to stderr, as mmdebstrap's: stdout is the one line that says what was made
         proc = run(pacstrap_cmd(conf, target, spec.packages, rootless), check=False, stdout=sys.stderr.fileno(),
                    stderr=subprocess.PIPE)
+        # -K's keyring in the tree (pacman-key --init there) started an agent too
+        stop_agent(target / "etc" / "pacman.d" / "gnupg",
+                   userns.Mapping.ROOT_IS_USER if rootless else userns.Mapping.NONE)
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         known = failure(err, spec)

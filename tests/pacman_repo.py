@@ -2,12 +2,13 @@
 
 Packages are .pkg.tar.zst archives as makepkg writes them (.PKGINFO, .MTREE, optional .INSTALL, then
 the files, owned by root), each signed with a GPG key the tests make, in a database made by
-repo-add (signed too). The repository "core" (laid out as a mirror: core/os/x86_64/) holds enough for
-a tree that boots under run-dir:
+repo-add (signed too). Two repositories laid out as a mirror ($repo/os/x86_64/), core and extra as
+Arch has them (so arch-install's defaults work against it), hold enough for a tree that boots under
+run-dir:
 
 - filesystem: the folder skeleton (/bin, /lib, /sbin as links into /usr), passwd, group, shadow,
   os-release (ID=arch);
-- busybox: Debian's busybox-static binary; its .INSTALL scriptlet (run by pacman in the new root)
+- busybox (in extra, as in Arch): Debian's busybox-static binary; its .INSTALL scriptlet (run by pacman in the new root)
   installs the applet links;
 - base: depends on both; /usr/bin/init, a script that prints MARKER and waits;
 - linux: the Debian kernel and the modules a virtio VM needs, laid out as Arch's (the kernel in
@@ -34,6 +35,7 @@ from pipeline import initramfs
 
 MARKER = "LDT-ARCH-BOOTED"
 REPO = "core"
+EXTRA = ("busybox",)  # the packages in the extra repository
 ARCH = "x86_64"
 GUEST = Path(__file__).resolve().parent.parent / "pipeline" / "guest"
 
@@ -225,6 +227,7 @@ def packages(rootfs_tgz: Path) -> list[Package]:
         files={"bin": "usr/bin", "sbin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib", "usr/sbin": "bin",
                "etc/passwd": b"root:x:0:0::/root:/bin/sh\nbin:x:1:1::/:/usr/bin/nologin\n",
                "etc/group": b"root:x:0:root\nbin:x:1:root,bin\n",
+               "etc/hostname": b"archlinux\n",
                "etc/shadow": b"root::14871::::::\nbin:!*:19000::::::\n",
                "etc/os-release": b'NAME="Arch Linux"\nPRETTY_NAME="Arch Linux (LDT test repository)"\nID=arch\n'})
     busybox_pkg = Package("busybox", depends=("filesystem",), files={"usr/bin/busybox": busybox,
@@ -241,17 +244,25 @@ def build_repo(dest: Path, rootfs_tgz: Path, gnupg: Path) -> tuple[str, Path]:
     returns the mirror's Server line (file://) and the armored public key."""
     fpr, public = make_key(gnupg)
     env = {**os.environ, "GNUPGHOME": str(gnupg)}
-    out = dest / REPO / "os" / ARCH
-    out.mkdir(parents=True)
     work = dest.parent / f"{dest.name}-work"
-    built = [build_package(p, work, out) for p in packages(rootfs_tgz)]
-    for f in built:
-        subprocess.run(["gpg", "--batch", "-u", fpr, "--detach-sign", "--no-armor", str(f)], check=True, env=env,
-                       capture_output=True)
-    subprocess.run(["repo-add", "-q", "-s", "-k", fpr, str(out / f"{REPO}.db.tar.gz"), *map(str, built)],
-                   check=True, env=env, capture_output=True)
+    pkgs = packages(rootfs_tgz)
+    for repo in (REPO, "extra"):
+        out = dest / repo / "os" / ARCH
+        out.mkdir(parents=True)
+        built = [build_package(p, work, out) for p in pkgs if (p.name in EXTRA) == (repo == "extra")]
+        for f in built:
+            subprocess.run(["gpg", "--batch", "-u", fpr, "--detach-sign", "--no-armor", str(f)], check=True,
+                           env=env, capture_output=True)
+        subprocess.run(["repo-add", "-q", "-s", "-k", fpr, str(out / f"{repo}.db.tar.gz"), *map(str, built)],
+                       check=True, env=env, capture_output=True)
     subprocess.run(["rm", "-rf", str(work)], check=True)
+    stop_agent(gnupg)
     return f"file://{dest}/$repo/os/$arch", public
+
+
+def stop_agent(home: Path) -> None:
+    """The gpg-agent that key generation and signing started for this GNUPGHOME."""
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
 
 
 def tamper(mirror_dir: Path) -> None:
@@ -265,6 +276,7 @@ def tamper(mirror_dir: Path) -> None:
     subprocess.run(["gpg", "--batch", "-u", fpr, "--detach-sign", "--no-armor", str(db)], check=True,
                    env={**os.environ, "GNUPGHOME": str(home)}, capture_output=True)
     (out / f"{REPO}.db.sig").symlink_to(f"{REPO}.db.tar.gz.sig")
+    stop_agent(home)
 
 
 def listing(data: bytes) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pacman_repo
 import pytest
-from conftest import ROOT, on_console
+from conftest import ROOT, doit, make_project, on_console
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -103,7 +103,7 @@ def arch_install(*args: str, user: str | None = None) -> subprocess.CompletedPro
 def test_arch_install_as_root_makes_a_tree_with_its_kernel_and_initramfs(mirror, shared_tmp):
     url, key = mirror
     tree = shared_tmp / "root-tree"
-    p = arch_install(str(tree), "--mirror", url, "--repos", "core", "--key", str(key))
+    p = arch_install(str(tree), "--mirror", url, "--key", str(key))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout == f"Arch Linux in {tree} (kernel linux); boot it: run-dir {tree}\n"
     assert "running as root, which it does not need" in p.stderr
@@ -117,7 +117,7 @@ def test_arch_install_as_root_makes_a_tree_with_its_kernel_and_initramfs(mirror,
 
 def test_arch_install_bad_input_is_one_line_and_leaves_nothing(mirror, shared_tmp):
     url, key = mirror
-    common = ["--repos", "core", "--key", str(key)]
+    common = ["--key", str(key)]
 
     def fails(tree: Path, *args: str) -> str:
         p = arch_install(str(tree), *args)
@@ -128,7 +128,7 @@ def test_arch_install_bad_input_is_one_line_and_leaves_nothing(mirror, shared_tm
 
     tree = shared_tmp / "bad"
     out = fails(tree, "--mirror", url, *common, "--packages", "base,no-such-package")
-    assert "no package 'no-such-package' in core at " + url in out and not tree.exists()
+    assert "no package 'no-such-package' in core, extra at " + url in out and not tree.exists()
 
     out = fails(tree, "--mirror", "http://127.0.0.1:9/$repo/os/$arch", *common)
     assert "the mirror http://127.0.0.1:9/$repo/os/$arch is not reachable" in out and not tree.exists()
@@ -158,7 +158,7 @@ def test_rootless_arch_install_boots_under_run_dir_as_the_user(mirror, shared_tm
     home.mkdir()
     shutil.chown(home, user, user)
     tree = home / "arch"
-    p = arch_install(str(tree), "--mirror", url, "--repos", "core", "--key", str(key), user=user)
+    p = arch_install(str(tree), "--mirror", url, "--key", str(key), user=user)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "pacstrap -N, rootless" in p.stderr
     uid = pwd.getpwnam(user).pw_uid
@@ -215,3 +215,22 @@ def test_arch_install_from_a_real_mirror_boots(shared_tmp):
     assert (tree / "boot" / "vmlinuz-linux").exists() and (tree / "boot" / "initramfs-linux.img").exists()
     seen, status = on_console([str(BIN / "run-dir"), "--no-net", str(tree)], shared_tmp)
     assert b"root image: " in seen and status == 0
+
+
+def test_an_arch_bootstrap_recipe_builds_its_tgz_with_pacstrap(mirror, shared_tmp):
+    """examples/arch-base with the test repository as its mirror, in a throwaway project: build_tgz
+    runs pacstrap (no Docker) and the tree becomes the recipe's tgz; check_boot boots it in tgz mode."""
+    url, key = mirror
+    toml = (ROOT / "examples" / "arch-base" / "recipe.toml").read_text()
+    toml = toml.replace('mirror = "https://geo.mirror.pkgbuild.com/$repo/os/$arch"', f'mirror = "{url}"')
+    toml = toml.replace('# key = "mirror.asc"', 'key = "mirror.asc"')
+    toml += f'marker = "{pacman_repo.MARKER}: arch"\n'
+    project = make_project(shared_tmp / "bootstrap-project",
+                           {"arch-base": {"recipe.toml": toml, "mirror.asc": key.read_text()}}, seed_store=False)
+    doit("build_tgz:arch-base", cwd=project)
+    with tarfile.open(project / "cache" / "recipes" / "arch-base" / "rootfs.tgz") as t:
+        names = set(t.getnames())
+        hostname = t.extractfile(next(n for n in ("./etc/hostname", "etc/hostname") if n in names)).read()
+    assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox"} <= names
+    assert not any(n.startswith("./var/cache/pacman/pkg/") and n.endswith(".zst") for n in names)
+    assert hostname == b"arch-base\n"
