@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pacman_repo
 import pytest
-from conftest import ROOT, doit, make_project, on_console
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, on_console, require_docker
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -234,3 +234,27 @@ def test_an_arch_bootstrap_recipe_builds_its_tgz_with_pacstrap(mirror, shared_tm
     assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox"} <= names
     assert not any(n.startswith("./var/cache/pacman/pkg/") and n.endswith(".zst") for n in names)
     assert hostname == b"arch-base\n"
+
+
+def test_an_arch_dockerfile_recipe_pacstraps_into_mnt(mirror, shared_tmp):
+    """examples/arch-mnt (Debian's pacman in a docker build, into /mnt, [build] rootfs = "/mnt") with the
+    test repository in its build context: the tgz is the Arch tree, nothing of the builder."""
+    require_docker()
+    url, key = mirror
+    files = {f.name: f.read_text() for f in (ROOT / "examples" / "arch-mnt").iterdir()}
+    files["recipe.toml"] += '\n[build.args]\nMIRROR = "file:///ldt-recipe/mirror/$repo/os/$arch"\n'
+    files["mirror.asc"] = key.read_text()
+    project = make_project(shared_tmp / "mnt-project", {"debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML},
+                                                        "arch-mnt": files})
+    shutil.copytree(Path(url.removeprefix("file://").split("/$repo")[0]), project / "recipes" / "arch-mnt" / "mirror",
+                    symlinks=True)
+    try:
+        doit("build_tgz:arch-mnt", cwd=project)
+        with tarfile.open(project / "cache" / "recipes" / "arch-mnt" / "rootfs.tgz") as t:
+            names = set(t.getnames())
+    finally:
+        subprocess.run("docker images --format '{{.Repository}}:{{.Tag}}' ldt/arch-mnt | xargs -r docker rmi",
+                       shell=True, capture_output=True)
+    assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox", "./usr/bin/init"} <= names
+    assert not any(n.startswith(("./ldt-recipe", "./mnt/")) for n in names)  # the builder stayed out
+    assert "./usr/bin/pacman" not in names and "./usr/bin/apt-get" not in names
