@@ -114,6 +114,15 @@ def test_arch_install_as_root_makes_a_tree_with_its_kernel_and_initramfs(mirror,
         "base", "busybox", "filesystem", "ldt-mkinitramfs", "linux"]
     assert (tree / "etc" / "shadow").stat().st_uid == 0 and (tree / "etc" / "shadow").stat().st_mode & 0o777 == 0o600
 
+    # check_boot on the tree as on a recipe: every mode (tgz, bios, uefi) headless to the marker, the table
+    project = shared_tmp / "check-project"
+    project.mkdir()
+    p = subprocess.run([str(BIN / "run-dir"), "--check", "--marker", f"{pacman_repo.MARKER}: arch", str(tree)],
+                       capture_output=True, text=True, timeout=1800, env={**os.environ, "LDT_ROOT": str(project)})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("dir-root-tree ")]
+    assert [(r[1], r[2]) for r in rows] == [("tgz", "pass"), ("bios", "pass"), ("uefi", "pass")], p.stdout
+
 
 def test_arch_install_bad_input_is_one_line_and_leaves_nothing(mirror, shared_tmp):
     url, key = mirror
