@@ -33,47 +33,14 @@ from pathlib import Path
 
 from pipeline import initramfs
 
-MARKER = "LDT-ARCH-BOOTED"
+MARKER = "LDT-ARCH-BOOTED"  # what pacman_repo_files/init.sh prints
 REPO = "core"
 EXTRA = ("busybox",)  # the packages in the extra repository
 ARCH = "x86_64"
 GUEST = Path(__file__).resolve().parent.parent / "pipeline" / "guest"
+FILES = Path(__file__).resolve().parent / "pacman_repo_files"  # the packages' scripts (shellcheck-clean)
 
-INIT = f"""#!/bin/sh
-# /sbin/init of the test repository's base: say the tree booted, then wait (the test quits QEMU)
-exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc 2>/dev/null
-. /etc/os-release
-echo "{MARKER}: $ID $(uname -r) root=$(cat /proc/mounts | grep ' / ' | head -1 | cut -d' ' -f1)" \\
-     "packages=$(ls /var/lib/pacman/local | grep -c -- -)"
-while :; do sleep 3600; done
-"""
 
-MKINITRAMFS = """#!/bin/sh
-# ldt-mkinitramfs: run by pacman's hook with the kernels' paths on stdin (usr/lib/modules/V/vmlinuz):
-# /boot/vmlinuz-NAME and /boot/initramfs-NAME.img (NAME: the kernel's pkgbase), as mkinitcpio does
-set -eu
-share=/usr/lib/ldt-mkinitramfs
-while read -r path; do
-  dir=/${path%/vmlinuz}
-  name=$(cat "$dir/pkgbase")
-  cp "$dir/vmlinuz" "/boot/vmlinuz-$name"
-  work=$(mktemp -d)
-  mkdir -p "$work/bin" "$work/lib/ldt/modules"
-  cp /usr/bin/busybox "$work/bin/busybox"
-  cp "$share/init" "$work/init"
-  : >"$work/lib/ldt/more"
-  : >"$work/lib/ldt/first"
-  while read -r module; do
-    cp "$dir/$module" "$work/lib/ldt/modules/"
-    echo "${module##*/}" >>"$work/lib/ldt/first"
-  done <"$share/modules"
-  cp "$share/console.cpio" "/boot/initramfs-$name.img"
-  (cd "$work" && find . | cpio -o -H newc) >>"/boot/initramfs-$name.img"
-  rm -rf "$work"
-  echo "ldt-mkinitramfs: /boot/initramfs-$name.img"
-done
-"""
 
 HOOK = """[Trigger]
 Type = Path
@@ -213,7 +180,7 @@ def packages(rootfs_tgz: Path) -> list[Package]:
         f"{mods}/vmlinuz": vmlinuz, f"{mods}/pkgbase": b"linux\n",
         **{f"{mods}/{rel}": data for rel, data in modules.items()}})
     mkinitramfs = Package("ldt-mkinitramfs", provides=("initramfs",), depends=("busybox",), files={
-        "usr/bin/ldt-mkinitramfs": MKINITRAMFS.encode(),
+        "usr/bin/ldt-mkinitramfs": (FILES / "ldt-mkinitramfs.sh").read_bytes(),
         "usr/share/libalpm/hooks/90-ldt-mkinitramfs.hook": HOOK.encode(),
         "usr/lib/ldt-mkinitramfs/init": (GUEST / "app-initrd.sh").read_bytes(),
         "usr/lib/ldt-mkinitramfs/modules": order,
@@ -234,7 +201,7 @@ def packages(rootfs_tgz: Path) -> list[Package]:
                                                                     "usr/bin/sh": "busybox"},
                           modes={"usr/bin/busybox": 0o755},
                           install="post_install() {\n  /usr/bin/busybox --install -s /usr/bin\n}\n")
-    base = Package("base", depends=("filesystem", "busybox"), files={"usr/bin/init": INIT.encode()},
+    base = Package("base", depends=("filesystem", "busybox"), files={"usr/bin/init": (FILES / "init.sh").read_bytes()},
                    modes={"usr/bin/init": 0o755})
     return [filesystem, busybox_pkg, base, mkinitramfs, linux]
 

@@ -204,3 +204,14 @@ def test_a_debian_bootstrap_keeps_its_settings_and_so_its_key(tmp_path):
 def test_arch_bootstrap_errors_name_the_key(tmp_path, toml, says):
     with pytest.raises(UserError, match=says):
         _recipe(tmp_path, toml)
+
+
+@pytest.mark.parametrize("script", sorted(str(p) for p in (Path(__file__).parent / "pacman_repo_files").glob("*.sh")))
+def test_the_test_repositorys_scripts_are_shellcheck_clean(script):
+    import shutil
+    import subprocess
+
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is installed by ./setup.sh"
+    proc = subprocess.run([shellcheck, "-s", "sh", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
