@@ -236,10 +236,14 @@ def test_an_arch_bootstrap_recipe_builds_its_tgz_with_pacstrap(mirror, shared_tm
     toml += f'marker = "{pacman_repo.MARKER}: arch"\n'
     project = make_project(shared_tmp / "bootstrap-project",
                            {"arch-base": {"recipe.toml": toml, "mirror.asc": key.read_text()}}, seed_store=False)
-    doit("build_tgz:arch-base", cwd=project)
-    with tarfile.open(project / "cache" / "recipes" / "arch-base" / "rootfs.tgz") as t:
-        names = set(t.getnames())
-        hostname = t.extractfile(next(n for n in ("./etc/hostname", "etc/hostname") if n in names)).read()
+    try:
+        doit("build_tgz:arch-base", cwd=project)
+        with tarfile.open(project / "cache" / "recipes" / "arch-base" / "rootfs.tgz") as t:
+            names = set(t.getnames())
+            hostname = t.extractfile(next(n for n in ("./etc/hostname", "etc/hostname") if n in names)).read()
+    finally:  # a bootstrap recipe's tgz is imported into the engine as ldt/<name>
+        subprocess.run("docker images --format '{{.Repository}}:{{.Tag}}' ldt/arch-base | xargs -r docker rmi",
+                       shell=True, capture_output=True)
     assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox"} <= names
     assert not any(n.startswith("./var/cache/pacman/pkg/") and n.endswith(".zst") for n in names)
     assert hostname == b"arch-base\n"
