@@ -304,7 +304,8 @@ def bootstrap_tgz(b: Bootstrap, recipe_dir: Path, out: Path, hostname: str) -> N
         if "linux" in spec.packages:
             kernel_of(tree)
         tar = mapping.wrap(["tar", "-C", os.fspath(tree), "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                            "--sort=name", "--exclude=./var/cache/pacman/pkg/*", "-cf", "-", "."])
+                            "--sort=name", "--exclude=./var/cache/pacman/pkg/*", "--exclude=./etc/pacman.d/gnupg/*",
+                            "-cf", "-", "."])  # no package cache, no keyring with its private master key
         with spawn(tar, stdout=-1) as proc:  # -1: subprocess.PIPE
             assert proc.stdout is not None
             write_tgz(iter(lambda: proc.stdout.read(1 << 20), b""), out, Fixups(hostname), f"pacstrap {hostname}",

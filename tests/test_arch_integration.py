@@ -246,6 +246,7 @@ def test_an_arch_bootstrap_recipe_builds_its_tgz_with_pacstrap(mirror, shared_tm
                        shell=True, capture_output=True)
     assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox"} <= names
     assert not any(n.startswith("./var/cache/pacman/pkg/") and n.endswith(".zst") for n in names)
+    assert not any(n.startswith("./etc/pacman.d/gnupg/") for n in names)  # no private key in a shared image
     assert hostname == b"arch-base\n"
 
 
