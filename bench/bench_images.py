@@ -3,7 +3,7 @@ the same work, measured in the same run (median of REPEAT, ours and bare alterna
 
     .venv/bin/python bench/bench_images.py        (needs the hello recipe built: `doit check_boot:hello`)
 
-1. ext4 root image    rootfs.build_ext4          target <= 1.2x  baseline: tar -x into a dir + mkfs.ext4 -d
+1. ext4 root image    ext4.build_ext4          target <= 1.2x  baseline: tar -x into a dir + mkfs.ext4 -d
 2. BIOS disk          disk.build_bios_disk       target <= 1.2x  baseline: truncate, sfdisk, mtools, syslinux, dd
 3. UEFI disk          disk.build_uefi_disk       target <= 1.2x  baseline: objcopy UKI, truncate, sfdisk, mtools, dd
 and the image sizes, apparent and allocated, of ours and of the bare ones.
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import disk, rootfs, stages  # noqa: E402
+from pipeline import disk, ext4, stages  # noqa: E402
 from pipeline.artifacts import Artifact  # noqa: E402
 from pipeline.builders import MiB  # noqa: E402
 from pipeline.project import Project  # noqa: E402
@@ -116,7 +116,7 @@ class Inputs:
         self.uefi_entry = entry(UEFI_IMG, "build_efistub")
         self.epoch = stages.tgz_epoch(self.tgz_entry)
         self.extra = r.cmdline.split()
-        self.root_uuid, _ = rootfs.read_ext4_identity(self.ext4)
+        self.root_uuid, _ = ext4.read_ext4_identity(self.ext4)
         self.cmdline = disk.kernel_cmdline(self.root_uuid, self.extra)
 
 
@@ -129,11 +129,11 @@ def bench_ext4(tmp: Path, i: Inputs) -> None:
     if r.size_mib:
         sizing["size_bytes"] = r.size_mib * MiB
     # the store entry's key: same UUID and hash seed as the stage, so the output must match it
-    params = rootfs.Ext4Params.for_key(i.ext4_entry.name, epoch=i.epoch, label="root", **sizing)
+    params = ext4.Ext4Params.for_key(i.ext4_entry.name, epoch=i.epoch, label="root", **sizing)
     size = i.ext4.stat().st_size
 
     def ours(work: Path) -> Path:
-        return rootfs.build_ext4(i.tgz, work / EXT4, params).path
+        return ext4.build_ext4(i.tgz, work / EXT4, params).path
 
     def theirs(work: Path) -> Path:
         # Not reproducible (random UUID and hash seed, readdir order, ctimes and mkfs times of

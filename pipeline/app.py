@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.rootfs import kernel_version, member_path, open_tar, resolve_link
+from pipeline.tarstream import resolve_link
 
 # docker's PATH for a Linux container whose image sets none (moby: system.DefaultPathEnv)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -305,7 +305,7 @@ def find_executable(argv0: str, *, path: str, workdir: str, files: frozenset[str
                     symlinks: Mapping[str, str]) -> str:
     """The absolute path argv[0] runs, looked up like runc does: PATH when it has no slash,
     else relative to WORKDIR. `files`: the executable regular files of the root filesystem
-    and `symlinks` its symlinks (link → target), as rootfs.member_path names them."""
+    and `symlinks` its symlinks (link → target), as tarstream.member_path names them."""
 
     def present(candidate: str) -> bool:
         return resolve_link(candidate.lstrip("/"), dict(symlinks)) in files
@@ -346,34 +346,13 @@ class App:
 
 @dataclass(frozen=True)
 class RootfsFacts:
-    """What resolve() and init_kind() need to know about a root filesystem (scan_rootfs reads it)."""
+    """What resolve() and init_kind() need to know about a root filesystem (rootfs.scan_rootfs reads it)."""
 
     files: frozenset[str]  # executable regular files, relative paths
     symlinks: Mapping[str, str]
     passwd: str | None  # /etc/passwd text, None when absent
     group: str | None
     kernels: tuple[str, ...] = ()  # versions of the kernels in /boot (none: the VM borrows one)
-
-
-def scan_rootfs(tgz: Path) -> RootfsFacts:
-    """One pass over a rootfs archive: its executables, symlinks, /etc/passwd, /etc/group, kernels."""
-    files: set[str] = set()
-    symlinks: dict[str, str] = {}
-    texts: dict[str, str] = {}
-    kernels: set[str] = set()
-    with open_tar(tgz) as tar:
-        for member in tar:
-            path = member_path(member)
-            if (member.isreg() or member.issym()) and (version := kernel_version(path)):
-                kernels.add(version)
-            if member.issym():
-                symlinks[path] = member.linkname
-            elif (member.isreg() or member.islnk()) and member.mode & 0o111:
-                files.add(path)
-            if path in ("etc/passwd", "etc/group") and member.isreg():
-                texts[path] = tar.read(member).decode(errors="replace")
-    return RootfsFacts(frozenset(files), symlinks, texts.get("etc/passwd"), texts.get("etc/group"),
-                       tuple(sorted(kernels)))
 
 
 def resolve(config: AppConfig, facts: RootfsFacts, *, hostname: str) -> App:

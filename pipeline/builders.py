@@ -1,6 +1,7 @@
 """What each stage of the table in stages.py does: one builder per stage, each filling an empty
 work dir with the stage's `makes`, plus the tgz stage's inputs and hooks. The heavy work lives
-in the concern's own module (docker, tgz, rootfs, disk, initramfs); these only connect it."""
+in the concern's own module (docker, tgz, reroot, rootfs, kernel, initramfs, ext4, disk); these only
+connect it."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import app as app_mod
+from pipeline import disk, docker, initramfs, kernel, rootfs
 from pipeline.artifacts import EPOCH, Artifact
-from pipeline.cache import tree_manifest
+from pipeline.cache import hash_file, tree_manifest
 from pipeline.errors import UserError
+from pipeline.ext4 import Ext4Params, build_ext4
 from pipeline.files import link_or_copy
 from pipeline.recipes import Recipe, from_images, recipe_of_image
+from pipeline.reroot import reroot_filter
 from pipeline.run import log, verbose
+from pipeline.tgz import Fixups, bootstrap, filter_tar, write_tgz
 
 if TYPE_CHECKING:
     from pipeline.project import Project
@@ -64,7 +70,6 @@ def tgz_inputs(p: Project, r: Recipe) -> dict[str, Any]:
     m: dict[str, Any] = {"hostname": r.name}
     if r.bootstrap is not None:
         return m
-    from pipeline import docker
 
     m["context"] = tree_manifest(r.dir, docker.context_files(r.dir))
     m["parents"] = {parent: p.store.current_key(parent, A.TGZ) for parent in r.parents}
@@ -87,7 +92,6 @@ def tgz_prepare(p: Project, r: Recipe) -> None:
     """External base images must be in the engine before their ids go into the key."""
     if r.bootstrap is not None or not external_bases(r):
         return
-    from pipeline import docker
 
     client = docker.client()
     for ref in external_bases(r):
@@ -104,14 +108,9 @@ def tgz(b: Build) -> None:
         bootstrap_tgz(r.bootstrap, r.dir, b.out(A.TGZ), r.name)
         return
     if r.bootstrap is not None:
-        from pipeline.tgz import bootstrap
-
         epoch = os.environ.get("SOURCE_DATE_EPOCH")
         bootstrap(r.bootstrap, b.out(A.TGZ), r.name, int(epoch) if epoch else None)
         return
-    from pipeline import docker
-    from pipeline.reroot import reroot_filter
-    from pipeline.tgz import Fixups, filter_tar, write_tgz
 
     client = docker.client()
     for parent in r.parents:  # the engine must hold the parent's current image
@@ -139,7 +138,6 @@ def tgz_after(p: Project, r: Recipe, entry: Path) -> None:
 
 def ensure_image(p: Project, client, name: str) -> str:
     """Make ldt/<name>:latest the image of the recipe's current tgz entry (import it if gone)."""
-    from pipeline import docker
 
     if client is None:
         client = docker.client()
@@ -165,12 +163,10 @@ GUEST_SCRIPTS = ("app-init.sh", "app-exit.sh")
 def app_inputs(p: Project, r: Recipe) -> dict[str, Any]:
     """What the app stage writes into an image besides the image itself (its config is in the
     tgz entry): app.py's VERSION, the guest scripts and the static busybox our init runs on."""
-    from pipeline import app
-    from pipeline.cache import hash_file
 
-    busybox = app.HOST_BUSYBOX
-    return {"app_py": app.VERSION,
-            "guest": {name: hashlib.sha256(app.guest_script(name)).hexdigest() for name in GUEST_SCRIPTS},
+    busybox = app_mod.HOST_BUSYBOX
+    return {"app_py": app_mod.VERSION,
+            "guest": {name: hashlib.sha256(app_mod.guest_script(name)).hexdigest() for name in GUEST_SCRIPTS},
             "busybox": hash_file(busybox) if busybox.is_file() else None}
 
 
@@ -183,12 +179,11 @@ def image_config(tgz_entry: Path) -> dict[str, Any]:
 def app(b: Build) -> None:
     """Resolve the image's app against its root filesystem (errors now, not at boot) and write
     app.json plus the files that run it, as a tar the ext4 stage lays over the image."""
-    from pipeline import app as app_mod
 
     r = b.recipe
     tgz = b.inputs[A.TGZ]
     assert b.epoch is not None
-    facts = app_mod.scan_rootfs(tgz)
+    facts = rootfs.scan_rootfs(tgz)
     plan = app_mod.plan(image_config(tgz.parent), r.app, facts, hostname=r.name)
     log(f"{r.name}: {plan.describe()}")
     (b.out(A.APP)).write_text(json.dumps(plan.to_json(), indent=1, sort_keys=True) + "\n")
@@ -219,12 +214,11 @@ def write_guest_tar(files: Sequence[Any], out: Path, *, mtime: int) -> None:
 
 def current_plan(p: Project, name: str) -> Any:
     """The app.Plan of a recipe's current app entry (UserError when it has none yet)."""
-    from pipeline import app
 
     entry = p.store.current(name, A.APP)
     if entry is None:
         raise UserError(f"recipe '{name}' has no {A.APP} yet", hint=f"run `doit build_app:{name}`")
-    return app.Plan.from_json(json.loads((entry / A.APP).read_text()))
+    return app_mod.Plan.from_json(json.loads((entry / A.APP).read_text()))
 
 
 # -- image stages -------------------------------------------------------------------------------
@@ -248,11 +242,9 @@ def kernel_recipe(p: Project, r: Recipe) -> str | None:
 BORROWED = (A.KERNEL, A.INITRD, A.OS_RELEASE, A.TGZ)  # what the boot stage reads of the kernel recipe
 
 
-def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
+def boot_key_inputs(p: Project, r: Recipe) -> dict[str, Any]:
     """A borrowed kernel: the kernel recipe's boot and tgz entries are inputs of the boot stage;
     and for an app on our init, what goes into our initrd."""
-    from pipeline import app, initramfs
-    from pipeline.cache import hash_file
 
     k = kernel_recipe(p, r)
     if k is None:
@@ -260,9 +252,9 @@ def boot_inputs(p: Project, r: Recipe) -> dict[str, Any]:
     m: dict[str, Any] = {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
                                          "tgz": p.store.current_key(k, A.TGZ)}}
     if our_initrd(p, r, k):
-        busybox = app.HOST_BUSYBOX
+        busybox = app_mod.HOST_BUSYBOX
         m["initrd"] = {"format": initramfs.APP_INITRD_FORMAT,
-                       "init": hashlib.sha256(app.guest_script(APP_INITRD_SCRIPT)).hexdigest(),
+                       "init": hashlib.sha256(app_mod.guest_script(APP_INITRD_SCRIPT)).hexdigest(),
                        "busybox": hash_file(busybox) if busybox.is_file() else None,
                        "modules": [initramfs.APP_INITRD_MODULES, initramfs.APP_INITRD_MORE]}
     return m
@@ -275,9 +267,8 @@ def our_initrd(p: Project, r: Recipe, kernel_from: str | None) -> bool:
     """An app that our init runs, on a borrowed kernel (kernel_from: kernel_recipe(p, r)), boots
     with our initrd (initramfs.app_initrd): the whole boot is ours, so no udev and no scripts,
     only the modules the VM needs."""
-    from pipeline import app
 
-    return r.initrd and kernel_from is not None and current_plan(p, r.name).init is app.InitKind.LDT
+    return r.initrd and kernel_from is not None and current_plan(p, r.name).init is app_mod.InitKind.LDT
 
 
 def boot_sources(p: Project, r: Recipe) -> list[str]:
@@ -298,7 +289,6 @@ def boot_sources(p: Project, r: Recipe) -> list[str]:
 
 
 def boot(b: Build) -> None:
-    from pipeline import rootfs
 
     p, r = b.project, b.recipe
     k = kernel_recipe(p, r)
@@ -314,7 +304,7 @@ def boot(b: Build) -> None:
     if r.initrd and not ours and not files[A.INITRD].is_file():
         raise UserError(f"recipe {r.name}: the kernel of recipe '{k}' boots without an initrd",
                         hint="set [boot] initrd = false, or use another kernel_from")
-    version = rootfs.bzimage_release(files[A.KERNEL])
+    version = kernel.release_of(files[A.KERNEL])
     if version is None:
         raise UserError(f"recipe {k}: {files[A.KERNEL]} is not an x86 bzImage", hint="use another kernel_from")
     count = rootfs.extract_modules(files[A.TGZ], version, b.out(A.MODULES), recipe=k)
@@ -328,9 +318,8 @@ def boot(b: Build) -> None:
 
 def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recipe: str) -> int:
     """Our initrd for an app on our init, from the borrowed kernel's modules; its size."""
-    from pipeline import app, initramfs
 
-    busybox = app.host_busybox().read_bytes()
+    busybox = app_mod.host_busybox().read_bytes()
     with tarfile.open(modules_tar) as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
 
@@ -340,7 +329,7 @@ def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recip
             return f.read() if f is not None else None
 
         try:
-            data = initramfs.app_initrd(app.guest_script(APP_INITRD_SCRIPT), busybox, read)
+            data = initramfs.app_initrd(app_mod.guest_script(APP_INITRD_SCRIPT), busybox, read)
         except ValueError as e:
             raise UserError(f"recipe {kernel_recipe}: /lib/modules/{version}: {e}",
                             hint="its kernel package installs them with modules.dep; rebuild the kernel recipe") from e
@@ -349,27 +338,24 @@ def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recip
 
 
 def ext4(b: Build) -> None:
-    from pipeline import rootfs
 
     r = b.recipe
     assert b.epoch is not None
     sizing: dict[str, Any] = {"headroom_bytes": r.headroom_mib * MiB}
     if r.size_mib:
         sizing["size_bytes"] = r.size_mib * MiB
-    params = rootfs.Ext4Params.for_key(b.key, epoch=b.epoch, label="root", **sizing)
-    rootfs.build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params, extra=(b.inputs[A.MODULES], b.inputs[A.APP_FILES]))
+    params = Ext4Params.for_key(b.key, epoch=b.epoch, label="root", **sizing)
+    build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params, extra=(b.inputs[A.MODULES], b.inputs[A.APP_FILES]))
 
 
 def disk_cmdline(b: Build) -> list[str]:
     """The recipe's extra kernel command line, and what the app's init needs (init=/.ldt/init)."""
-    from pipeline import app
 
-    plan = app.Plan.from_json(json.loads(b.inputs[A.APP].read_text()))
+    plan = app_mod.Plan.from_json(json.loads(b.inputs[A.APP].read_text()))
     return [*plan.kernel_args.split(), *b.recipe.cmdline.split()]
 
 
 def bios(b: Build) -> None:
-    from pipeline import disk
 
     assert b.epoch is not None
     disk.build_bios_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.EXT4], b.out(A.BIOS_IMG), key=b.key,
@@ -377,7 +363,6 @@ def bios(b: Build) -> None:
 
 
 def uefi(b: Build) -> None:
-    from pipeline import disk
 
     assert b.epoch is not None
     disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
@@ -388,27 +373,13 @@ QCOW2_OF = {A.BIOS_IMG: A.BIOS_QCOW2, A.UEFI_IMG: A.UEFI_QCOW2}
 
 
 def qcow2(b: Build) -> None:
-    from pipeline import disk
 
     (raw,) = b.inputs
     disk.to_qcow2(b.inputs[raw], b.out(QCOW2_OF[raw]), compress=True)
 
 
 def vmlinux(b: Build) -> None:
-    write_vmlinux(b.inputs[A.KERNEL], b.out(A.VMLINUX))
-
-
-def write_vmlinux(kernel: Path, out: Path) -> None:
-    """The uncompressed kernel inside a bzImage, which QEMU boots through its PVH entry without
-    the guest decompressing it (~2.5 s under TCG); the file as is when it is no bzImage (a
-    vmlinux already), has no PVH note or an unknown compression: slower, same result."""
-    from pipeline import initramfs
-
-    elf = initramfs.extract_vmlinux(kernel.read_bytes())
-    if elf is None:
-        link_or_copy(kernel, out)
-    else:
-        out.write_bytes(elf)
+    kernel.write_vmlinux(b.inputs[A.KERNEL], b.out(A.VMLINUX))
 
 
 def fast_boot(b: Build) -> None:
@@ -425,14 +396,13 @@ def fast_boot(b: Build) -> None:
     fast_boot_into(b.inputs[A.VMLINUX], initrd, b.work)
 
 
-def fast_boot_into(kernel: Path, initrd: Path, work: Path) -> None:
-    """virt's kernel and initrd: the kernel as write_vmlinux() leaves it (the vmlinux stage's
+def fast_boot_into(kernel_image: Path, initrd: Path, work: Path) -> None:
+    """virt's kernel and initrd: the kernel as kernel.write_vmlinux() leaves it (the vmlinux stage's
     output is linked as it is) and the initrd as one archive with only the modules virt loads.
     Whatever cannot be done (an unknown compression) keeps the original file: slower, same result."""
-    from pipeline import initramfs
 
     start = time.monotonic()
-    write_vmlinux(kernel, work / A.FAST_KERNEL)
+    kernel.write_vmlinux(kernel_image, work / A.FAST_KERNEL)
     try:
         (work / A.FAST_INITRD).write_bytes(initramfs.slim_initrd(initrd.read_bytes()))
     except (ValueError, OSError, EOFError, UserError) as e:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import access, builders, imports, stages, vm
+from pipeline import access, builders, rootfs_import, stages, vm
 from pipeline.artifacts import Artifact
 from pipeline.errors import UserError
 from pipeline.project import Project
@@ -85,9 +85,9 @@ def _say(what: str, path: Path) -> None:
 
 def _from_tgz(tgz: Path, *artifacts: Artifact) -> tuple[Project, Recipe]:
     """Import a tgz into the store and run the stages that make `artifacts` on it (each cached)."""
-    r = imports.adhoc_recipe(tgz, "tgz")
+    r = rootfs_import.adhoc_recipe(tgz, "tgz")
     p = Project(project_root(), extra=(r,))
-    imports.import_tgz(p, tgz.resolve(), r)
+    rootfs_import.import_tgz(p, tgz.resolve(), r)
     _materialize(p, r, artifacts)
     return p, r
 
@@ -172,10 +172,10 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
     tree = args.dir.resolve()
     if not tree.is_dir():
         raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
-    r = imports.adhoc_recipe(tree, "dir")
+    r = rootfs_import.adhoc_recipe(tree, "dir")
     r = dataclasses.replace(r, boot_marker=args.marker) if args.marker else r
     p = Project(project_root(), extra=(r,))
-    imports.import_tree(p, tree, r)
+    rootfs_import.import_tree(p, tree, r)
     if args.check:  # the tree as a recipe: the same stages and boot matrix as `doit check_boot:NAME`
         _materialize(p, r, tuple(dict.fromkeys(a for m in Mode for a in m.needs(initrd=r.initrd))))
         vm.check_boot(p, r)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pipeline import ids, qemu
 from pipeline.errors import UserError
+from pipeline.ext4 import read_ext4_identity
 from pipeline.files import atomic_path
-from pipeline.rootfs import read_ext4_identity
 from pipeline.run import Step, run
 
 SECTOR = 512

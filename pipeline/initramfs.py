@@ -1,16 +1,15 @@
-"""The initramfs and the kernel image, as bytes: pure parsing and building, no processes but
-the zstd/lz4 decompressors.
+"""The initramfs, as bytes: pure parsing and building, no processes but the zstd/lz4
+decompressors (compression.py).
 
 - newc cpio archives: make_cpio() builds one, read_cpio()/initrd_archives() read a (possibly
   concatenated, possibly compressed) initramfs;
 - slim_initrd(): the initramfs as one uncompressed archive without firmware and without the
   kernel modules a boot does not load (module_closure() over modules.dep/softdep/alias);
-- extract_vmlinux(): the ELF kernel inside a bzImage, when QEMU can boot it directly (PVH);
 - app_initrd(): the initramfs of app images our init runs: busybox, a few modules, no udev.
 
-Under TCG most of a boot is the guest decompressing (~3.5 s for an xz bzImage, ~2.5 s for a
-130 MB initrd of which a virt boot needs a few modules), so the fast_boot stage keeps these
-decompressed versions in the store.
+Under TCG most of a boot is the guest decompressing (~2.5 s for a 130 MB initrd of which a
+virt boot needs a few modules), so the fast_boot stage keeps the slim initrd in the store
+(and kernel.extract_vmlinux's uncompressed kernel beside it).
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
-from pipeline.run import run
+from pipeline.compression import compression_of, decompress
 
 # ── newc cpio archives ──────────────────────────────────────────────────────────────────
 
@@ -62,88 +60,15 @@ def make_cpio(files: Mapping[str, bytes], *, mode: int = 0o755,
     out.append(_cpio_entry("TRAILER!!!", 0, b"", 0))
     return b"".join(out)
 
+
 def pad4(size: int) -> bytes:
     """Zeros that bring an archive to a 4-byte boundary (the kernel skips them between archives)."""
     return b"\0" * (-size % 4)
 
 
-
-# ── kernel images and initramfs slimming ───────────────────────────────────────────────
+# ── initramfs slimming ───────────────────────────────────────────────────────────
 
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-
-_MAGICS: tuple[tuple[bytes, str], ...] = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"\x02\x21\x4c\x18", "lz4"),
-    (b"BZh", "bzip2"),
-    (b"\x5d\x00\x00", "lzma"),
-)
-
-
-def compression_of(data: bytes) -> str | None:
-    return next((name for magic, name in _MAGICS if data.startswith(magic)), None)
-
-
-def decompress(data: bytes, method: str) -> bytes:
-    """One compressed stream (trailing bytes ignored); zstd and lz4 through their tools."""
-    import bz2
-    import lzma
-    import zlib
-
-    if method == "gzip":
-        return zlib.decompressobj(wbits=31).decompress(data)
-    if method in ("xz", "lzma"):
-        fmt = lzma.FORMAT_XZ if method == "xz" else lzma.FORMAT_ALONE
-        return lzma.LZMADecompressor(format=fmt).decompress(data)
-    if method == "bzip2":
-        return bz2.BZ2Decompressor().decompress(data)
-    if method in ("zstd", "lz4"):
-        return run([method, "-dcq"], input=data, capture=True).stdout
-    raise ValueError(f"unknown compression {method}")
-
-
-def extract_vmlinux(bzimage: bytes) -> bytes | None:
-    """The ELF kernel inside a bzImage when it has a PVH entry point, else None."""
-    import struct
-
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    setup_sects = bzimage[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start : start + length]
-    method = compression_of(payload)
-    if method is None:
-        return None
-    try:
-        elf = decompress(payload, method)
-    except (OSError, EOFError, ValueError, UserError):
-        return None
-    return elf if has_pvh_note(elf) else None
-
-
-def has_pvh_note(elf: bytes) -> bool:
-    """A 64-bit ELF with a Xen PHYS32_ENTRY note (type 18): QEMU can boot it directly."""
-    import struct
-
-    if elf[:5] != b"\x7fELF\x02":
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
-        if p_type != 4:  # PT_NOTE
-            continue
-        pos, end = p_offset, p_offset + p_filesz
-        while pos + 12 <= end:
-            namesz, descsz, n_type = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and n_type == 18:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
 
 
 @dataclass(frozen=True)
@@ -275,8 +200,6 @@ def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
     return b"".join(slim) + _cpio_entry("TRAILER!!!", 0, b"", 0)
 
 
-
-
 # ── the initramfs of apps that run on our init ─────────────────────────────────────────
 
 APP_INITRD_FORMAT = 1  # bump when app_initrd() lays its archive out differently
@@ -314,18 +237,3 @@ def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
             names.append(name)
         files[f"{APP_INITRD_DIR}/{list_name}"] = "".join(f"{n}\n" for n in names).encode()
     return make_cpio(files, char_devices={"dev/console": (5, 1)})
-
-
-def kernel_version(bzimage: bytes) -> str | None:
-    """The version a bzImage says it is ("6.1.0-28-amd64"), from its setup header's kernel_version
-    pointer (boot protocol 2.00+), or None for anything else."""
-    import struct
-
-    if len(bzimage) < 0x210 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    (pointer,) = struct.unpack_from("<H", bzimage, 0x20E)
-    start = pointer + 0x200
-    if not pointer or start >= len(bzimage):
-        return None
-    text = bzimage[start : start + 256].split(b"\0", 1)[0].decode(errors="replace")
-    return text.split(" ", 1)[0] or None

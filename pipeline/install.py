@@ -7,13 +7,12 @@ which, and where the kernel or the user's setup does not allow unshare, the one-
 
 Seen from outside the user namespace, a tree made rootless is owned by the user's sub-ids,
 as mmdebstrap documents; `mmdebstrap --unshare-helper CMD` sees it with its real owners
-(tree_reader_cmd). As root the tree has its real owners.
+(mmdebstrap.unshare_helper_cmd). As root the tree has its real owners.
 """
 
 from __future__ import annotations
 
 import argparse
-import enum
 import os
 import re
 import shutil
@@ -21,26 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import access
-from pipeline.cli import entry_point
+from pipeline import access, mmdebstrap
+from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
+from pipeline.kernel import choose_version
+from pipeline.mmdebstrap import PrivilegeMode
 from pipeline.recipes import VARIANTS
 from pipeline.run import Step, run
 
 TOOL = "debian-install"
 BOOTABLE = ("linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev")  # always installed
 PASSWORDLESS_ROOT = 'chroot "$1" passwd -d root'  # a login on the serial console, like the hello recipe
-
-
-class Mode(enum.StrEnum):
-    """mmdebstrap's --mode: root when we are root, else a user namespace."""
-
-    ROOT = "root"
-    UNSHARE = "unshare"
-
-    @classmethod
-    def for_uid(cls, uid: int) -> Mode:
-        return cls.ROOT if uid == 0 else cls.UNSHARE
 
 
 @dataclass(frozen=True)
@@ -57,15 +47,10 @@ class Install:
         return tuple(dict.fromkeys((*BOOTABLE, *self.include)))
 
 
-def mmdebstrap_install_cmd(spec: Install, target: Path, mode: Mode) -> list[str]:
+def mmdebstrap_install_cmd(spec: Install, target: Path, mode: PrivilegeMode) -> list[str]:
     """mmdebstrap making a bootable tree in `target` (a new or empty folder)."""
-    return ["mmdebstrap", f"--mode={mode}", f"--variant={spec.variant}", "--include=" + ",".join(spec.packages),
-            f"--customize-hook={PASSWORDLESS_ROOT}", spec.suite, os.fspath(target), spec.mirror]
-
-
-def tree_reader_cmd(cmd: Sequence[str], shifted: bool) -> list[str]:
-    """cmd reading a tree made rootless through the user namespace that sees its real owners."""
-    return ["mmdebstrap", "--unshare-helper", *cmd] if shifted else list(cmd)
+    return mmdebstrap.command(suite=spec.suite, target=target, mirror=spec.mirror, variant=spec.variant,
+                              packages=spec.packages, mode=mode, customize_hooks=(PASSWORDLESS_ROOT,))
 
 
 def parse_include(text: str) -> tuple[str, ...]:
@@ -91,7 +76,9 @@ def kernel_of(target: Path) -> str:
     if not with_initrd:
         raise UserError(f"{target}/boot: mmdebstrap finished without a kernel and initrd",
                         hint="keep linux-image-amd64 and initramfs-tools in the package set")
-    return with_initrd[-1]
+    best = choose_version(with_initrd, None)
+    assert best is not None
+    return best
 
 
 def debian_install(spec: Install, target: Path, uid: int | None = None) -> str:
@@ -99,7 +86,7 @@ def debian_install(spec: Install, target: Path, uid: int | None = None) -> str:
     if not shutil.which("mmdebstrap"):
         raise UserError("mmdebstrap not found", hint="`sudo apt-get install mmdebstrap` (or run ./setup.sh)")
     check_target(target)
-    mode = Mode.for_uid(os.geteuid() if uid is None else uid)
+    mode = PrivilegeMode.for_uid(os.geteuid() if uid is None else uid)
     with Step(f"{TOOL}: Debian {spec.suite} into {target} (mmdebstrap --mode={mode})"):
         run(mmdebstrap_install_cmd(spec, target, mode))
     return kernel_of(target)

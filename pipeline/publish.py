@@ -45,11 +45,12 @@ def published_files(p: Project, r: Recipe) -> dict[str, tuple[Path, dict[str, An
 
 
 def annotations(p: Project, r: Recipe, keys: dict[str, str], epoch: int) -> dict[str, str]:
-    from pipeline import initramfs, rootfs, stages
+    from pipeline import rootfs, stages
+    from pipeline.kernel import release_of
 
     boot = stages.current(p, r, (A.KERNEL, A.OS_RELEASE))
     osr = rootfs.parse_os_release(boot[A.OS_RELEASE].read_text(errors="replace"))
-    kernel = initramfs.kernel_version(boot[A.KERNEL].read_bytes()[:1 << 16]) or "unknown"
+    kernel = release_of(boot[A.KERNEL]) or "unknown"
     return {
         "org.opencontainers.image.title": r.name,
         "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)),

@@ -2,11 +2,10 @@
 becomes the archive's root, and nothing of the container around it is kept.
 
 A sibling of tgz.filter_tar, with the same signature, so write_tgz streams through either.
-Members are read as raw 512-byte blocks; the headers of each kept member (its PAX and GNU
-long-name records and its ustar block) are parsed by tarfile and written anew as PAX with
-the re-rooted name, every other field and PAX record (xattrs, sub-second times, big ids)
-kept. Data blocks are copied byte for byte and never buffered: memory is bounded by one
-member's headers.
+Members come from the one tar walker (tarstream.TarStream); the headers of each kept member
+are written anew as PAX with the re-rooted name, every other field and PAX record (xattrs,
+sub-second times, big ids) kept. Data blocks are copied byte for byte and never buffered
+whole.
 
 The engine-injected files (tgz.Fixups: /.dockerenv, the engine's resolv.conf and hosts)
 live at the container's root, outside the folder, so they are gone with the rest of it.
@@ -17,23 +16,21 @@ mmdebstrap copy the build container's hostname, a random container id, into etc/
 from __future__ import annotations
 
 import functools
-import io
 import tarfile
 from collections.abc import Callable, Iterable
 
 from pipeline.errors import UserError
-from pipeline.tgz import BLOCK, Fixups, _norm, _octal, _Reader
+from pipeline.tarstream import BLOCK, ENCODING, ERRORS, TarStream, norm_name
+from pipeline.tgz import Fixups
 
 TarFilter = Callable[[Iterable[bytes], Callable[[bytes], object], Fixups], int]
 INSIDE_FIXUPS = frozenset({"etc/hostname"})  # the tgz.Fixups paths that still apply inside the folder
-ENCODING, ERRORS = "utf-8", "surrogateescape"  # names that are not UTF-8 come out as the same bytes
-EXTENDED = (b"x", b"L", b"K")  # headers that belong to the member after them
 
 
 def rerooted(name: str, prefix: str) -> str | None:
     """An archive name inside `prefix` (no leading or trailing slash) as a name inside the new root:
     'mnt/etc/passwd' -> './etc/passwd', 'mnt' -> '.'; None outside it ('mntx/a', 'etc/passwd')."""
-    path = _norm(name).rstrip("/")
+    path = norm_name(name).rstrip("/")
     if path == prefix:
         return "."
     if path.startswith(prefix + "/"):
@@ -41,62 +38,27 @@ def rerooted(name: str, prefix: str) -> str | None:
     return None
 
 
-def parse_headers(blocks: bytes) -> tarfile.TarInfo:
-    """One member's header blocks (extended headers, then its ustar block) as a TarInfo."""
-    try:
-        tf = tarfile.TarFile(fileobj=io.BytesIO(blocks), mode="r", encoding=ENCODING, errors=ERRORS)
-    except tarfile.TarError as e:
-        raise UserError(f"the tar stream has a corrupt header ({e})") from e
-    ti = tf.firstmember
-    if ti is None:
-        raise UserError("the tar stream has a corrupt header")
-    return ti
-
-
-def header_bytes(ti: tarfile.TarInfo) -> bytes:
-    """The member's headers as PAX; name, link target and size from ti, not from stale PAX records."""
-    ti.pax_headers = {k: v for k, v in ti.pax_headers.items() if k not in ("path", "linkpath", "size")}
+def header_bytes(ti: tarfile.TarInfo, pax_headers: dict[str, str] | None = None) -> bytes:
+    """The member's headers as PAX, with its own records (pax_headers, default ti's; a global
+    header's are not repeated); name, link target and size from ti, not from stale PAX records."""
+    records = ti.pax_headers if pax_headers is None else pax_headers
+    ti.pax_headers = {k: v for k, v in records.items() if k not in ("path", "linkpath", "size")}
     return ti.tobuf(format=tarfile.PAX_FORMAT, encoding=ENCODING, errors=ERRORS)
-
-
-def _data_size(ti: tarfile.TarInfo) -> int:
-    """Bytes of data blocks after the headers (tarfile's rule: regular files and unknown types)."""
-    if ti.isreg() or ti.type not in tarfile.SUPPORTED_TYPES:
-        return -(-ti.size // BLOCK) * BLOCK
-    return 0
 
 
 def reroot_tar(chunks: Iterable[bytes], write: Callable[[bytes], object], fixups: Fixups, *, root: str) -> int:
     """Copy the part of a tar stream under `root` (an absolute folder) to write(), re-rooted at ./;
     returns the bytes read. Hard links are re-rooted too; one to a file outside `root` is an error."""
     prefix = root.strip("/")
-    r = _Reader(chunks)
-    extended: list[bytes] = []
+    stream = TarStream.of_chunks(chunks)
+    written_globals: dict[str, str] = {}
     kept = 0
-    while True:
-        header = r.read(BLOCK)
-        if header == bytes(BLOCK):
-            if not kept:
-                raise UserError(f"the image has nothing in {root}",
-                                hint=f"bootstrap the root filesystem into {root} in the Dockerfile, "
-                                     "or fix [build] rootfs in recipe.toml")
-            write(bytes(2 * BLOCK))
-            r.drain()
-            return r.total
-        kind = header[156:157]
-        if kind in EXTENDED or kind == b"g":
-            data = r.read(-(-_octal(header[124:136]) // BLOCK) * BLOCK)
-            if kind == b"g":  # a global PAX header: applies to the whole archive, kept as it is
-                write(header + data)
-            else:
-                extended += [header, data]
-            continue
-        ti = parse_headers(b"".join(extended) + header)
-        extended = []
-        size = _data_size(ti)
+    for ti in stream:
+        if stream.global_headers != written_globals:  # a global PAX header: the whole archive's, kept as it is
+            written_globals = dict(stream.global_headers)
+            write(tarfile.TarInfo.create_pax_global_header(written_globals))
         name = rerooted(ti.name, prefix)
         if name is None:
-            r.copy(size, None)
             continue
         if ti.sparse is not None or ti.type == tarfile.GNUTYPE_SPARSE:
             raise UserError(f"{ti.name}: a sparse file in the image (a tar format this filter does not rewrite)")
@@ -106,19 +68,24 @@ def reroot_tar(chunks: Iterable[bytes], write: Callable[[bytes], object], fixups
         if ti.islnk():
             target = rerooted(ti.linkname, prefix)
             if target is None or target == ".":
-                raise UserError(f"/{_norm(ti.linkname)} is hard-linked from /{_norm(ti.name)}: the link crosses "
-                                f"the edge of {root}", hint=f"copy the file into {root} instead of linking it")
+                raise UserError(f"/{norm_name(ti.linkname)} is hard-linked from /{norm_name(ti.name)}: the link "
+                                f"crosses the edge of {root}", hint=f"copy the file into {root} instead of linking it")
             ti.linkname = target
+        local = {k: v for k, v in ti.pax_headers.items() if stream.global_headers.get(k) != v}
         decision = fixups.decide(name[2:], ti.size) if ti.isreg() and name[2:] in INSIDE_FIXUPS else True
         kept += 1
         if decision is True:
-            write(header_bytes(ti))
-            r.copy(size, write)
-        else:
-            r.copy(size, None)
-            if isinstance(decision, bytes):  # new content, the member's own metadata
-                ti.size = len(decision)
-                write(header_bytes(ti) + decision + bytes(-len(decision) % BLOCK))
+            write(header_bytes(ti, local))
+            stream.copy_data(ti, write)
+        elif isinstance(decision, bytes):  # new content, the member's own metadata
+            ti.size = len(decision)
+            write(header_bytes(ti, local) + decision + bytes(-len(decision) % BLOCK))
+    if not kept:
+        raise UserError(f"the image has nothing in {root}",
+                        hint=f"bootstrap the root filesystem into {root} in the Dockerfile, "
+                             "or fix [build] rootfs in recipe.toml")
+    write(bytes(2 * BLOCK))
+    return stream.total
 
 
 def reroot_filter(root: str) -> TarFilter:

@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("boot", "extract_boot", 3, "Kernel + initrd (+ os-release) out of the rootfs tgz, or kernel_from's",
           needs=(A.TGZ, A.APP), makes=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.MODULES),
           reads=("kernel", "initrd", "kernel_from"), build=builders.boot, applies=_bootable,
-          inputs=builders.boot_inputs, sources=builders.boot_sources),
+          inputs=builders.boot_key_inputs, sources=builders.boot_sources),
     Stage("vmlinux", "extract_boot", 1, "The kernel tgz mode boots: uncompressed (PVH), or the vmlinuz as is",
           needs=(A.KERNEL,), makes=(A.VMLINUX,), reads=(), build=builders.vmlinux, applies=_bootable),
     Stage("ext4", "build_rootfs", 3, "ext4 root filesystem image of the tgz (rootless, reproducible)",

@@ -1,7 +1,7 @@
 """Rootfs tarballs: stream a tar through a filter into the compressor, and bootstrap with mmdebstrap.
 
-The filter works on raw 512-byte tar blocks, so every member it keeps is copied byte for
-byte (PAX xattrs, hard links, device nodes, long names) and the stream is never buffered.
+The filter walks the stream with tarstream.TarStream and copies every member it keeps byte for
+byte (PAX xattrs, hard links, device nodes, long names); the stream is never buffered whole.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import mmdebstrap
 from pipeline.errors import UserError
 from pipeline.recipes import Bootstrap
 from pipeline.run import check_exit, log, spawn
-
-BLOCK = 512
+from pipeline.tarstream import BLOCK, TarStream, norm_name
 
 
 def hosts_file(hostname: str) -> bytes:
@@ -50,125 +50,28 @@ def compressor_cmd() -> list[str]:
     return ["pigz", "-1", "-n"] if shutil.which("pigz") else ["gzip", "-1", "-n"]
 
 
-class _Reader:
-    """Exact-size reads from an iterator of byte chunks."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self.it = iter(chunks)
-        self.buf = bytearray()
-        self.total = 0
-
-    def read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            try:
-                chunk = next(self.it)
-            except StopIteration:
-                raise UserError("the tar stream ended early (truncated archive)") from None
-            self.total += len(chunk)
-            self.buf += chunk
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def copy(self, n: int, write: Callable[[bytes], object] | None) -> None:
-        """Pass n bytes to write (or skip them) without joining them into one buffer."""
-        while n > 0:
-            if not self.buf:
-                try:
-                    chunk = next(self.it)
-                except StopIteration:
-                    raise UserError("the tar stream ended early (truncated archive)") from None
-                self.total += len(chunk)
-                if len(chunk) <= n:
-                    if write:
-                        write(chunk)
-                    n -= len(chunk)
-                    continue
-                self.buf += chunk
-            take = min(n, len(self.buf))
-            if write:
-                write(bytes(self.buf[:take]))
-            del self.buf[:take]
-            n -= take
-
-    def drain(self) -> None:
-        for chunk in self.it:
-            self.total += len(chunk)
-
-
-def _octal(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    path = None
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        record = data[space + 1:pos + length - 1]
-        k, _, v = record.partition(b"=")
-        if k == b"path":
-            path = v.decode("utf-8", "surrogateescape")
-        pos += length
-    return path
-
-
-def _norm(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.lstrip("/")
-
-
 def filter_tar(chunks: Iterable[bytes], write: Callable[[bytes], object], fixups: Fixups) -> int:
-    """Copy a tar stream to write(), applying fixups; returns the bytes read."""
-    r = _Reader(chunks)
-    pending: list[bytes] = []  # pax/GNU long-name headers of the next member
-    longname: str | None = None
-    while True:
-        header = r.read(BLOCK)
-        if header == bytes(BLOCK):
-            write(bytes(2 * BLOCK))
-            r.drain()
-            return r.total
-        kind = header[156:157]
-        size = _octal(header[124:136])
-        padded = -(-size // BLOCK) * BLOCK
-        if kind in (b"x", b"L", b"g", b"K"):
-            data = r.read(padded)
-            if kind == b"x":
-                longname = _pax_path(data[:size]) or longname
-            elif kind == b"L":
-                longname = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            pending += [header, data]
-            continue
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if header[257:262] == b"ustar" and prefix:
-            name = f"{prefix}/{name}"
-        path = _norm(longname or name)
-        has_data = kind in (b"0", b"\0", b"7")
-        decision = fixups.decide(path, size) if kind in (b"0", b"\0", b"7") else True
+    """Copy a tar stream to write(), applying fixups; returns the bytes read. A kept member's
+    blocks (its PAX and GNU long-name headers too) are copied byte for byte."""
+    stream = TarStream.of_chunks(chunks)
+    for member in stream:
+        decision = fixups.decide(norm_name(member.name), member.size) if member.type in FILE_TYPES else True
         if decision is True:
-            for blk in pending:
-                write(blk)
-            write(header)
-            r.copy(padded if has_data else 0, write)
-        else:
-            r.copy(padded if has_data else 0, None)
-            if decision is not None:
-                write(_replacement(header, path, decision))
-        pending, longname = [], None
+            stream.copy_raw(member, write)
+        elif decision is not None:
+            write(_replacement(member, decision))
+    write(bytes(2 * BLOCK))
+    return stream.total
 
 
-def _replacement(header: bytes, path: str, content: bytes) -> bytes:
-    ti = tarfile.TarInfo(path)
+FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # the members a fixup may replace
+
+
+def _replacement(member: tarfile.TarInfo, content: bytes) -> bytes:
+    ti = tarfile.TarInfo(norm_name(member.name))
     ti.size = len(content)
     ti.mode = 0o644
-    ti.mtime = _octal(header[136:148])
+    ti.mtime = int(member.mtime)
     ti.uname = ti.gname = "root"
     buf = ti.tobuf(format=tarfile.GNU_FORMAT)
     return buf + content + bytes(-len(content) % BLOCK)
@@ -217,19 +120,11 @@ def write_tgz(chunks: Iterable[bytes], out: Path, fixups: Fixups, what: str, tar
     progress.done(total)
 
 
-def mmdebstrap_cmd(b: Bootstrap) -> list[str]:
-    """mmdebstrap writing an uncompressed tar to stdout."""
-    cmd = ["mmdebstrap", f"--variant={b.variant}", "--format=tar", "--quiet"]
-    if b.packages:
-        cmd.append("--include=" + ",".join(b.packages))
-    return [*cmd, b.suite, "-", b.mirror]
-
-
 def bootstrap(b: Bootstrap, out: Path, hostname: str, epoch: int | None) -> None:
     """Make a rootfs tgz with mmdebstrap: no Docker, no registry."""
     if not shutil.which("mmdebstrap"):
         raise UserError("mmdebstrap not found", hint="run ./setup.sh (or `apt-get install mmdebstrap`)")
-    cmd = mmdebstrap_cmd(b)
+    cmd = mmdebstrap.tar_cmd(b)
     env = {"SOURCE_DATE_EPOCH": str(epoch)} if epoch is not None else None
     with spawn(cmd, env=env, stdout=-1) as proc:  # -1: subprocess.PIPE
         assert proc.stdout is not None

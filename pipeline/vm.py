@@ -97,7 +97,7 @@ class Boot:
 def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
     """The recipe's current files for booting in `mode` (UserError naming the task when one is missing)."""
     from pipeline import disk, stages
-    from pipeline.rootfs import read_ext4_identity
+    from pipeline.ext4 import read_ext4_identity
 
     files = stages.current(p, r, mode.needs(initrd=r.initrd))
     keys = tuple(dict.fromkeys(f.parent.name for f in files.values()))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import app
+from pipeline import app, rootfs
 from pipeline.app import AppConfig, AppSettings, Identity, InitKind, RootfsFacts
 from pipeline.errors import UserError
 
@@ -303,7 +303,7 @@ def test_scan_rootfs(tmp_path):
         add("./usr/bin/python3", kind=tarfile.SYMTYPE, link="python3.11")
         add("./usr/bin/py", kind=tarfile.LNKTYPE, link="usr/bin/python3.11", mode=0o755)
         add("./usr/share/doc.txt", b"not executable")
-    facts = app.scan_rootfs(tgz)
+    facts = rootfs.scan_rootfs(tgz)
     assert facts == RootfsFacts(frozenset({"usr/bin/python3.11", "usr/bin/py"}), {"usr/bin/python3": "python3.11"},
                                 PASSWD, GROUP)
 

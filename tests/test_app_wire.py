@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import app, builders, qemu, rootfs, vm
+from pipeline import app, builders, ext4, kernel, qemu, rootfs, vm
 from pipeline.app import AppSettings, InitKind, Plan, RootfsFacts
 from pipeline.errors import UserError
 from pipeline.qemu import Accel, Mode, VmSettings
@@ -148,10 +148,10 @@ def test_modules_of_a_kernel_recipe_land_through_the_images_symlinks(tmp_path):
         add(tar, "usr")
         add(tar, "usr/lib")
         add(tar, "lib", link="usr/lib")
-    ext4 = tmp_path / "root.ext4"
-    params = rootfs.Ext4Params.for_key("k", epoch=1700000000, headroom_bytes=1 << 20)
-    rootfs.build_ext4(image, ext4, params, extra=(modules,))
-    out = subprocess.run(["debugfs", "-R", "cat /usr/lib/modules/6.1.0-9-amd64/kernel/virtio_net.ko", ext4],
+    root = tmp_path / "root.ext4"
+    params = ext4.Ext4Params.for_key("k", epoch=1700000000, headroom_bytes=1 << 20)
+    ext4.build_ext4(image, root, params, extra=(modules,))
+    out = subprocess.run(["debugfs", "-R", "cat /usr/lib/modules/6.1.0-9-amd64/kernel/virtio_net.ko", root],
                          capture_output=True, text=True)
     assert out.stdout == "ko"
 
@@ -162,9 +162,9 @@ def test_bzimage_release_reads_the_setup_header(tmp_path):
     image[0x20E:0x210] = (0x1000).to_bytes(2, "little")
     image[0x1200:0x1240] = b"6.1.0-27-amd64 (debian-kernel@lists.debian.org) #1 SMP\0"
     (tmp_path / "vmlinuz").write_bytes(bytes(image))
-    assert rootfs.bzimage_release(tmp_path / "vmlinuz") == "6.1.0-27-amd64"
+    assert kernel.release_of(tmp_path / "vmlinuz") == "6.1.0-27-amd64"
     (tmp_path / "elf").write_bytes(b"\x7fELF" + bytes(0x300))
-    assert rootfs.bzimage_release(tmp_path / "elf") is None
+    assert kernel.release_of(tmp_path / "elf") is None
 
 
 # -- running: ports, console log, checks ------------------------------------------------------------

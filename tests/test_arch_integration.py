@@ -201,9 +201,9 @@ def test_a_tree_mmdebstrap_made_rootless_is_read_with_its_real_owners_as_the_use
     project = home / "project"
     project.mkdir()
     shutil.chown(project, user, user)
-    code = ("import sys; from pathlib import Path; from pipeline import imports; from pipeline.project import "
-            "Project; t = Path(sys.argv[1]); r = imports.adhoc_recipe(t, 'dir'); p = Project(Path(sys.argv[2]), "
-            "extra=(r,)); imports.import_tree(p, t, r); print(p.store.pointer(r.name, 'rootfs.tgz').resolve())")
+    code = ("import sys; from pathlib import Path; from pipeline import rootfs_import; from pipeline.project import "
+            "Project; t = Path(sys.argv[1]); r = rootfs_import.adhoc_recipe(t, 'dir'); p = Project(Path(sys.argv[2]), "
+            "extra=(r,)); rootfs_import.import_tree(p, t, r); print(p.store.pointer(r.name, 'rootfs.tgz').resolve())")
     python = tool("run-dir", user)[:3]  # env PYTHONPATH=… /usr/bin/python3
     p = subprocess.run(as_user(user, *python, "-c", code, str(tree), str(project)), capture_output=True,
                        text=True, timeout=600, cwd="/tmp")

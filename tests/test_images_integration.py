@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import disk, ids, rootfs
+from pipeline import disk, ext4, ids, rootfs
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def archive_entries(tgz: Path) -> dict[str, Entry]:
                 kind=KINDS.get(m.type, "reg"), mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, mtime=int(m.mtime),
                 size=m.size if m.isreg() else 0, link=m.linkname if m.issym() else "",
                 dev=(m.devmajor, m.devminor) if m.ischr() or m.isblk() else (0, 0),
-                xattrs=rootfs.member_xattrs(m),
+                xattrs=ext4.member_xattrs(m),
             )  # fmt: skip
     return out
 
@@ -228,13 +228,13 @@ def crafted(tmp_path_factory) -> Path:
 def test_crafted_archive_carries_pax_xattrs(crafted):
     with tarfile.open(crafted) as tf:
         ping = tf.getmember("bin/ping")
-    assert rootfs.member_xattrs(ping)["security.capability"] == CAP_NET_RAW
+    assert ext4.member_xattrs(ping)["security.capability"] == CAP_NET_RAW
 
 
 def test_ext4_fidelity_on_crafted_archive(crafted, tmp_path):
     image = tmp_path / "root.ext4"
-    info = rootfs.build_ext4(crafted, image, rootfs.Ext4Params.for_key(KEY, epoch=EPOCH))
-    assert rootfs.read_ext4_identity(image) == (ids.derive_uuid(KEY, "root-fs"), "root")
+    info = ext4.build_ext4(crafted, image, ext4.Ext4Params.for_key(KEY, epoch=EPOCH))
+    assert ext4.read_ext4_identity(image) == (ids.derive_uuid(KEY, "root-fs"), "root")
     assert info.uuid == ids.derive_uuid(KEY, "root-fs")
     e2fsck_clean(image)
     expected = archive_entries(crafted)
@@ -303,11 +303,11 @@ def test_build_as_unprivileged_user_is_identical(crafted, tmp_path):
         code = f"""
 import os
 from pathlib import Path
-from pipeline import disk, rootfs
+from pipeline import disk, ext4
 d = Path({os.fspath(shared)!r})
 out = Path(d / ("user" if os.geteuid() else "root"))
 out.mkdir()
-rootfs.build_ext4(d / "crafted.tgz", out / "root.ext4", rootfs.Ext4Params.for_key({KEY!r}, epoch={EPOCH}))
+ext4.build_ext4(d / "crafted.tgz", out / "root.ext4", ext4.Ext4Params.for_key({KEY!r}, epoch={EPOCH}))
 disk.build_bios_disk(d / "vmlinuz", d / "initrd.img", out / "root.ext4", out / "bios.img", key={KEY!r}, epoch={EPOCH})
 disk.build_uefi_disk(d / "vmlinuz", d / "initrd.img", d / "os-release", out / "root.ext4", out / "uefi.img",
                      key={KEY!r}, epoch={EPOCH})
@@ -347,7 +347,7 @@ class Built:
 def build_all(tgz: Path, work: Path) -> Built:
     boot = rootfs.extract_boot(tgz, work / "boot", recipe="hello")
     root = work / "root.ext4"
-    rootfs.build_ext4(tgz, root, rootfs.Ext4Params.for_key(KEY, epoch=EPOCH))
+    ext4.build_ext4(tgz, root, ext4.Ext4Params.for_key(KEY, epoch=EPOCH))
     bios = work / "bios.img"
     disk.build_bios_disk(boot.kernel, boot.initrd, root, bios, key=KEY, epoch=EPOCH)
     uefi = work / "uefi.img"
@@ -445,7 +445,7 @@ def test_bios_disk_fat_contents_and_root_copy(built, tmp_path):
     for name in ("vmlinuz", "initrd.img", "syslinux.cfg", "ldlinux.sys", "ldlinux.c32"):
         assert f"::/{name}" in listing.lower(), listing
     cfg = sh("mtype", "-i", fat, "::/syslinux.cfg")
-    root_uuid, _ = rootfs.read_ext4_identity(built.root)
+    root_uuid, _ = ext4.read_ext4_identity(built.root)
     assert "SERIAL 0 115200" in cfg
     assert f"root=UUID={root_uuid}" in cfg and "console=tty0 console=ttyS0,115200" in cfg
     sh("mcopy", "-n", "-i", fat, "::/vmlinuz", tmp_path / "k")
@@ -485,7 +485,7 @@ def test_uki_sections(built, tmp_path):
         sh("objcopy", "-O", "binary", f"--only-section={name}", uki, out)
         return out.read_bytes()
 
-    root_uuid, _ = rootfs.read_ext4_identity(built.root)
+    root_uuid, _ = ext4.read_ext4_identity(built.root)
     assert section(".cmdline").decode().strip() == disk.kernel_cmdline(root_uuid)
     assert section(".osrel") == built.boot.os_release.read_bytes()
     assert section(".linux") == built.boot.kernel.read_bytes()

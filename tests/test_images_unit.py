@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import disk, ids, rootfs
+from pipeline import disk, ext4, ids, kernel, rootfs, tarstream
 from pipeline.errors import UserError
 
 # ---------------------------------------------------------------------------------------- ids
@@ -51,20 +51,20 @@ def test_source_date_env():
     ],
 )
 def test_compare_versions_like_dpkg(a, b, sign):
-    result = rootfs.compare_versions(a, b)
+    result = kernel.compare_versions(a, b)
     assert (result > 0) - (result < 0) == sign
 
 
 def test_choose_version():
     vs = ["6.1.0-9-amd64", "6.1.0-50-amd64", "5.10.0-1-amd64"]
-    assert rootfs.choose_version(vs, None) == "6.1.0-50-amd64"
-    assert rootfs.choose_version(vs, "6.1.0-9-amd64") == "6.1.0-9-amd64"
-    assert rootfs.choose_version(vs, "7.0") is None
-    assert rootfs.choose_version([], None) is None
+    assert kernel.choose_version(vs, None) == "6.1.0-50-amd64"
+    assert kernel.choose_version(vs, "6.1.0-9-amd64") == "6.1.0-9-amd64"
+    assert kernel.choose_version(vs, "7.0") is None
+    assert kernel.choose_version([], None) is None
 
 
 @pytest.mark.parametrize(
-    ("path", "kernel", "initrd"),
+    ("path", "kernel_v", "initrd_v"),
     [
         ("boot/vmlinuz-6.1.0-50-amd64", "6.1.0-50-amd64", None),
         ("boot/initrd.img-6.1.0-50-amd64", None, "6.1.0-50-amd64"),
@@ -74,18 +74,18 @@ def test_choose_version():
         ("vmlinuz", None, None),
     ],
 )
-def test_boot_file_patterns(path, kernel, initrd):
-    assert rootfs.kernel_version(path) == kernel
-    assert rootfs.initrd_version(path) == initrd
+def test_boot_file_patterns(path, kernel_v, initrd_v):
+    assert kernel.kernel_name_version(path) == kernel_v
+    assert kernel.initrd_name_version(path) == initrd_v
 
 
 def test_resolve_link_follows_relative_absolute_and_directory_links():
     links = {"vmlinuz": "boot/vmlinuz-1", "etc/os-release": "../usr/lib/os-release", "b": "/boot"}
-    assert rootfs.resolve_link("vmlinuz", links) == "boot/vmlinuz-1"
-    assert rootfs.resolve_link("etc/os-release", links) == "usr/lib/os-release"
-    assert rootfs.resolve_link("b/vmlinuz-2", links) == "boot/vmlinuz-2"
+    assert tarstream.resolve_link("vmlinuz", links) == "boot/vmlinuz-1"
+    assert tarstream.resolve_link("etc/os-release", links) == "usr/lib/os-release"
+    assert tarstream.resolve_link("b/vmlinuz-2", links) == "boot/vmlinuz-2"
     with pytest.raises(UserError, match="loop"):
-        rootfs.resolve_link("x", {"x": "y", "y": "x"})
+        tarstream.resolve_link("x", {"x": "y", "y": "x"})
 
 
 def test_kernel_install_hint_by_distribution():
@@ -188,7 +188,7 @@ def test_tar_stream_reads_many_members_in_order(tmp_path: Path):
     tgz = tmp_path / "r.tgz"
     tgz.write_bytes(_tar_bytes(entries))
     seen = []
-    with rootfs.open_tar(tgz) as stream:
+    with tarstream.open_tar(tgz) as stream:
         for m in stream:
             seen.append((m.name, stream.read(m)))
     assert seen == [(i.name, d) for i, d in entries]
@@ -197,8 +197,8 @@ def test_tar_stream_reads_many_members_in_order(tmp_path: Path):
 # ------------------------------------------------------------------------------ ext4 (pure)
 
 
-def _params(**kw) -> rootfs.Ext4Params:
-    return rootfs.Ext4Params.for_key("hello:1", epoch=1700000000, **kw)
+def _params(**kw) -> ext4.Ext4Params:
+    return ext4.Ext4Params.for_key("hello:1", epoch=1700000000, **kw)
 
 
 def test_ext4_params_for_key_derives_ids():
@@ -210,7 +210,7 @@ def test_ext4_params_for_key_derives_ids():
 
 def test_mkfs_ext4_cmd():
     p = _params()
-    cmd = rootfs.mkfs_ext4_cmd(Path("/x/root.ext4"), p, 1000, 4096)
+    cmd = ext4.mkfs_ext4_cmd(Path("/x/root.ext4"), p, 1000, 4096)
     assert cmd[0] == "mkfs.ext4" and cmd[-2:] == ["/x/root.ext4", "1000"]
     assert cmd[cmd.index("-U") + 1] == str(p.uuid)
     assert cmd[cmd.index("-L") + 1] == "root"
@@ -220,24 +220,24 @@ def test_mkfs_ext4_cmd():
 
 
 def test_ext4_geometry_sized_from_content():
-    stats = rootfs.ContentStats()
+    stats = ext4.ContentStats()
     for _ in range(1000):
         stats.add_file(100_000)
     stats.add_dirent("", "etc")
-    blocks, inodes = rootfs.ext4_geometry(stats, _params())
+    blocks, inodes = ext4.ext4_geometry(stats, _params())
     size = blocks * 4096
     content = 1000 * 25 * 4096
-    assert content + 256 * rootfs.MiB < size < content * 1.5 + 400 * rootfs.MiB
-    assert size % rootfs.MiB == 0
+    assert content + 256 * ext4.MiB < size < content * 1.5 + 400 * ext4.MiB
+    assert size % ext4.MiB == 0
     assert inodes >= 1000 * 1.2
-    fixed, _ = rootfs.ext4_geometry(stats, _params(size_bytes=2 << 30))
+    fixed, _ = ext4.ext4_geometry(stats, _params(size_bytes=2 << 30))
     assert fixed * 4096 == 2 << 30
-    small, _ = rootfs.ext4_geometry(stats, _params(headroom_ratio=0.0, headroom_bytes=0))
+    small, _ = ext4.ext4_geometry(stats, _params(headroom_ratio=0.0, headroom_bytes=0))
     assert small < blocks
 
 
 def test_debugfs_script_for_each_entry_type():
-    s = rootfs.DebugfsScript()
+    s = ext4.DebugfsScript()
     d = tarfile.TarInfo("./usr/bin")
     d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 100
     f = tarfile.TarInfo("./usr/bin/su")
@@ -249,7 +249,7 @@ def test_debugfs_script_for_each_entry_type():
     dev = tarfile.TarInfo("dev/null")
     dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 3, 0o666
     for m in (d, f, ln, sym, dev):
-        s.add(m, rootfs.member_path(m), "/stage/f1" if m.isreg() else None,
+        s.add(m, tarstream.member_path(m), "/stage/f1" if m.isreg() else None,
               {"security.capability": "/stage/x1"} if m is f else None)
     script = s.finish().splitlines()
     assert script[:3] == ['cd "/"', 'mkdir "usr"', 'cd "/usr"']  # parent created on demand
@@ -266,18 +266,18 @@ def test_debugfs_script_for_each_entry_type():
 
 
 def test_debugfs_script_rejects_unsafe_names():
-    s = rootfs.DebugfsScript()
+    s = ext4.DebugfsScript()
     bad = tarfile.TarInfo("etc/a\nb")
     with pytest.raises(UserError, match="line break"):
-        s.add(bad, rootfs.member_path(bad), "/s/f1")
+        s.add(bad, tarstream.member_path(bad), "/s/f1")
     with pytest.raises(UserError, match="unsafe"):
-        rootfs.member_path(tarfile.TarInfo("../etc/passwd"))
+        tarstream.member_path(tarfile.TarInfo("../etc/passwd"))
 
 
 def test_debugfs_refs_that_namei_would_misread():
-    assert rootfs._ref("<12>") == '"./<12>"'
-    assert rootfs._ref("-f") == '"./-f"'
-    assert rootfs._ref("ok") == '"ok"'
+    assert ext4._ref("<12>") == '"./<12>"'
+    assert ext4._ref("-f") == '"./-f"'
+    assert ext4._ref("ok") == '"ok"'
 
 
 def test_member_xattrs_from_pax():
@@ -288,27 +288,27 @@ def test_member_xattrs_from_pax():
         "LIBARCHIVE.xattr.user.x%3Dy": "aGk",
         "mtime": "1.5",
     }
-    assert rootfs.member_xattrs(info) == {"security.capability": cap, "user.x=y": b"hi"}
+    assert ext4.member_xattrs(info) == {"security.capability": cap, "user.x=y": b"hi"}
 
 
 def test_debugfs_errors_ignore_banner():
-    assert rootfs.debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\n") == []
-    assert rootfs.debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\nwrite: No free space\n") == [
+    assert ext4.debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\n") == []
+    assert ext4.debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\nwrite: No free space\n") == [
         "write: No free space"
     ]
 
 
 def test_journal_blocks_matches_e2fsprogs_table():
-    assert rootfs.journal_blocks(20000) == 1024
-    assert rootfs.journal_blocks(300_000) == 8192
-    assert rootfs.journal_blocks(100_000_000) == 262144
+    assert ext4.journal_blocks(20000) == 1024
+    assert ext4.journal_blocks(300_000) == 8192
+    assert ext4.journal_blocks(100_000_000) == 262144
 
 
 def test_read_ext4_identity_rejects_non_ext4(tmp_path: Path):
     p = tmp_path / "x.img"
     p.write_bytes(b"\0" * 4096)
     with pytest.raises(UserError, match="not an ext"):
-        rootfs.read_ext4_identity(p)
+        ext4.read_ext4_identity(p)
 
 
 # ------------------------------------------------------------------------------ disk (pure)
@@ -436,7 +436,7 @@ def test_extract_boot_unversioned_kernel_via_symlink_name(tmp_path: Path):
 
 
 def test_debugfs_script_big_device_numbers_and_lost_found():
-    s = rootfs.DebugfsScript()
+    s = ext4.DebugfsScript()
     dev = tarfile.TarInfo("dev/big")
     dev.type, dev.devmajor, dev.devminor = tarfile.CHRTYPE, 300, 70000
     lf = tarfile.TarInfo("lost+found")

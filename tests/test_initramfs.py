@@ -1,5 +1,5 @@
-"""pipeline.initramfs: the cpio writer and reader, initrd slimming, the kernel image parsing,
-and the fast_boot stage built on them."""
+"""pipeline.initramfs: the cpio writer and reader, initrd slimming; pipeline.kernel's vmlinux out of a
+bzImage; and the fast_boot stage built on them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import initramfs, stages
+from pipeline import initramfs, kernel, stages
 from pipeline.project import Project
 
 # ── cpio ────────────────────────────────────────────────────────────────────────────────
@@ -184,18 +184,18 @@ def fake_bzimage(payload: bytes) -> bytes:
 
 
 def test_has_pvh_note():
-    assert initramfs.has_pvh_note(elf_with_notes([(b"GNU", 3), (b"Xen", 18)]))
-    assert not initramfs.has_pvh_note(elf_with_notes([(b"Xen", 6)]))
-    assert not initramfs.has_pvh_note(b"MZ not an elf")
+    assert kernel.has_pvh_note(elf_with_notes([(b"GNU", 3), (b"Xen", 18)]))
+    assert not kernel.has_pvh_note(elf_with_notes([(b"Xen", 6)]))
+    assert not kernel.has_pvh_note(b"MZ not an elf")
 
 
 def test_extract_vmlinux_from_an_xz_bzimage():
     elf = elf_with_notes([(b"Xen", 18)])
-    assert initramfs.extract_vmlinux(fake_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\1\2\3\4")) == elf
-    assert initramfs.extract_vmlinux(fake_bzimage(gzip.compress(elf))) == elf
+    assert kernel.extract_vmlinux(fake_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\1\2\3\4")) == elf
+    assert kernel.extract_vmlinux(fake_bzimage(gzip.compress(elf))) == elf
     no_pvh = elf_with_notes([(b"GNU", 3)])
-    assert initramfs.extract_vmlinux(fake_bzimage(gzip.compress(no_pvh))) is None
-    assert initramfs.extract_vmlinux(b"not a kernel") is None
+    assert kernel.extract_vmlinux(fake_bzimage(gzip.compress(no_pvh))) is None
+    assert kernel.extract_vmlinux(b"not a kernel") is None
 
 
 def test_fast_boot_files_are_a_store_entry_and_fall_back(tmp_path: Path):

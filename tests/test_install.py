@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import install
+from pipeline import install, mmdebstrap
 from pipeline.errors import UserError
-from pipeline.install import Install, Mode, mmdebstrap_install_cmd, parse_include
+from pipeline.install import Install, mmdebstrap_install_cmd, parse_include
+from pipeline.mmdebstrap import PrivilegeMode as Mode
 
 
 def test_the_command_as_root():
@@ -34,8 +35,8 @@ def test_mode_follows_the_uid():
 
 def test_tree_reader_goes_through_the_unshare_helper_only_for_a_shifted_tree():
     tar = ["tar", "-C", "/t", "-cf", "-", "."]
-    assert install.tree_reader_cmd(tar, shifted=False) == tar
-    assert install.tree_reader_cmd(tar, shifted=True) == ["mmdebstrap", "--unshare-helper", *tar]
+    assert mmdebstrap.unshare_helper_cmd(tar, shifted=False) == tar
+    assert mmdebstrap.unshare_helper_cmd(tar, shifted=True) == ["mmdebstrap", "--unshare-helper", *tar]
 
 
 def test_parse_include():

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline import recipes
 from pipeline.errors import UserError
-from pipeline.reroot import header_bytes, parse_headers, reroot_filter, reroot_tar, rerooted
+from pipeline.reroot import header_bytes, reroot_filter, reroot_tar, rerooted
+from pipeline.tarstream import TarStream
 from pipeline.tgz import Fixups, write_tgz
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # cap_net_raw+ep
@@ -219,6 +220,11 @@ def test_rerooted_names():
     assert rerooted("srv/root/x", "srv/root") == "./x" and rerooted("srv/x", "srv/root") is None
 
 
+def parse_headers(blocks: bytes) -> tarfile.TarInfo:
+    """One member's header blocks as the walker reads them."""
+    return next(iter(TarStream.of_chunks([blocks + bytes(1024)])))
+
+
 def test_header_bytes_drop_stale_pax_records():
     ti = tarfile.TarInfo("x" * 150)
     ti.pax_headers = {"path": "x" * 150, "linkpath": "old", "size": "5", "SCHILY.xattr.user.a": "b"}
@@ -285,3 +291,16 @@ def test_rootfs_is_in_the_tgz_key(tmp_path):
     assert manifest(p, with_rootfs, STAGE["tgz"])["settings"]["rootfs"] == "/mnt"
     assert manifest(p, without, STAGE["tgz"])["settings"]["rootfs"] is None
     assert key_of(manifest(p, with_rootfs, STAGE["tgz"])) != key_of(manifest(p, without, STAGE["tgz"]))
+
+
+def test_a_global_pax_header_is_kept_once_and_not_repeated_per_member():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as t:
+        for ti, data in (member("mnt", tarfile.DIRTYPE), member("mnt/a", data=b"a", pax={"SCHILY.xattr.user.x": "1"})):
+            t.addfile(ti, io.BytesIO(data) if data is not None else None)
+    out = reroot(buf.getvalue())
+    assert out.count(b"comment=global") == 1 and out.count(b"SCHILY.xattr.user.x=1") == 1
+    with tarfile.open(fileobj=io.BytesIO(out)) as t:
+        a = t.getmember("./a")
+        assert t.extractfile(a).read() == b"a"
+        assert a.pax_headers == {"comment": "global", "SCHILY.xattr.user.x": "1"}

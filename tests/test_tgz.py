@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tgz
+from pipeline import mmdebstrap, tgz
 from pipeline.errors import UserError
 from pipeline.recipes import Bootstrap
 from pipeline.tgz import Fixups, filter_tar, hosts_file
@@ -256,13 +256,13 @@ def test_compressor_prefers_pigz(monkeypatch):
 
 
 def test_mmdebstrap_cmd_defaults():
-    assert tgz.mmdebstrap_cmd(Bootstrap()) == [
+    assert mmdebstrap.tar_cmd(Bootstrap()) == [
         "mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", "bookworm", "-", "http://deb.debian.org/debian"]
 
 
 def test_mmdebstrap_cmd_with_packages():
     b = Bootstrap(suite="trixie", variant="apt", packages=("systemd-sysv", "udev"), mirror="http://mirror/debian")
-    assert tgz.mmdebstrap_cmd(b) == [
+    assert mmdebstrap.tar_cmd(b) == [
         "mmdebstrap", "--variant=apt", "--format=tar", "--quiet", "--include=systemd-sysv,udev", "trixie", "-",
         "http://mirror/debian"]
 

@@ -1,5 +1,6 @@
-"""Root filesystems from outside recipes/ (the stage commands' files and folders) as tgz entries,
-keyed by their content, so the later stages treat them like any recipe's tgz."""
+"""Importing root filesystems from outside recipes/ into the store: the stage commands' tgz files
+and folders become tgz entries keyed by their content, so the later stages treat them like any
+recipe's tgz."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.project import Project
 from pipeline.recipes import Recipe
 from pipeline.run import run
 from pipeline.stages import STAGE, head, store_entry
+from pipeline.tgz import compressor_cmd
 
 
 def adhoc_recipe(path: Path, prefix: str) -> Recipe:
@@ -40,8 +42,6 @@ def import_tgz(p: Project, tgz: Path, r: Recipe) -> None:
 
 def import_tree(p: Project, tree: Path, r: Recipe) -> None:
     """A root filesystem folder (as mmdebstrap leaves it) becomes a cached tgz keyed by its content."""
-    from pipeline.tgz import compressor_cmd
-
     if not (tree / "boot").is_dir():
         raise UserError(f"{tree}: no boot/ folder with a kernel", hint="give a root filesystem tree, e.g. made by "
                         "`mmdebstrap --include=linux-image-amd64,systemd-sysv bookworm DIR`")

@@ -1,0 +1,160 @@
+"""Secure Boot for real: hello's UKI signed with test keys boots on OVMF's secboot build with those
+keys enrolled (the kernel says Secure Boot is on, lockdown follows, Debian-signed modules still
+load), and the firmware refuses an unsigned UKI, one signed with another key and a tampered one.
+
+Each boot is a real QEMU under TCG, one at a time; a refusal is seen on OVMF's console, so those
+boots end in seconds rather than at the timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from console import Watched, watch
+
+from pipeline import disk, ids, qemu
+from pipeline import secureboot as sb
+from pipeline.run import run
+
+pytestmark = pytest.mark.integration
+
+EPOCH = 1_700_000_000
+KEY = "secureboot-test"
+BOOT_TIMEOUT = 600.0
+
+
+def uefi_disk_with(uki: Path, root_img: Path, out: Path, *, key: str = KEY, epoch: int = EPOCH,
+                   enroll: dict[str, Path] | None = None) -> Path:
+    """disk.build_uefi_disk's layout, with a UKI made outside it (signed, unsigned, tampered), and
+    the certificates for enrolling by hand where secureboot.esp_enrollment_paths() puts them."""
+    enroll = enroll or {}
+    esp_size = disk.fat_min_size(uki.stat().st_size + sum(p.stat().st_size for p in enroll.values()))
+    (p1, p2), size = disk.layout([esp_size, root_img.stat().st_size], tail=disk.ALIGN)
+    esp = disk.Partition(*p1, type=disk.ESP_TYPE, name="ESP", uuid=ids.derive_uuid(key, "gpt-esp"))
+    root = disk.Partition(*p2, type=disk.ROOT_X86_64_TYPE, name="root", uuid=ids.derive_uuid(key, "gpt-root"))
+    env = disk.mtools_env(epoch)
+    with open(out, "wb") as f:
+        f.truncate(size)
+    disk._partition_table(out, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
+    run(disk.mformat_cmd(out, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP"), env=env)
+    run(disk.mmd_cmd(out, esp.start, ["::/EFI", "::/EFI/BOOT"]), env=env)
+    run(disk.mcopy_cmd(out, esp.start, uki, disk.UKI_PATH), env=env)
+    if enroll:
+        run(disk.mmd_cmd(out, esp.start, ["::/EFI/keys", "::/loader", "::/loader/keys", "::/loader/keys/ldt"]),
+            env=env)
+        for name, dest in sb.esp_enrollment_paths().items():
+            run(disk.mcopy_cmd(out, esp.start, enroll[name], dest), env=env)
+    disk.sparse_copy_into(root_img, out, root.start)
+    return out
+
+
+def boot(disk_img: Path, code: Path, vars_file: Path, tmp: Path, *, secure: bool,
+         until: Callable[[str], bool], timeout: float = BOOT_TIMEOUT) -> Watched:
+    """Boot the disk on OVMF (`code` + a copy of `vars_file`) until `until(console)` or the timeout."""
+    vars_copy = tmp / f"vars-{time.monotonic_ns()}.fd"
+    shutil.copyfile(vars_file, vars_copy)
+    settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
+    cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=disk_img,
+                        ovmf=qemu.Ovmf(code, vars_file), ovmf_vars=vars_copy)
+    if secure:
+        cmd += sb.secure_boot_qemu_args()
+    try:
+        return watch(cmd, until, timeout)
+    finally:
+        vars_copy.unlink()
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def logged_in(console: str) -> bool:
+    return any(qemu.LOGIN_PROMPT.match(line) for line in console.splitlines())
+
+
+def decided(console: str) -> bool:
+    return sb.BootVerdict.of(console) is not sb.BootVerdict.UNDECIDED
+
+
+@dataclass(frozen=True)
+class SbEnv:
+    tmp: Path
+    root: Path  # hello's rootfs.ext4
+    unsigned: Path  # hello's UKI, as disk.build_uki makes it
+    signed: Path  # ... signed with the test db key at EPOCH
+    again: Path  # ... signed a second time, same key and epoch
+    wrong: Path  # ... signed with another key set's db key
+    tampered: Path  # signed, then one byte changed
+    vars: Path  # OVMF vars with the test PK/KEK/db enrolled, Secure Boot on
+    db_cert: Path
+    enroll: dict[str, Path]  # the .cer/.esl/.auth files
+
+    def uki(self, which: str) -> Path:
+        return getattr(self, which)
+
+
+@pytest.fixture(scope="module")
+def sb_env(hello_artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> SbEnv:
+    """Test keys made in a temporary folder, the enrolled vars, and hello's UKI in four forms."""
+    tmp = tmp_path_factory.mktemp("sb")
+    a = hello_artifacts
+    keys = sb.ensure_keys(env={}, directory=tmp / "keys")
+    other = sb.ensure_keys(env={}, directory=tmp / "other-keys")
+    root_uuid, _ = disk.read_ext4_identity(a["rootfs.ext4"])
+    unsigned = disk.build_uki(a["vmlinuz"], a["initrd.img"], disk.kernel_cmdline(root_uuid), a["os-release"],
+                              tmp / "unsigned.efi")
+    signed = sb.sign(unsigned, tmp / "signed.efi", keys.db, epoch=EPOCH)
+    tampered = tmp / "tampered.efi"
+    data = bytearray(signed.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a byte of the payload sections, which the Authenticode hash covers
+    tampered.write_bytes(bytes(data))
+    return SbEnv(tmp=tmp, root=a["rootfs.ext4"], unsigned=unsigned, signed=signed,
+                 again=sb.sign(unsigned, tmp / "signed-again.efi", keys.db, epoch=EPOCH),
+                 wrong=sb.sign(unsigned, tmp / "wrong.efi", other.db, epoch=EPOCH), tampered=tampered,
+                 vars=sb.make_vars(keys, tmp / "OVMF_VARS.secboot.fd"), db_cert=keys.db.cert,
+                 enroll=sb.enrollment_files(keys, tmp / "enroll", epoch=EPOCH))
+
+
+def test_signing_is_reproducible_and_verifiable(sb_env: SbEnv) -> None:
+    assert sb_env.signed.read_bytes() == sb_env.again.read_bytes()
+    tmp = sb_env.tmp
+    a = uefi_disk_with(sb_env.signed, sb_env.root, tmp / "a.img", enroll=sb_env.enroll)
+    b = uefi_disk_with(sb_env.again, sb_env.root, tmp / "b.img", enroll=sb_env.enroll)
+    assert file_digest(a) == file_digest(b)  # same inputs and key: the same signed disk
+    a.unlink()
+    b.unlink()
+    assert sb.verify(sb_env.signed, sb_env.db_cert)
+    assert not sb.verify(sb_env.wrong, sb_env.db_cert)
+    assert not sb.verify(sb_env.tampered, sb_env.db_cert)
+    assert not sb.verify(sb_env.unsigned, sb_env.db_cert)
+
+
+def test_signed_uki_boots_under_enforced_secure_boot(sb_env: SbEnv) -> None:
+    tmp = sb_env.tmp
+    img = uefi_disk_with(sb_env.signed, sb_env.root, tmp / "signed.img", enroll=sb_env.enroll)
+    result = boot(img, sb.secboot_firmware(), sb_env.vars, tmp, secure=True, until=logged_in)
+    print(f"signed UKI, secboot OVMF: login prompt after {result.seconds:.1f}s")
+    tail = result.console[-3000:]
+    assert result.matched, tail
+    assert sb.KERNEL_SECURE_BOOT_LINE in result.console, tail
+    assert sb.KERNEL_LOCKDOWN_LINE in result.console, tail  # Debian locks down under Secure Boot
+    # lockdown demands signed modules: the root (virtio_blk, ext4 are modules) mounted, so they loaded
+    assert "Loading of unsigned module is rejected" not in result.console
+    assert "Loading of module with unavailable key is rejected" not in result.console
+
+
+@pytest.mark.parametrize("which", ["unsigned", "wrong", "tampered"])
+def test_firmware_refuses(sb_env: SbEnv, which: str) -> None:
+    tmp = sb_env.tmp
+    img = uefi_disk_with(sb_env.uki(which), sb_env.root, tmp / f"{which}.img")
+    result = boot(img, sb.secboot_firmware(), sb_env.vars, tmp, secure=True, until=decided, timeout=300)
+    print(f"{which} UKI, secboot OVMF: {sb.BootVerdict.of(result.console)} after {result.seconds:.1f}s")
+    assert sb.BootVerdict.of(result.console) is sb.BootVerdict.REFUSED, result.console[-3000:]
+    assert "Linux version" not in result.console

@@ -1,0 +1,128 @@
+"""dm-verity for real: hello's ext4 root with a hash tree beside it, opened at boot by hello's own
+initramfs-tools initrd with pipeline/guest/verity-local-top.sh added (what a hook would put in
+it: the script, dm-verity and its modules); a byte changed in the root makes the read fail.
+
+The initrd here is hello's with one uncompressed cpio appended (the kernel unpacks every archive
+of an initrd in turn), so the test needs no image rebuild; booted straight into the kernel (tgz
+mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from console import watch
+
+from pipeline import disk, ids, initramfs, kernel, qemu, verity
+from pipeline.run import run
+
+pytestmark = pytest.mark.integration
+
+LOCAL_TOP = Path(__file__).resolve().parent.parent / "pipeline" / "guest" / "verity-local-top.sh"
+VERITY_MODULES = ("kernel/drivers/md/dm-verity.ko", "kernel/drivers/md/dm-bufio.ko",
+                  "kernel/lib/reed_solomon/reed_solomon.ko")
+MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
+                  "modules.symbols", "modules.symbols.bin", "modules.builtin", "modules.builtin.bin",
+                  "modules.builtin.alias.bin", "modules.order")
+ORDER = '/scripts/local-top/ldt-verity "$@"\n[ -e /conf/param.conf ] && . /conf/param.conf\n'
+
+
+def verity_overlay(tgz: Path, version: str) -> bytes:
+    """The cpio a hook would add: the local-top script and its ORDER, dm-verity with its
+    dependencies, and the module indexes of the whole tree (so modprobe finds them)."""
+    base = f"usr/lib/modules/{version}"
+    wanted = {f"{base}/{m}" for m in (*VERITY_MODULES, *MODULE_INDEXES)}
+    files: dict[str, bytes] = {}
+    with tarfile.open(tgz) as tar:
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if name in wanted and member.isfile():
+                f = tar.extractfile(member)
+                assert f is not None
+                files[name] = f.read()
+    missing = wanted - set(files)
+    assert not missing, missing
+    files["scripts/local-top/ldt-verity"] = LOCAL_TOP.read_bytes()
+    files["scripts/local-top/ORDER"] = ORDER.encode()
+    return initramfs.make_cpio(files)
+
+
+@pytest.fixture(scope="module")
+def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("verity")
+    a = hello_artifacts
+    version = kernel.release(a["vmlinuz"].read_bytes())
+    assert version
+    initrd = tmp / "initrd-verity.img"
+    base = a["initrd.img"].read_bytes()
+    initrd.write_bytes(base + b"\0" * (-len(base) % 512) + verity_overlay(hello_tgz, version))
+    hash_dev = tmp / "rootfs.verity"
+    v = verity.format_verity(a["rootfs.ext4"], hash_dev, verity.VerityParams.from_key("verity-test"))
+    return tmp, a, initrd, hash_dev, v
+
+
+def verity_disk(root_img: Path, hash_dev: Path, v: verity.Verity, out: Path) -> Path:
+    """GPT: p1 the root (x86-64 root type), p2 its hash tree (root-verity type), partition UUIDs
+    from the root hash: the layout `[disk] verity = true` will write."""
+    root_uuid, hash_uuid = v.partition_uuids
+    (p1, p2), size = disk.layout([root_img.stat().st_size, hash_dev.stat().st_size], tail=disk.ALIGN)
+    parts = [disk.Partition(*p1, type=disk.ROOT_X86_64_TYPE, name="root", uuid=root_uuid),
+             disk.Partition(*p2, type=verity.ROOT_X86_64_VERITY_TYPE, name="root-verity", uuid=hash_uuid)]
+    with open(out, "wb") as f:
+        f.truncate(size)
+    run(disk.sfdisk_cmd(out), input=disk.sfdisk_script("gpt", str(ids.derive_uuid("verity-test", "gpt-disk")),
+                                                       parts).encode(), capture=True)
+    disk.sparse_copy_into(root_img, out, parts[0].start)
+    disk.sparse_copy_into(hash_dev, out, parts[1].start)
+    return out
+
+
+def verity_boot(a: dict[str, Path], initrd: Path, disks: list[Path], words: list[str], until,
+                timeout: float = 600):
+    cmdline = qemu.kernel_cmdline(consoles=(qemu.SERIAL_CONSOLE,), extra=words)
+    settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
+    cmd = qemu.qemu_cmd(qemu.Mode.TGZ, settings=settings, disk=disks[0], kernel=a["vmlinux"], initrd=initrd,
+                        cmdline=cmdline)
+    for i, extra in enumerate(disks[1:]):
+        cmd += ["-drive", f"if=none,id=extra{i},file={qemu.qemu_opt(extra)},format=raw,readonly=on",
+                "-device", f"virtio-blk-pci,drive=extra{i}"]
+    return watch(cmd, until, timeout)
+
+
+def welcome_or_verity_failure(console: str) -> bool:
+    """systemd's welcome from the verified root, or a whole ldt-verity line that is no success."""
+    whole_lines = console.splitlines()[:-1]  # the last may still be arriving
+    return "Welcome to" in console or any(
+        "ldt-verity: " in line and "verified by" not in line for line in whole_lines)
+
+
+def test_root_opens_through_verity(verity_env) -> None:
+    tmp, a, initrd, hash_dev, v = verity_env
+    img = verity_disk(a["rootfs.ext4"], hash_dev, v, tmp / "verity.img")
+    root_uuid, hash_uuid = v.partition_uuids
+    words = v.ldt_cmdline(f"PARTUUID={root_uuid}", f"PARTUUID={hash_uuid}")
+    result = verity_boot(a, initrd, [img], words,
+                         until=welcome_or_verity_failure)
+    img.unlink()
+    print(f"verity root: systemd's welcome after {result.seconds:.1f}s")
+    tail = result.console[-3000:]
+    assert "ldt-verity: root /dev/vda1 verified by /dev/vda2" in result.console, tail
+    assert "Welcome to" in result.console, tail  # init ran from the verified root
+    assert "is corrupted" not in result.console
+
+
+def test_a_changed_byte_in_the_root_fails_the_read(verity_env) -> None:
+    tmp, a, initrd, hash_dev, v = verity_env
+    overlay = tmp / "tampered.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.fspath(a["rootfs.ext4"]), overlay])
+    # ext4's volume name (superblock at 1024, s_volume_name at 0x78): the file system stays valid
+    run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x58 {1024 + 0x78} 1", overlay], capture=True)
+    result = verity_boot(a, initrd, [overlay, hash_dev], v.ldt_cmdline("/dev/vda", "/dev/vdb"),
+                         until=lambda c: "is corrupted" in c or "Welcome to" in c, timeout=400)
+    print(f"tampered verity root: {'refused' if 'is corrupted' in result.console else '?'} "
+          f"after {result.seconds:.1f}s")
+    assert "is corrupted" in result.console, result.console[-3000:]  # device-mapper: verity: ... data block 0
+    assert "Welcome to" not in result.console
