@@ -67,6 +67,7 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
     _tool("run-uefi", Need.ROOTLESS, Need.KVM_OPTIONAL),
     _tool("virt", Need.ROOTLESS, Need.KVM_OPTIONAL),
     _tool("debian-install", Need.ROOTLESS, Need.USERNS),
+    _tool("arch-install", Need.ROOTLESS, Need.USERNS),  # its own wording of these: pipeline/arch.py
 )}
 ORDER = (Need.ROOTLESS, Need.READS_TREE, Need.DOCKER_SOCKET, Need.USERNS, Need.KVM_OPTIONAL)  # of the sentences
 

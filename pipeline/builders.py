@@ -102,6 +102,11 @@ def tgz(b: Build) -> None:
     """mmdebstrap for a bootstrap recipe; docker build + export otherwise."""
     r = b.recipe
     (b.work / EPOCH).write_text(f"{source_date_epoch()}\n")
+    if r.bootstrap is not None and r.bootstrap.distro == "arch":  # pacstrap (pipeline/arch.py)
+        from pipeline.arch import bootstrap_tgz
+
+        bootstrap_tgz(r.bootstrap, r.dir, b.out(A.TGZ), r.name)
+        return
     if r.bootstrap is not None:
         epoch = os.environ.get("SOURCE_DATE_EPOCH")
         bootstrap(r.bootstrap, b.out(A.TGZ), r.name, int(epoch) if epoch else None)

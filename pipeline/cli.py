@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -150,13 +151,21 @@ def run_dir_main(argv: Sequence[str] | None) -> int:
                                  "cached ext4 image keyed by its content and boots like run-tgz.")
     ap.add_argument("dir", type=Path)
     vm_options(ap, cmdline=True)
+    ap.add_argument("--check", action="store_true", help="no console: check_boot's boot matrix (every mode "
+                    "headless to the marker) and its table")
+    ap.add_argument("--marker", default=None, metavar="REGEX", help="what --check waits for (default: a login prompt)")
     args = parse(ap, argv)
     tree = args.dir.resolve()
     if not tree.is_dir():
         raise UserError(f"{args.dir}: not a folder", hint="give a root filesystem folder")
     r = rootfs_import.adhoc_recipe(tree, "dir")
+    r = dataclasses.replace(r, boot_marker=args.marker) if args.marker else r
     p = Project(project_root(), extra=(r,))
     rootfs_import.import_tree(p, tree, r)
+    if args.check:  # the tree as a recipe: the same stages and boot matrix as `doit check_boot:NAME`
+        _materialize(p, r, tuple(dict.fromkeys(a for m in Mode for a in m.needs(initrd=r.initrd))))
+        vm.check_boot(p, r)
+        return 0
     _materialize(p, r, Mode.TGZ.needs(initrd=r.initrd))
     _say("root image", p.store.pointer(r.name, Artifact.EXT4).resolve())
     return _booted(vm.run_recipe(p, r, Mode.TGZ, _run_options(args)))

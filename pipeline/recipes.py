@@ -22,14 +22,22 @@ DEFAULT_RECIPE = "hello"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
+DISTROS = ("debian", "arch")  # [bootstrap] distro: mmdebstrap, or pacstrap (pipeline/arch.py)
+ARCH_MIRROR = "https://geo.mirror.pkgbuild.com/$repo/os/$arch"
+
+
 @dataclass(frozen=True)
 class Bootstrap:
-    """mmdebstrap settings of a bootstrap recipe."""
+    """Settings of a bootstrap recipe: mmdebstrap's (Debian), or pacstrap's (distro = "arch": packages
+    are the whole set, default base and linux; mirror a pacman Server line; key an armored public
+    key file in the recipe folder that signs that mirror, instead of the Arch keyring)."""
 
     suite: str = "bookworm"
     variant: str = "minbase"
     packages: tuple[str, ...] = ()
     mirror: str = "http://deb.debian.org/debian"
+    distro: str = "debian"
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ class Recipe:
                 "variant": self.bootstrap.variant,
                 "packages": list(self.bootstrap.packages),
                 "mirror": self.bootstrap.mirror,
+                # only an Arch recipe says its distro: a Debian bootstrap's settings (and key) stay as they were
+                **({"distro": self.bootstrap.distro, "key": self.bootstrap.key}
+                   if self.bootstrap.distro != "debian" else {}),
             },
             "kernel": self.kernel,
             "initrd": self.initrd,
@@ -109,7 +120,7 @@ def image_name(recipe: str) -> str:
 # recipe.toml schema: table -> key -> (type, Recipe field or None for nested handling)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"args": dict, "platform": str, "rootfs": str},
-    "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str},
+    "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str, "distro": str, "key": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
              "timeout": int, "http": str, "kernel_from": str},
     "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
@@ -193,6 +204,21 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if any(not isinstance(p, str) for p in boot.get("packages", [])):
         raise _err(path, text, "bootstrap", "packages", "packages must be an array of strings",
                    'e.g. packages = ["systemd-sysv"]')
+    if boot.get("distro", "debian") not in DISTROS:
+        raise _err(path, text, "bootstrap", "distro", f"unknown distro '{boot['distro']}'",
+                   f"one of: {', '.join(DISTROS)}")
+    if boot.get("distro", "debian") == "arch":
+        for k in ("suite", "variant"):
+            if k in boot:
+                raise _err(path, text, "bootstrap", k, f"{k} is mmdebstrap's: an Arch bootstrap has none",
+                           'remove it (Arch is rolling; packages = ["base", "linux"] chooses what goes in)')
+    elif "key" in boot:
+        raise _err(path, text, "bootstrap", "key", "key is for an Arch mirror (pacman-key)",
+                   "remove it: mmdebstrap checks Debian's mirror with the debian-archive-keyring")
+    key = boot.get("key")
+    if key is not None and (key.startswith("/") or ".." in key.split("/") or not (path.parent / key).is_file()):
+        raise _err(path, text, "bootstrap", "key", f"key '{key}' is not a file in the recipe's folder",
+                   'an armored public key beside recipe.toml, e.g. key = "mirror.asc"')
     if boot.get("variant", "minbase") not in VARIANTS:
         raise _err(path, text, "bootstrap", "variant", f"unknown mmdebstrap variant '{boot['variant']}'",
                    f"one of: {', '.join(VARIANTS)}")
@@ -293,9 +319,12 @@ def load(recipe_dir: Path) -> Recipe:
             raise UserError(f"{recipe_dir}: has both a {dockerfile.name} and a [bootstrap] table",
                             hint=f"a bootstrap recipe has no {dockerfile.name}; remove one of them")
         b = data["bootstrap"]
+        distro = b.get("distro", Bootstrap.distro)
+        arch = distro == "arch"
         bootstrap = Bootstrap(
             suite=b.get("suite", Bootstrap.suite), variant=b.get("variant", Bootstrap.variant),
-            packages=tuple(b.get("packages", ())), mirror=b.get("mirror", Bootstrap.mirror))
+            packages=tuple(b.get("packages", ("base", "linux") if arch else ())),
+            mirror=b.get("mirror", ARCH_MIRROR if arch else Bootstrap.mirror), distro=distro, key=b.get("key"))
         if "rootfs" in data.get("build", {}):
             raise UserError(f"{recipe_dir / 'recipe.toml'}: [build] rootfs needs a Dockerfile, not a [bootstrap] table",
                             hint="mmdebstrap's tree is the root filesystem already: remove rootfs")
@@ -323,6 +352,8 @@ def load(recipe_dir: Path) -> Recipe:
 
 def _default_bootable(bootstrap: Bootstrap | None) -> bool:
     """Dockerfile recipes boot; a bootstrap recipe only when it installs a kernel."""
+    if bootstrap is not None and bootstrap.distro == "arch":
+        return any(p == "linux" or p.startswith("linux-") for p in bootstrap.packages)
     return bootstrap is None or any(p.startswith("linux-image") for p in bootstrap.packages)
 
 

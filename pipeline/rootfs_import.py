@@ -8,6 +8,7 @@ import re
 import shlex
 from pathlib import Path
 
+from pipeline import userns
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.builders import source_date_epoch
 from pipeline.cache import hash_file, tree_manifest
@@ -44,13 +45,15 @@ def import_tree(p: Project, tree: Path, r: Recipe) -> None:
     if not (tree / "boot").is_dir():
         raise UserError(f"{tree}: no boot/ folder with a kernel", hint="give a root filesystem tree, e.g. made by "
                         "`mmdebstrap --include=linux-image-amd64,systemd-sysv bookworm DIR`")
-    files = [str(f.relative_to(tree)) for f in sorted(tree.rglob("*"))]
+    ns = userns.probe(tree)  # a tree made rootless is read inside the user namespace that made it
+    content = {"tree": tree_manifest(tree, [str(f.relative_to(tree)) for f in sorted(tree.rglob("*"))])} \
+        if ns is userns.Mapping.NONE else {"tree_stat": userns.stat_manifest(tree, ns)}
 
     def build(work: Path, key: str) -> None:
         (work / EPOCH).write_text(f"{source_date_epoch()}\n")
         tar = ["tar", "-C", tree, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-cf", "-", "."]
         with open(work / Artifact.TGZ, "wb") as out:
-            run(["sh", "-c", f"{shlex.join(map(str, tar))} | {shlex.join(compressor_cmd())}"], stdout=out)
+            run(ns.wrap(["sh", "-c", f"{shlex.join(map(str, tar))} | {shlex.join(compressor_cmd())}"]), stdout=out)
 
     stage = STAGE["tgz"]
-    store_entry(p, r, stage, {**head(stage), "tree": tree_manifest(tree, files)}, build)
+    store_entry(p, r, stage, {**head(stage), **content}, build)
