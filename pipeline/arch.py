@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import access, userns
-from pipeline.cli import entry_point
+from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
 from pipeline.recipes import ARCH_MIRROR, Bootstrap
 from pipeline.run import Step, log, run, spawn
