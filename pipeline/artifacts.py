@@ -19,6 +19,7 @@ class Artifact(enum.StrEnum):
     EXT4 = "rootfs.ext4"
     BIOS_IMG = "bios.img"
     UEFI_IMG = "uefi.img"
+    SB_VARS = "sb-vars.fd"  # OVMF's variable store with your PK, KEK and db enrolled, Secure Boot on
     BIOS_QCOW2 = "bios.qcow2"
     UEFI_QCOW2 = "uefi.qcow2"
     FAST_KERNEL = "fast.kernel"  # virt's kernel: the uncompressed vmlinux when QEMU can boot it (PVH)

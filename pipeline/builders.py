@@ -5,6 +5,7 @@ connect it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import stat
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import app as app_mod
 from pipeline import disk, docker, initramfs, kernel, rootfs
+from pipeline import secureboot as sb
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import hash_file, tree_manifest
 from pipeline.errors import UserError
@@ -363,10 +366,50 @@ def bios(b: Build) -> None:
 
 
 def uefi(b: Build) -> None:
-
+    """The UEFI disk; with [boot] secure_boot its UKI signed with the db key (under a clock frozen at
+    the epoch: reproducible), the certificates to enroll on its ESP, and beside it in the entry the
+    sb_vars entry's variable store, the firmware it boots on (vm.machine() finds it there)."""
     assert b.epoch is not None
-    disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
-                         b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=disk_cmdline(b))
+    with tempfile.TemporaryDirectory(prefix="ldt-enroll-") as scratch:
+        sign: disk.Signer | None = None
+        esp_files: dict[str, Path] = {}
+        if b.recipe.secure_boot:
+            keys = sb.ensure_keys()
+            sign = functools.partial(sb.sign, pair=keys.db, epoch=b.epoch)
+            enroll = sb.enrollment_files(keys, Path(scratch), epoch=b.epoch)
+            esp_files = {dest: enroll[name] for name, dest in sb.esp_enrollment_paths().items()}
+            link_or_copy(b.inputs[A.SB_VARS], b.out(A.SB_VARS))
+        disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
+                             b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=disk_cmdline(b),
+                             sign=sign, esp_files=esp_files)
+
+
+# -- Secure Boot --------------------------------------------------------------------------------
+
+
+def sb_prepare(p: Project, r: Recipe) -> None:
+    """Before a signed stage's key: the keys, made in the per-user folder on the first signed build
+    (never in cache/, never printed), and every pair checked."""
+    if r.secure_boot:
+        sb.ensure_keys()
+
+
+def sb_fingerprints(p: Project, r: Recipe) -> dict[str, Any]:
+    """What the uefi stage's key holds of the keys for a signed disk: the certificates' fingerprints
+    (the ESP carries all three certificates; the db key signs). Nothing for an unsigned one."""
+    return {"secure_boot": sb.fingerprints(sb.located())} if r.secure_boot else {}
+
+
+def sb_vars_inputs(p: Project, r: Recipe) -> dict[str, Any]:
+    """The sb_vars stage's key: the three certificates' fingerprints and OVMF's template (no recipe
+    setting: every recipe signed with the same keys shares the entry)."""
+    template = sb.OVMF_VARS_TEMPLATE
+    return {"keys": sb.fingerprints(sb.located()),
+            "template": hash_file(template) if template.is_file() else None}
+
+
+def sb_vars(b: Build) -> None:
+    sb.make_vars(sb.ensure_keys(), b.out(A.SB_VARS))
 
 
 QCOW2_OF = {A.BIOS_IMG: A.BIOS_QCOW2, A.UEFI_IMG: A.UEFI_QCOW2}

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,20 +342,45 @@ def build_uki(
     return out
 
 
+def esp_dirs(dests: Sequence[str]) -> list[str]:
+    """The folders (mtools paths, parents first) that files at `dests` need on the ESP, besides
+    \\EFI\\BOOT, which every UEFI disk has."""
+    out: list[str] = []
+    for dest in dests:
+        parts = dest.removeprefix("::/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "::/" + "/".join(parts[:i])
+            if folder not in ("::/EFI", "::/EFI/BOOT") and folder not in out:
+                out.append(folder)
+    return out
+
+
+Signer = Callable[[Path, Path], Path]  # (unsigned UKI, where the signed one goes) -> the signed UKI
+
+
 def build_uefi_disk(
     kernel: Path, initrd: Path | None, os_release: Path, root_img: Path, out: Path, *, key: str, epoch: int,
-    extra_cmdline: Sequence[str] = (),
+    extra_cmdline: Sequence[str] = (), sign: Signer | None = None, esp_files: Mapping[str, Path] | None = None,
 ) -> DiskImage:
     """GPT disk: p1 the ESP (FAT32) with a UKI at \\EFI\\BOOT\\BOOTX64.EFI; p2 the ext4 root, typed
-    as the x86-64 root partition for systemd's auto-discovery."""
+    as the x86-64 root partition for systemd's auto-discovery.
+
+    `sign` (Secure Boot) signs the UKI between its build and the copy onto the ESP; `esp_files`
+    ({mtools path: file}) go onto the ESP too (the certificates to enroll). Without either, the
+    disk is what it always was, byte for byte."""
+    esp_files = esp_files or {}
     root_uuid, _ = read_ext4_identity(root_img)
     cmdline = kernel_cmdline(root_uuid, extra_cmdline)
     env = mtools_env(epoch)
-    uki = out.with_name(f".{out.name}.uki-{os.getpid()}.efi")
+    unsigned = out.with_name(f".{out.name}.uki-{os.getpid()}.efi")
+    signed = unsigned.with_name(unsigned.name + ".signed")
     try:
         with Step("building the unified kernel image"):
-            build_uki(kernel, initrd, cmdline, os_release, uki)
-        esp_size = fat_min_size(uki.stat().st_size)
+            uki = build_uki(kernel, initrd, cmdline, os_release, unsigned)
+        if sign is not None:
+            with Step("signing the unified kernel image"):
+                uki = sign(unsigned, signed)
+        esp_size = fat_min_size(uki.stat().st_size + sum(f.stat().st_size for f in esp_files.values()))
         (p1, p2), disk_size = layout([esp_size, root_img.stat().st_size], tail=ALIGN)
         esp = Partition(*p1, type=ESP_TYPE, name="ESP", uuid=ids.derive_uuid(key, "gpt-esp"))
         root = Partition(*p2, type=ROOT_X86_64_TYPE, name="root", uuid=ids.derive_uuid(key, "gpt-root"))
@@ -363,11 +388,14 @@ def build_uefi_disk(
             _create_sparse(tmp, disk_size)
             _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
             run(mformat_cmd(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP"), env=env)
-            run(mmd_cmd(tmp, esp.start, ["::/EFI", "::/EFI/BOOT"]), env=env)
+            run(mmd_cmd(tmp, esp.start, ["::/EFI", "::/EFI/BOOT", *esp_dirs(list(esp_files))]), env=env)
             run(mcopy_cmd(tmp, esp.start, uki, UKI_PATH), env=env)
+            for dest, src in esp_files.items():
+                run(mcopy_cmd(tmp, esp.start, src, dest), env=env)
             sparse_copy_into(root_img, tmp, root.start)
     finally:
-        uki.unlink(missing_ok=True)
+        unsigned.unlink(missing_ok=True)
+        signed.unlink(missing_ok=True)
     return DiskImage(out, disk_size, root_uuid, cmdline)
 
 

@@ -1,5 +1,6 @@
 """What QEMU runs on this host: the qemu binary and its firmware (OVMF for UEFI, with a fresh
-copy of its variable store per run, and qboot for virt's -kernel boots).
+copy of its variable store per run; OVMF's Secure Boot build for signed disks, over the variable
+store with the user's keys enrolled (secureboot.make_vars); and qboot for virt's -kernel boots).
 
 Look-ups only: each says what to install when something is missing (a UserError), or, for
 the optional qboot, returns None.
@@ -25,6 +26,11 @@ OVMF_CANDIDATES: tuple[tuple[str, str], ...] = (
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),  # Fedora
     ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),  # Arch
 )
+SECBOOT_CODE_CANDIDATES = (
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",  # Debian ≥ 12, Ubuntu (SMM required)
+    "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",  # Fedora
+    "/usr/share/edk2/x64/OVMF_CODE.secboot.4m.fd",  # Arch
+)
 QBOOT_CANDIDATES = ("/usr/share/qemu/qboot.rom", "/usr/share/qemu-firmware/qboot.rom", "/usr/share/qboot/bios.bin")
 
 
@@ -34,6 +40,9 @@ class Ovmf:
 
     code: Path
     vars_template: Path
+    secure: bool = False  # the Secure Boot build: q35 with SMM, its flash writable only from SMM
+
+
 
 
 def find_qemu(name: str = QEMU) -> str:
@@ -49,6 +58,18 @@ def find_ovmf(candidates: Sequence[tuple[str, str]] = OVMF_CANDIDATES) -> Ovmf:
         if os.path.isfile(code) and os.path.isfile(vars_template):
             return Ovmf(Path(code), Path(vars_template))
     raise UserError("OVMF (UEFI firmware for QEMU) not found", hint=OVMF_HINT)
+
+
+def find_secboot_ovmf(vars_template: Path, candidates: Sequence[str] = SECBOOT_CODE_CANDIDATES) -> Ovmf:
+    """OVMF's Secure Boot build with `vars_template`, a variable store with keys enrolled and
+    Secure Boot on (the sb_vars stage's); it enforces signatures on every image it starts."""
+    code = next((Path(c) for c in candidates if os.path.isfile(c)), None)
+    if code is None:
+        raise UserError("OVMF's Secure Boot build (OVMF_CODE_4M.secboot.fd) not found", hint=OVMF_HINT)
+    if not vars_template.is_file():
+        raise UserError(f"Secure Boot variable store {vars_template} not found",
+                        hint="build it again (doit build_efistub:<recipe>)")
+    return Ovmf(code, vars_template, secure=True)
 
 
 def fresh_ovmf_vars(ovmf: Ovmf, directory: Path) -> Path:

@@ -2,7 +2,8 @@
 check, then powered off. check_boot (vm.py) and the tests use these; the argv comes from
 pipeline/qemu.py (built with interactive=False), the process from launch.launch().
 
-Reading order: BootResult and boot_to_marker() (an OS to its login prompt) → Stop,
+Reading order: BootResult, Expect (Secure Boot's kernel line, the firmware's refusal) and
+boot_to_marker() (an OS to its login prompt) → Stop,
 CheckOutcome and boot_check() (an app to its marker, HTTP answer or exit) → _Console, which
 reads QEMU's stdout and stderr without blocking, to deadlines.
 """
@@ -37,6 +38,34 @@ class BootResult:
     seconds: float  # from starting qemu to the marker (or to the failure)
     tail: list[str] = field(default_factory=list)  # last console lines, ANSI escapes removed
     reason: str = ""
+    refused: bool = False  # the firmware would not start the image (Secure Boot): `reason` is its line
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What else a boot must show, or must not (Secure Boot: the kernel's own line saying it is on
+    before the marker; the firmware's refusal ends the boot at once, a failure of one line)."""
+
+    require: re.Pattern[str] | None = None
+    refuse: re.Pattern[str] | None = None
+
+    def watch(self, marker: re.Pattern[str] | None) -> re.Pattern[str] | None:
+        """The marker or the refusal, whichever shows first."""
+        parts = [p.pattern for p in (marker, self.refuse) if p is not None]
+        return re.compile("|".join(f"(?:{p})" for p in parts), re.MULTILINE) if parts else None
+
+    def failure(self, console: _Console) -> tuple[str, bool] | None:
+        """(reason, refused) when the boot so far breaks the expectation, else None."""
+        if self.refuse is not None:
+            line = next((ln for ln in reversed(console.tail()) if self.refuse.search(ln)), None)
+            if line is not None:
+                return f"the firmware refused the image: {line.strip()}", True
+        if self.require is not None and not console.noticed:
+            return f"no {self.require.pattern!r} on the console before the check passed", False
+        return None
+
+
+NOTHING_MORE = Expect()
 
 
 _ANSI = re.compile(
@@ -64,13 +93,15 @@ def boot_to_marker(
     marker: str | re.Pattern[str] = LOGIN_PROMPT,
     grace: float = 3.0,
     tail_lines: int = 30,
+    expect: Expect = NOTHING_MORE,
 ) -> BootResult:
     """Boot headless until `marker` shows on the serial console, then power the guest off.
 
     `cmd` must be built with interactive=False (serial console on stdout). A QMP socket is
     added; after the marker the guest gets an ACPI power-down and `grace` seconds, then
     QEMU is told to quit, then killed. QEMU never outlives this call: not on timeout, on an
-    exception or on KeyboardInterrupt.
+    exception or on KeyboardInterrupt. `expect`: a line the console must show before the marker,
+    one that ends the boot as a failure at once (refused).
     """
     args = argv(cmd)
     if "mon:stdio" in args:
@@ -80,10 +111,13 @@ def boot_to_marker(
         assert vm.qmp_path is not None
         start = time.monotonic()
         proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
-        console = _Console(proc, tail_lines)
-        outcome = console.pump(pattern, deadline=start + timeout)
+        console = _Console(proc, tail_lines, expect.require)
+        outcome = console.pump(expect.watch(pattern), deadline=start + timeout)
         seconds = time.monotonic() - start
         tail = console.tail()
+        broken = expect.failure(console) if outcome == "marker" else None
+        if broken is not None:
+            return BootResult(False, seconds, tail, broken[0], refused=broken[1])
         if outcome == "marker":
             _power_off(proc, console, vm.qmp_path, grace)
             return BootResult(True, seconds, tail, f"marker seen after {seconds:.1f}s")
@@ -121,6 +155,7 @@ class CheckOutcome:
     exit_status: int | None = None
     stop_status: int | None = None
     tail: list[str] = field(default_factory=list)
+    refused: bool = False  # the firmware would not start the image (Secure Boot)
 
 
 def boot_check(
@@ -133,6 +168,7 @@ def boot_check(
     stop: Stop = Stop.POWER_BUTTON,
     grace: float = 15.0,
     tail_lines: int = 30,
+    expect: Expect = NOTHING_MORE,
 ) -> CheckOutcome:
     """Boot an app VM headless until the check passes: `marker` on the console, or `probe()`
     (called about four times a second; it must not block) returning what answered, or, with neither, the app's exit
@@ -142,13 +178,14 @@ def boot_check(
     args = argv(cmd)
     if "mon:stdio" in args:
         raise ValueError("boot_check needs a headless command (interactive=False)")
-    watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker) if p is not None), re.MULTILINE)
+    watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker, expect.refuse) if p is not None),
+                       re.MULTILINE)
     with launch(qmp_path=True) as vm:
         assert vm.qmp_path is not None
         start = time.monotonic()
         deadline = start + timeout
         proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
-        console = _Console(proc, tail_lines)
+        console = _Console(proc, tail_lines, expect.require)
         passed_by = ""
         while not passed_by:
             now = time.monotonic()
@@ -164,6 +201,10 @@ def boot_check(
                     break
                 return CheckOutcome(False, seconds, reason=f"the app exited with status {status}",
                                    exit_status=status, tail=console.tail())
+            refused = expect.failure(console) if outcome == "marker" and expect.refuse is not None else None
+            if refused is not None and refused[1]:
+                return CheckOutcome(False, time.monotonic() - start, reason=refused[0], tail=console.tail(),
+                                    refused=True)
             if outcome == "marker":
                 passed_by = f"marker /{marker.pattern}/" if marker is not None else "marker"
             elif outcome == "eof":
@@ -173,6 +214,9 @@ def boot_check(
             elif probe is not None:
                 passed_by = probe() or ""
         seconds = time.monotonic() - start
+        broken = expect.failure(console)
+        if broken is not None:
+            return CheckOutcome(False, seconds, reason=broken[0], tail=console.tail(), refused=broken[1])
         before = len(console.all_exits)
         if not passed_by.startswith("the app exited"):
             if stop.request(vm.qmp_path):
@@ -206,7 +250,7 @@ class _Console:
 
     MAX_LINE = 16384
 
-    def __init__(self, proc: subprocess.Popen, tail_lines: int) -> None:
+    def __init__(self, proc: subprocess.Popen, tail_lines: int, notice: re.Pattern[str] | None = None) -> None:
         self.selector = selectors.DefaultSelector()
         self.decoders: dict[int, codecs.IncrementalDecoder] = {}
         for stream in (proc.stdout, proc.stderr):
@@ -220,6 +264,8 @@ class _Console:
         self.stderr: list[str] = []
         self.new: list[str] = []  # complete lines not yet taken (take_new)
         self.all_exits: list[int] = []  # statuses of exit lines seen, for boot_check
+        self.notice = notice  # a line to remember when it shows (Expect.require), however long ago
+        self.noticed: str | None = None
 
     def pump(self, pattern: re.Pattern[str] | None, deadline: float) -> str:
         """Read until the marker ("marker"), both pipes close ("eof") or the deadline ("timeout")."""
@@ -250,6 +296,8 @@ class _Console:
             line = strip_ansi(raw)
             self.lines.append(line)
             self.new.append(line)
+            if self.notice is not None and self.noticed is None and self.notice.search(line):
+                self.noticed = line
             del self.new[: -self.max_lines * 4]
             found = found or bool(pattern and pattern.search(line))
         # Prompts ("login: ") end without a newline: look at the unfinished line too.

@@ -75,11 +75,12 @@ def launch(sockets: Sequence[str] = (), *, qmp_path: bool = False) -> Iterator[L
 @contextlib.contextmanager
 def machine_argv(m: qemu.Machine) -> Iterator[list[str]]:
     """The argv of a Machine on this host: the qemu binary found and, for UEFI, OVMF with a
-    fresh copy of its variables (in a scratch folder removed on leaving)."""
+    fresh copy of its variables (in a scratch folder removed on leaving): OVMF's Secure Boot
+    build over the machine's enrolled variables when it has them (a signed disk)."""
     with tempfile.TemporaryDirectory(prefix="ldt-vm-") as scratch:
         ovmf = vars_ = None
         if m.mode.needs_ovmf:
-            ovmf = firmware.find_ovmf()
+            ovmf = firmware.find_ovmf() if m.secure_vars is None else firmware.find_secboot_ovmf(m.secure_vars)
             vars_ = firmware.fresh_ovmf_vars(ovmf, Path(scratch))
         yield qemu.machine_cmd(m, qemu=firmware.find_qemu(), ovmf=ovmf, ovmf_vars=vars_)
 

@@ -192,6 +192,11 @@ class Machine:
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str | None = None
+    secure_vars: Path | None = None  # uefi: a signed disk's variable store (keys enrolled): Secure Boot
+
+    def __post_init__(self) -> None:
+        if self.secure_vars is not None and not self.mode.needs_ovmf:
+            raise ValueError(f"{self.mode} mode has no firmware variables: Secure Boot is uefi's")
 
 
 # ── the pure builders ───────────────────────────────────────────────────────────────────
@@ -267,10 +272,21 @@ def direct_kernel_args(
 
 
 def pflash_args(ovmf: Ovmf, ovmf_vars: Path) -> list[str]:
+    """OVMF's code and variables in flash; the Secure Boot build also needs the flash writable
+    only from SMM (secure_boot_args), else a guest could rewrite its enrolled keys."""
     return [
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(ovmf.code)}",
         "-drive", f"if=pflash,format=raw,unit=1,file={qemu_opt(ovmf_vars)}",
+        *(secure_boot_args() if ovmf.secure else []),
     ]  # fmt: skip
+
+
+SMM_MACHINE = "q35,smm=on"  # what OVMF's Secure Boot build needs: q35 with System Management Mode
+
+
+def secure_boot_args() -> list[str]:
+    """The flash only writable from SMM (with -machine SMM_MACHINE): the Secure Boot build's variables."""
+    return ["-global", "driver=cfi.pflash01,property=secure,value=on"]
 
 
 def machine_args(qemu: str, machine: str, accel: Accel, *, cpus: int, memory_mib: int) -> list[str]:
@@ -302,12 +318,15 @@ def qemu_cmd(
     tgz: `kernel` (and usually `initrd`) are required; `cmdline` defaults to
     "root=<bus root device> rw console=ttyS0,115200" (no root= without a disk), and
     settings.kernel_args is appended. `disk` may be None only here.
-    uefi: `ovmf` and `ovmf_vars`, a fresh writable copy of ovmf.vars_template, are required.
+    uefi: `ovmf` and `ovmf_vars`, a fresh writable copy of ovmf.vars_template, are required; a
+    Secure Boot build (ovmf.secure) gets q35 with SMM and the SMM-only flash.
     settings.accel must already be resolved (kvm.select_accel()).
     """
     _check_inputs(mode, settings, disk=disk, kernel=kernel, initrd=initrd, cmdline=cmdline, ovmf=ovmf, vars_=ovmf_vars)
+    secure = ovmf is not None and ovmf.secure
     cmd = [
-        *machine_args(qemu, mode.machine, settings.accel, cpus=settings.cpus, memory_mib=settings.memory_mib),
+        *machine_args(qemu, SMM_MACHINE if secure else mode.machine, settings.accel, cpus=settings.cpus,
+                      memory_mib=settings.memory_mib),
         *console_args(settings),
     ]
     if mode.needs_ovmf:

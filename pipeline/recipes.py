@@ -62,6 +62,7 @@ class Recipe:
     boot_timeout: int = 600
     http: str | None = None  # boot check: an HTTP answer at this path on the app's first EXPOSEd port
     kernel_from: str | None = None  # the recipe whose kernel boots this one; None: own, else `virt`'s
+    secure_boot: bool = False  # [boot] secure_boot: the UKI signed with your db key, booted under Secure Boot
     app: AppSettings = AppSettings()  # [app]: the image's ENTRYPOINT/CMD as the VM's job, or not
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
     build_file: str = "Dockerfile"  # or "Containerfile": whichever the folder holds (BUILD_FILES)
@@ -108,6 +109,7 @@ class Recipe:
             "boot_timeout": self.boot_timeout,
             "http": self.http,
             "kernel_from": self.kernel_from,
+            "secure_boot": self.secure_boot,
             "app": {"enabled": self.app.enabled, "argv": None if self.app.argv is None else list(self.app.argv),
                     "env": dict(self.app.env)},
         }
@@ -122,7 +124,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"args": dict, "platform": str, "rootfs": str},
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str, "distro": str, "key": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
-             "timeout": int, "http": str, "kernel_from": str},
+             "timeout": int, "http": str, "kernel_from": str, "secure_boot": bool},
     "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
     "vm": {"memory": str, "cpus": int},
     "app": AppSettings.SCHEMA,
@@ -243,6 +245,10 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if kernel_from is not None and not NAME_RE.match(kernel_from):
         raise _err(path, text, "boot", "kernel_from", f"kernel_from '{kernel_from}' is not a recipe name",
                    'e.g. kernel_from = "virt"')
+    if data.get("boot", {}).get("secure_boot") and data.get("boot", {}).get("bootable") is False:
+        raise _err(path, text, "boot", "secure_boot",
+                   "secure_boot signs the UEFI disk: a recipe that does not boot has none",
+                   "remove secure_boot, or set bootable = true")
     AppSettings.from_table(  # validated here, with file and line; load() makes the value
         data.get("app", {}),
         lambda key, message, hint: _err(path, text, "app", key, f"[app] {key}: {message}", f"e.g. {hint}"))
@@ -346,7 +352,8 @@ def load(recipe_dir: Path) -> Recipe:
         qcow2=disk.get("qcow2", False), memory=vm.get("memory", Recipe.memory), cpus=vm.get("cpus", Recipe.cpus),
         parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile", rootfs=build.get("rootfs"),
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
-        http=boot.get("http"), kernel_from=boot.get("kernel_from"), app=app,
+        http=boot.get("http"), kernel_from=boot.get("kernel_from"), secure_boot=boot.get("secure_boot", False),
+        app=app,
     )
 
 

@@ -11,7 +11,9 @@ user enrolls by hand, and an OVMF variable store with the keys enrolled and Secu
               sbverify_cmd()/verify()
     enroll    enrollment_files()       PK/KEK/db as .cer (DER), .esl and signed .auth
     firmware  virt_fw_vars_cmd()/make_vars()  OVMF_VARS_4M.fd + PK, KEK, db, Secure Boot enforced
-              secure_boot_qemu_args()  what the secboot OVMF build needs of QEMU (q35, SMM)
+              (booting it: firmware.find_secboot_ovmf(), qemu.pflash_args() with q35 and SMM)
+    stages    located()/fingerprints() what the uefi and sb_vars stages' keys hold: the certificates'
+                                       fingerprints, never a key's path or content
 
 Private keys are only ever read by the openssl and sbsign processes: Python never opens one,
 nothing copies one anywhere, and a command line names a key by its path only, so LDT_VERBOSE=1
@@ -40,10 +42,10 @@ from pipeline.files import atomic_path
 from pipeline.run import log, run
 
 KEY_BITS = 2048
+MAKE_KEYS = "a signed build makes them: `doit build_efistub:NAME` with [boot] secure_boot = true"
 VALIDITY_DAYS = 3650
 OWNER_NAMESPACE = uuid.UUID("0c5f6a38-3e0d-5b6e-9c1e-5b1d2a9e4f70")  # owner GUIDs: uuid5 of the PK fingerprint
 
-OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS_TEMPLATE = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 OVMF_HINT = "install Debian's ovmf package (run ./setup.sh)"
 
@@ -179,8 +181,8 @@ def make_pair(role: Role, directory: Path) -> KeyPair:
 
 def ensure_keys(env: Mapping[str, str] | None = None, directory: Path | None = None,
                 now: datetime.datetime | None = None) -> KeySet:
-    """The key set, its missing pairs in the key folder made first (doit sb_keys, or the first
-    signed build); every pair is checked before it is used."""
+    """The key set, its missing pairs in the key folder made first (the first signed
+    build: stages.materialize's prepare); every pair is checked before it is used."""
     env = os.environ if env is None else env
     keys = KeySet.locate(env, directory or key_dir(env))
     for pair in keys.pairs:
@@ -197,7 +199,7 @@ def load_cert(path: Path) -> x509.Certificate:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"certificate {path} not found", hint="make the keys with `doit sb_keys`") from None
+        raise UserError(f"certificate {path} not found", hint=MAKE_KEYS) from None
     try:
         if b"-----BEGIN" in data:
             if b"PRIVATE KEY-----" in data and b"CERTIFICATE-----" not in data:
@@ -224,8 +226,7 @@ def check_pair(pair: KeyPair, now: datetime.datetime | None = None) -> None:
     where = f"{pair.role} key ({pair.origin})"
     if not pair.key.is_file():
         raise UserError(f"{where}: private key {pair.key} not found",
-                        hint="make the keys with `doit sb_keys`, or point "
-                             f"{pair.role.env_key} at an existing PEM key")
+                        hint=f"{MAKE_KEYS}; or point {pair.role.env_key} at an existing PEM key")
     if not pair.cert.is_file():
         raise UserError(f"{where}: {pair.key} has no certificate ({pair.cert} not found)",
                         hint=f"put the certificate beside it or set {pair.role.env_cert}")
@@ -233,7 +234,7 @@ def check_pair(pair: KeyPair, now: datetime.datetime | None = None) -> None:
     now = now or datetime.datetime.now(datetime.UTC)
     if now > cert.not_valid_after_utc:
         raise UserError(f"{where}: certificate {pair.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}",
-                        hint="make a new pair (remove both files, then `doit sb_keys`) and enroll it again")
+                        hint="remove both files (the next signed build makes a new pair) and enroll it again")
     if now < cert.not_valid_before_utc:
         raise UserError(f"{where}: certificate {pair.cert} is not valid before "
                         f"{cert.not_valid_before_utc:%Y-%m-%d}", hint="check the clock of this machine")
@@ -246,6 +247,18 @@ def check_pair(pair: KeyPair, now: datetime.datetime | None = None) -> None:
     if proc.stdout != spki:
         raise UserError(f"{where}: {pair.key} does not belong to certificate {pair.cert}",
                         hint="the key and the certificate must be made together; check the file names")
+
+
+def located(env: Mapping[str, str] | None = None) -> KeySet:
+    """The key set where it is now (nothing made, nothing checked): for a stage's key."""
+    env = os.environ if env is None else env
+    return KeySet.locate(env, key_dir(env))
+
+
+def fingerprints(keys: KeySet) -> dict[str, str]:
+    """{role: SHA-256 of its certificate}: what a signed image's key holds of the keys (a missing
+    certificate is a UserError: the first signed build makes the keys, stages.materialize's prepare)."""
+    return {str(pair.role): fingerprint(pair.cert) for pair in keys.pairs}
 
 
 def owner_guid(keys: KeySet) -> uuid.UUID:
@@ -401,17 +414,6 @@ def make_vars(keys: KeySet, out: Path, *, template: Path = OVMF_VARS_TEMPLATE) -
         run(virt_fw_vars_cmd(template, tmp, keys.pk.cert, keys.kek.cert, keys.db.cert, owner_guid(keys),
                              tool=virt_fw_vars()), capture=True)
     return out
-
-
-def secure_boot_qemu_args() -> list[str]:
-    """What OVMF_CODE_4M.secboot.fd needs of QEMU: q35 with SMM, the flash only writable from SMM."""
-    return ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
-
-
-def secboot_firmware(code: Path = OVMF_SECBOOT_CODE) -> Path:
-    if not code.exists():
-        raise UserError(f"Secure Boot OVMF build {code} not found", hint=OVMF_HINT)
-    return code
 
 
 class BootVerdict(enum.StrEnum):

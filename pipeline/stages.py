@@ -10,7 +10,9 @@ recipe stages. Every row's entries come through the store's one path (cache.Stor
              ext4        build_rootfs         rootfs.tgz, app.tar, modules.tar  rootfs.ext4
              bios        build_syslinux_bios  vmlinuz, initrd.img, ext4, app.json  bios.img
              bios_qcow2  build_syslinux_bios  bios.img (bios)                 bios.qcow2      ([disk] qcow2)
+             sb_vars     sb_vars              (the Secure Boot keys' certificates)  sb-vars.fd ([boot] secure_boot)
              uefi        build_efistub        vmlinuz, initrd.img, os-release, rootfs.ext4, app.json   uefi.img
+                                              (sb-vars.fd: signed, the certificates on the ESP)
              uefi_qcow2  build_efistub        uefi.img (uefi)                 uefi.qcow2      ([disk] qcow2)
              fast_boot   fast_boot            vmlinux, initrd.img             fast.kernel, fast.initrd (virt's)
 
@@ -100,12 +102,19 @@ class Stage:
 
 
 def wanted(a: Artifact, r: Recipe) -> bool:
-    """INITRD is the one artifact a recipe may go without ([boot] initrd = false)."""
-    return a is not A.INITRD or r.initrd
+    """INITRD is the one artifact a recipe may go without ([boot] initrd = false); SB_VARS, the
+    firmware a signed disk boots on, only a recipe with [boot] secure_boot has."""
+    if a is A.INITRD:
+        return r.initrd
+    return a is not A.SB_VARS or r.secure_boot
 
 
 def _has_qcow2(r: Recipe) -> bool:
     return r.bootable and r.qcow2
+
+
+def _signed(r: Recipe) -> bool:
+    return r.bootable and r.secure_boot
 
 
 def _has_fast_boot(r: Recipe) -> bool:
@@ -135,10 +144,14 @@ STAGES: tuple[Stage, ...] = (
           applies=_bootable, stamped=True),
     Stage("bios_qcow2", "build_syslinux_bios", 1, "The BIOS disk as compressed qcow2",
           needs=(A.BIOS_IMG,), makes=(A.BIOS_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),
+    Stage("sb_vars", "sb_vars", 1, "OVMF variables with your Secure Boot keys (PK, KEK, db) enrolled, enforcing",
+          needs=(), makes=(A.SB_VARS,), reads=(), build=builders.sb_vars, applies=_signed,
+          inputs=builders.sb_vars_inputs, prepare=builders.sb_prepare),
     Stage("uefi", "build_efistub", 3,
           "Raw GPT disk: ESP with a unified kernel image (systemd EFI stub), the ext4 root",
-          needs=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.EXT4, A.APP), makes=(A.UEFI_IMG,), reads=("cmdline",),
-          build=builders.uefi, applies=_bootable, stamped=True),
+          needs=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.EXT4, A.APP, A.SB_VARS), makes=(A.UEFI_IMG,),
+          reads=("cmdline", "secure_boot"), build=builders.uefi, applies=_bootable, stamped=True,
+          inputs=builders.sb_fingerprints, prepare=builders.sb_prepare),
     Stage("uefi_qcow2", "build_efistub", 1, "The UEFI disk as compressed qcow2",
           needs=(A.UEFI_IMG,), makes=(A.UEFI_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),
     Stage("fast_boot", "fast_boot", 2, "virt's boot files: the kernel uncompressed, the initrd slimmed",
@@ -229,10 +242,19 @@ def head(stage: Stage) -> dict[str, Any]:
     return stage.row.head()
 
 
+# Settings added after entries were made by the stages that read them: at this default they stay
+# out of the key, so those entries keep theirs (and their bytes: a key seeds a disk's UUIDs).
+LATER_SETTINGS: dict[str, Any] = {"secure_boot": False}
+
+
+def keyed(settings: dict[str, Any], reads: tuple[str, ...]) -> dict[str, Any]:
+    """The settings that go into a stage's key: those it reads, but a later one at its default."""
+    return {k: settings[k] for k in reads if k not in LATER_SETTINGS or settings[k] != LATER_SETTINGS[k]}
+
+
 def manifest(p: Project, r: Recipe, stage: Stage) -> dict[str, Any]:
     """Every input of one stage for one recipe: its store key, and doit's up-to-date check."""
-    settings = r.settings()
-    m = {**head(stage), "settings": {k: settings[k] for k in stage.reads}}
+    m = {**head(stage), "settings": keyed(r.settings(), stage.reads)}
     makers = dict.fromkeys(MAKER[a] for a in stage.needs_for(r))
     if makers:
         m["needs"] = {s.name: entry_of(p, r, s).name for s in makers}

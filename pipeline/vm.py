@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import app, disk, headless, kvm, qemu, stages
+from pipeline import app, disk, headless, kvm, qemu, secureboot, stages
 from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
 from pipeline.cache import key_of
@@ -115,8 +115,26 @@ def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
 
 def machine(mode: Mode, b: Boot, settings: qemu.VmSettings, persistent: Path | None = None) -> qemu.Machine:
     """The VM that boots `b` in one mode (`persistent`: a writable copy of b.disk to boot
-    instead), handed down whole to launch.machine_argv()."""
-    return qemu.Machine(mode, settings, persistent or b.disk, b.kernel, b.initrd, b.cmdline)
+    instead), handed down whole to launch.machine_argv(). A signed UEFI disk ([boot] secure_boot)
+    boots under Secure Boot on the variable store its entry holds beside it (builders.uefi)."""
+    return qemu.Machine(mode, settings, persistent or b.disk, b.kernel, b.initrd, b.cmdline, secure_vars(mode, b))
+
+
+def secure_vars(mode: Mode, b: Boot) -> Path | None:
+    """The enrolled variable store a signed UEFI disk boots on: in the disk's entry, beside it."""
+    if not mode.needs_ovmf:
+        return None
+    found = b.disk.with_name(Artifact.SB_VARS)
+    return found if found.is_file() else None
+
+
+SECURE_BOOT = headless.Expect(  # what a boot under Secure Boot must show: the kernel's own line, no refusal
+    require=re.compile(re.escape(secureboot.KERNEL_SECURE_BOOT_LINE)),
+    refuse=re.compile("|".join(re.escape(m) for m in secureboot.FIRMWARE_REFUSAL_MARKERS)))
+
+
+def expect(m: qemu.Machine) -> headless.Expect:
+    return SECURE_BOOT if m.secure_vars is not None else headless.NOTHING_MORE
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,7 @@ class CheckResult:
     tail: tuple[str, ...] = ()
     passed_by: str = "marker"  # which check passed: the marker, an HTTP answer, the app's exit
     stopped: str = ""  # an app: how the power-off ended it ("exit 143"), when it said
+    refused: bool = False  # the firmware would not start the image (Secure Boot): `reason` says it in a line
 
 
 def check_spec(r: Recipe, plan: Plan) -> dict[str, str | None]:
@@ -303,13 +322,23 @@ def _remember_pass(p: Project, manifest: dict[str, object], res: CheckResult, ac
 # ── booting a check ─────────────────────────────────────────────────────────────────────
 
 
+SECURE_NOTE = "; secure boot"  # the check column of a pass under Secure Boot (the kernel said so)
+
+
+def under(m: qemu.Machine) -> str:
+    return " under Secure Boot" if m.secure_vars is not None else ""
+
+
 def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
-    with machine_argv(machine(mode, b, settings)) as cmd:
-        log(f"{r.name}: booting {mode} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
-        res = headless.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE))
+    m = machine(mode, b, settings)
+    with machine_argv(m) as cmd:
+        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
+        res = headless.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE),
+                                      expect=expect(m))
+    passed_by = ("marker" if r.boot_marker else "login prompt") + (SECURE_NOTE if m.secure_vars else "")
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
-                       passed_by="marker" if r.boot_marker else "login prompt")
+                       passed_by=passed_by, refused=res.refused)
 
 
 def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
@@ -325,14 +354,16 @@ def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str 
                                port_forwards=forwards or ())
     what = f"marker {marker!r}" if marker else f"HTTP {path} on port {b.plan.tcp_ports[0]}" if path else "its exit 0"
     stop = headless.Stop.CTRL_ALT_DEL if b.plan.init is InitKind.LDT else headless.Stop.POWER_BUTTON
-    with machine_argv(machine(mode, b, settings)) as cmd:
-        log(f"{r.name}: booting {mode} headless, waiting for {what} (timeout {r.boot_timeout}s)")
+    m = machine(mode, b, settings)
+    with machine_argv(m) as cmd:
+        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {what} (timeout {r.boot_timeout}s)")
         res = headless.boot_check(cmd, timeout=r.boot_timeout,
                                   marker=re.compile(marker, re.MULTILINE) if marker else None,
-                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop)
+                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop, expect=expect(m))
     stopped = "" if res.stop_status is None else f"exit {res.stop_status}"
+    passed_by = res.passed_by + (SECURE_NOTE if m.secure_vars else "")
     return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
-                       passed_by=res.passed_by, stopped=stopped)
+                       passed_by=passed_by, stopped=stopped, refused=res.refused)
 
 
 def check_table(name: str, results: list[CheckResult]) -> str:
@@ -353,10 +384,14 @@ def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode)) -> 
     results = [check_one(p, r, mode, accel) for mode in modes]
     print(check_table(r.name, results), flush=True)
     failed = [c for c in results if not c.ok]
+    hint = f"boot it interactively with `doit {failed[0].mode.run_task}:{r.name}`" if failed else ""
+    if failed and all(c.refused for c in failed):  # Secure Boot said no: its one line says everything
+        raise UserError(f"{r.name}: {', '.join(f'{c.mode}: {c.reason}' for c in failed)}",
+                        hint="the disk is not signed by the db key the firmware enrolled; build it again "
+                             f"(doit build_efistub:{r.name})")
     if failed:
         details = "\n".join(f"{c.mode}: {c.reason}\n  last console lines:\n" + "\n".join("    " + t for t in c.tail)
                             for c in failed)
-        raise UserError(f"{r.name}: boot check failed for {', '.join(c.mode for c in failed)}\n{details}",
-                        hint=f"boot it interactively with `doit {failed[0].mode.run_task}:{r.name}`")
+        raise UserError(f"{r.name}: boot check failed for {', '.join(c.mode for c in failed)}\n{details}", hint=hint)
     print(f"boot it yourself: doit run_uefi:{r.name} (or run_bios, run_tgz); quit with Ctrl-A X", flush=True)
     return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import textwrap
@@ -39,6 +40,33 @@ def tgz(settings: VmSettings = TCG, **kw: object) -> list[str]:
 
 def uefi(settings: VmSettings = TCG) -> list[str]:
     return qemu_cmd(Mode.UEFI, settings=settings, disk=Path("/store/uefi.img"), ovmf=OVMF, ovmf_vars=VARS)
+
+
+def test_secure_boot_firmware_gets_smm_and_the_smm_only_flash() -> None:
+    secboot = Ovmf(Path("/fw/OVMF_CODE_4M.secboot.fd"), Path("/store/sb_vars/k/sb-vars.fd"), secure=True)
+    cmd = qemu_cmd(Mode.UEFI, settings=TCG, disk=Path("/store/uefi.img"), ovmf=secboot, ovmf_vars=VARS)
+    assert after(cmd, "-machine") == ["q35,smm=on"]
+    assert after(cmd, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    assert after(cmd, "-drive")[0] == "if=pflash,format=raw,unit=0,readonly=on,file=/fw/OVMF_CODE_4M.secboot.fd"
+    assert "-global" not in uefi() and "q35,smm=on" not in uefi()  # the plain build is as it was
+
+
+def test_only_a_uefi_machine_has_secure_boot_variables() -> None:
+    qemu.Machine(Mode.UEFI, TCG, Path("/d.img"), secure_vars=Path("/v.fd"))
+    with pytest.raises(ValueError):
+        qemu.Machine(Mode.BIOS, TCG, Path("/d.img"), secure_vars=Path("/v.fd"))
+
+
+def test_find_secboot_ovmf(tmp_path: Path) -> None:
+    code, vars_ = tmp_path / "OVMF_CODE_4M.secboot.fd", tmp_path / "sb-vars.fd"
+    with pytest.raises(UserError) as e:
+        firmware.find_secboot_ovmf(vars_, [str(code)])
+    assert "Secure Boot build" in e.value.message and e.value.hint == "apt install ovmf"
+    code.touch()
+    with pytest.raises(UserError):
+        firmware.find_secboot_ovmf(vars_, [str(code)])  # the enrolled variables are missing
+    vars_.touch()
+    assert firmware.find_secboot_ovmf(vars_, [str(code)]) == Ovmf(code, vars_, secure=True)
 
 
 # ── modes ──
@@ -442,6 +470,36 @@ def test_early_exit_reports_status_and_stderr(tmp_path: Path) -> None:
     assert not result.ok and result.seconds < 10
     assert result.reason == "qemu exited with status 1 before 'never': -drive x: Could not open 'x'"
     assert result.tail == ["half a line"]
+
+
+SECURE = headless.Expect(require=re.compile("secureboot: Secure boot enabled"), refuse=re.compile("Access Denied"))
+
+
+def test_secure_boot_needs_the_kernel_line_before_the_marker(tmp_path: Path) -> None:
+    cmd, _ = fake_qemu(tmp_path, """
+        out.write("[    0.000000] secureboot: Secure boot enabled\\n" + "more\\n" * 60 + "localhost login: ")
+        out.flush(); time.sleep(60)
+    """)  # fmt: skip
+    result = headless.boot_to_marker(cmd, timeout=20, grace=0, expect=SECURE)
+    assert result.ok and not result.refused, result  # seen 60 lines before the prompt: remembered
+    cmd, _ = fake_qemu(tmp_path, """
+        out.write("no secure boot here\\nlocalhost login: "); out.flush(); time.sleep(60)
+    """)  # fmt: skip
+    result = headless.boot_to_marker(cmd, timeout=20, grace=0, expect=SECURE)
+    assert not result.ok and not result.refused
+    assert result.reason == "no 'secureboot: Secure boot enabled' on the console before the check passed"
+
+
+def test_a_firmware_refusal_ends_the_boot_at_once_in_one_line(tmp_path: Path) -> None:
+    cmd, pidfile = fake_qemu(tmp_path, """
+        out.write('BdsDxe: failed to load Boot0001 "UEFI QEMU HARDDISK" from PciRoot(0x0): Access Denied\\r\\n')
+        out.flush(); time.sleep(60)
+    """)  # fmt: skip
+    result = headless.boot_to_marker(cmd, timeout=20, grace=0, expect=SECURE)
+    assert not result.ok and result.refused and result.seconds < 10
+    assert result.reason == ('the firmware refused the image: BdsDxe: failed to load Boot0001 '
+                             '"UEFI QEMU HARDDISK" from PciRoot(0x0): Access Denied')
+    assert gone(pidfile)
 
 
 def test_keyboard_interrupt_kills_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

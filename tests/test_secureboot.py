@@ -101,11 +101,6 @@ def test_virt_fw_vars_cmd_enrolls_only_our_keys() -> None:
     assert "--no-microsoft" in cmd and "--secure-boot" in cmd
 
 
-def test_secure_boot_qemu_args() -> None:
-    assert sb.secure_boot_qemu_args() == [
-        "-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
-
-
 def test_boot_verdict() -> None:
     assert sb.BootVerdict.of("[    0.000000] secureboot: Secure boot enabled\n") is sb.BootVerdict.SECURE
     refused = 'BdsDxe: failed to load Boot0001 "UEFI QEMU HARDDISK" from PciRoot(0x0): Access Denied'

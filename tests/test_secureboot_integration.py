@@ -54,16 +54,15 @@ def uefi_disk_with(uki: Path, root_img: Path, out: Path, *, key: str = KEY, epoc
     return out
 
 
-def boot(disk_img: Path, code: Path, vars_file: Path, tmp: Path, *, secure: bool,
-         until: Callable[[str], bool], timeout: float = BOOT_TIMEOUT) -> Watched:
-    """Boot the disk on OVMF (`code` + a copy of `vars_file`) until `until(console)` or the timeout."""
+def boot(disk_img: Path, ovmf: firmware.Ovmf, tmp: Path, *, until: Callable[[str], bool],
+         timeout: float = BOOT_TIMEOUT) -> Watched:
+    """Boot the disk on `ovmf` (a copy of its variables) until `until(console)` or the timeout: the
+    argv is qemu.qemu_cmd()'s, the one the boot matrix runs (q35 with SMM for the secboot build)."""
     vars_copy = tmp / f"vars-{time.monotonic_ns()}.fd"
-    shutil.copyfile(vars_file, vars_copy)
+    shutil.copyfile(ovmf.vars_template, vars_copy)
     settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
-    cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=disk_img,
-                        ovmf=firmware.Ovmf(code, vars_file), ovmf_vars=vars_copy)
-    if secure:
-        cmd += sb.secure_boot_qemu_args()
+    cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=disk_img, ovmf=ovmf, ovmf_vars=vars_copy)
+    assert qemu.SMM_MACHINE in cmd and "driver=cfi.pflash01,property=secure,value=on" in cmd
     try:
         return watch(cmd, until, timeout)
     finally:
@@ -139,7 +138,7 @@ def test_signing_is_reproducible_and_verifiable(sb_env: SbEnv) -> None:
 def test_signed_uki_boots_under_enforced_secure_boot(sb_env: SbEnv) -> None:
     tmp = sb_env.tmp
     img = uefi_disk_with(sb_env.signed, sb_env.root, tmp / "signed.img", enroll=sb_env.enroll)
-    result = boot(img, sb.secboot_firmware(), sb_env.vars, tmp, secure=True, until=logged_in)
+    result = boot(img, firmware.find_secboot_ovmf(sb_env.vars), tmp, until=logged_in)
     print(f"signed UKI, secboot OVMF: login prompt after {result.seconds:.1f}s")
     tail = result.console[-3000:]
     assert result.matched, tail
@@ -154,7 +153,7 @@ def test_signed_uki_boots_under_enforced_secure_boot(sb_env: SbEnv) -> None:
 def test_firmware_refuses(sb_env: SbEnv, which: str) -> None:
     tmp = sb_env.tmp
     img = uefi_disk_with(sb_env.uki(which), sb_env.root, tmp / f"{which}.img")
-    result = boot(img, sb.secboot_firmware(), sb_env.vars, tmp, secure=True, until=decided, timeout=300)
+    result = boot(img, firmware.find_secboot_ovmf(sb_env.vars), tmp, until=decided, timeout=300)
     print(f"{which} UKI, secboot OVMF: {sb.BootVerdict.of(result.console)} after {result.seconds:.1f}s")
     assert sb.BootVerdict.of(result.console) is sb.BootVerdict.REFUSED, result.console[-3000:]
     assert "Linux version" not in result.console

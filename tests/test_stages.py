@@ -4,13 +4,14 @@ doit gets follow from the table; the guest scripts are shellcheck-clean."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pipeline import graph, stages, virt
+from pipeline import graph, secureboot, stages, virt
 from pipeline.app import AppSettings
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import key_of
@@ -41,8 +42,25 @@ OTHER = {
     "boot_timeout": ("boot_timeout", 9),
     "http": ("http", "/health"),
     "kernel_from": ("kernel_from", "kern"),
+    "secure_boot": ("secure_boot", True),
     "app": ("app", AppSettings(env=(("LOG", "debug"),))),
 }
+
+
+@pytest.fixture(scope="session")
+def sb_keys(tmp_path_factory) -> Path:
+    """Secure Boot keys for the signed stages' keys (their certificates' fingerprints)."""
+    directory = tmp_path_factory.mktemp("sb") / "keys"
+    secureboot.ensure_keys(env={}, directory=directory)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def _keys_here(sb_keys, monkeypatch) -> None:
+    monkeypatch.setenv("LDT_SB_DIR", str(sb_keys))
+    for role in secureboot.Role:
+        monkeypatch.delenv(role.env_key, raising=False)
+        monkeypatch.delenv(role.env_cert, raising=False)
 
 
 @pytest.fixture
@@ -211,3 +229,40 @@ def test_chain_is_every_stage_an_artifact_needs_in_table_order():
     for mode in Mode:  # the CLI runs these to boot a file: each mode's needs are all made
         made = {a for s in stages.chain(r, mode.needs(initrd=True)) for a in s.makes}
         assert set(mode.needs(initrd=True)) <= made
+
+
+def test_an_unsigned_uefi_disk_keeps_its_key(project):
+    """secure_boot came after uefi entries were made: off, it is not in the key (nor the keys'
+    fingerprints), so an unsigned disk keeps its key and, seeded by it, its bytes."""
+    p, r = project
+    m = stages.manifest(p, r, stages.STAGE["uefi"])
+    assert m["settings"] == {"cmdline": ""} and "secure_boot" not in m
+    assert set(m["needs"]) == {"boot", "ext4", "app"}
+    assert not stages.STAGE["sb_vars"].applies(r)
+
+
+def test_a_signed_uefi_disk_is_keyed_by_the_certificates_never_the_keys(project, sb_keys):
+    p, r = project
+    signed = dataclasses.replace(r, secure_boot=True)
+    m = stages.manifest(Project(p.root, extra=(signed,)), signed, stages.STAGE["uefi"])
+    keys = secureboot.KeySet.locate({}, sb_keys)
+    assert m["settings"]["secure_boot"] is True
+    assert m["secure_boot"] == {str(pair.role): secureboot.fingerprint(pair.cert) for pair in keys.pairs}
+    assert set(m["secure_boot"]) == {"PK", "KEK", "db"}
+    assert m["needs"]["sb_vars"] == "key-sb_vars"  # the firmware it boots on is an input too
+    text = json.dumps(m)
+    assert str(sb_keys) not in text  # no path of a key, no content of one
+    for pair in keys.pairs:
+        assert pair.key.read_text().splitlines()[1] not in text
+    v = stages.manifest(p, signed, stages.STAGE["sb_vars"])
+    assert v["keys"] == m["secure_boot"] and "template" in v and "settings" in v and v["settings"] == {}
+
+
+def test_a_signed_build_without_keys_is_one_line(project, tmp_path, monkeypatch):
+    p, r = project
+    monkeypatch.setenv("LDT_SB_DIR", str(tmp_path / "none"))
+    signed = dataclasses.replace(r, secure_boot=True)
+    with pytest.raises(UserError) as info:
+        stages.manifest(Project(p.root, extra=(signed,)), signed, stages.STAGE["uefi"])
+    assert "not found" in info.value.message
+    assert not stages.up_to_date(Project(p.root, extra=(signed,)), signed, stages.STAGE["uefi"])
