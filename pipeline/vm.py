@@ -124,7 +124,7 @@ def secure_vars(mode: Mode, b: Boot) -> Path | None:
     """The enrolled variable store a signed UEFI disk boots on: in the disk's entry, beside it."""
     if not mode.needs_ovmf:
         return None
-    found = b.disk.with_name(Artifact.SB_VARS)
+    found = b.disk.parent / Artifact.SB_VARS
     return found if found.is_file() else None
 
 

@@ -448,3 +448,11 @@ def test_debugfs_script_big_device_numbers_and_lost_found():
     assert 'mknod "big" c 0 0' in script and f'sif "big" block[1] {encoded:#x}' in script
     assert 'mkdir "lost+found"' not in script  # mke2fs made it: only its metadata is set
     assert 'sif "lost+found" mode 040700' in script
+
+
+def test_esp_dirs_are_made_parents_first_once():
+    from pipeline.secureboot import esp_enrollment_paths
+
+    dests = list(esp_enrollment_paths().values())
+    assert disk.esp_dirs(dests) == ["::/EFI/keys", "::/loader", "::/loader/keys", "::/loader/keys/ldt"]
+    assert disk.esp_dirs([disk.UKI_PATH]) == []  # \\EFI\\BOOT: every disk has it

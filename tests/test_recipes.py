@@ -130,6 +130,13 @@ def test_defaults_without_recipe_toml(fs):
     assert r.initrd is True and r.platform == "linux/amd64" and r.build_args == ()
 
 
+def test_secure_boot_is_a_boot_setting(fs):
+    add(fs, "app", Dockerfile="FROM scratch\n", toml="[boot]\nsecure_boot = true\n")
+    r = discover(RECIPES)["app"]
+    assert r.secure_boot is True and r.settings()["secure_boot"] is True
+    assert Recipe(name="x", dir=ROOT).settings()["secure_boot"] is False
+
+
 # -- recipe.toml errors: file, key, line, hint --------------------------------------------------------
 
 TOML_ERRORS = {
@@ -149,6 +156,8 @@ TOML_ERRORS = {
     "bad memory": ('[vm]\nmemory = "lots"\n', 2, "memory", "memory ="),
     "bad marker regex": ("[boot]\nkernel = \"6.1\"\nmarker = '(login'\n", 3, "marker", "escape"),
     "table is not a table": ("# x\nvm = 3\n", 2, "'vm'", "[vm]"),
+    "secure_boot not a bool": ('[boot]\nsecure_boot = "yes"\n', 2, "secure_boot", "secure_boot = true"),
+    "secure_boot without a boot": ("[boot]\nbootable = false\nsecure_boot = true\n", 3, "secure_boot", "bootable"),
 }
 
 

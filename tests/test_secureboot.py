@@ -286,3 +286,44 @@ def test_make_vars_without_template(keys: KeySet, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="OVMF variable template .* not found"):
         sb.make_vars(keys, tmp_path / "v.fd", template=tmp_path / "none.fd")
     assert not (tmp_path / "v.fd").exists()
+
+
+# ── booting a signed disk (vm.py) ────────────────────────────────────────────────────────
+
+
+def test_a_signed_disk_boots_on_the_variables_beside_it(tmp_path: Path) -> None:
+    from pipeline import qemu, vm
+
+    entry = tmp_path / "store" / "uefi" / "k"
+    entry.mkdir(parents=True)
+    (entry / "uefi.img").touch()
+    settings = qemu.VmSettings(accel=qemu.Accel.TCG)
+    b = vm.Boot(entry / "uefi.img")
+    assert vm.machine(qemu.Mode.UEFI, b, settings).secure_vars is None  # unsigned: plain OVMF
+    (entry / "sb-vars.fd").touch()
+    m = vm.machine(qemu.Mode.UEFI, b, settings, persistent=tmp_path / "copy.img")
+    assert m.secure_vars == entry / "sb-vars.fd" and m.disk == tmp_path / "copy.img"
+    assert vm.expect(m) is vm.SECURE_BOOT and vm.SECURE_BOOT.require.search(sb.KERNEL_SECURE_BOOT_LINE)
+    assert vm.machine(qemu.Mode.BIOS, vm.Boot(entry / "uefi.img"), settings).secure_vars is None
+
+
+def test_a_refusal_is_one_line_and_fails_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import kvm, qemu, vm
+    from pipeline.project import Project
+    from pipeline.recipes import Recipe
+
+    def check_one(p, r, mode, accel):
+        if mode is qemu.Mode.UEFI:
+            return vm.CheckResult(mode, False, 4.2, cached=False, refused=True, tail=("lots", "of", "lines"),
+                                  reason="the firmware refused the image: BdsDxe: failed to load Boot0001: "
+                                         "Access Denied")
+        return vm.CheckResult(mode, True, 30.0, cached=True, passed_by="login prompt")
+
+    monkeypatch.setattr(vm, "check_one", check_one)
+    monkeypatch.setattr(kvm, "select_accel", lambda **kw: kvm.AccelChoice(qemu.Accel.TCG, "test"))
+    r = Recipe(name="signed", dir=tmp_path, secure_boot=True)
+    with pytest.raises(UserError) as info:
+        vm.check_boot(Project(tmp_path, extra=(r,)), r)
+    assert "\n" not in info.value.message and "lots" not in info.value.message
+    assert info.value.message == ("signed: uefi: the firmware refused the image: BdsDxe: failed to load Boot0001: "
+                                  "Access Denied")

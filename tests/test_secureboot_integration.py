@@ -9,6 +9,7 @@ boots end in seconds rather than at the timeout.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project
 from console import Watched, watch
 
 from pipeline import disk, ext4, firmware, headless, ids, qemu
@@ -157,3 +159,54 @@ def test_firmware_refuses(sb_env: SbEnv, which: str) -> None:
     print(f"{which} UKI, secboot OVMF: {sb.BootVerdict.of(result.console)} after {result.seconds:.1f}s")
     assert sb.BootVerdict.of(result.console) is sb.BootVerdict.REFUSED, result.console[-3000:]
     assert "Linux version" not in result.console
+
+
+# ── the pipeline: [boot] secure_boot = true, through doit ───────────────────────────────
+
+
+def signed_hello() -> dict[str, str]:
+    """recipes/hello with [boot] secure_boot = true: its tgz, app, boot, ext4 and bios entries are
+    the repository's (no setting of theirs changed), only the UEFI disk is new, and signed."""
+    files = {f.name: f.read_text() for f in (ROOT / "recipes" / "hello").iterdir() if f.is_file()}
+    toml = files["recipe.toml"]
+    assert "\n[boot]\n" in toml
+    files["recipe.toml"] = toml.replace("\n[boot]\n", "\n[boot]\nsecure_boot = true\n", 1)
+    return files
+
+
+def esp_file(img: Path, path: str, out: Path) -> Path:
+    run(disk.mcopy_cmd(img, disk.ALIGN, Path(path), os.fspath(out)), env={"MTOOLS_SKIP_CHECK": "1"})
+    return out
+
+
+def test_check_boot_of_a_signed_recipe(hello_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """`doit check_boot:hello` with secure_boot: the uefi row boots under enforced Secure Boot and
+    says so; the keys are made on the first signed build, outside the project, never stored."""
+    proj = make_project(tmp_path / "p", {"debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML}, "hello": signed_hello()})
+    keys = tmp_path / "keys"
+    env = {"LDT_SB_DIR": str(keys)}
+    built = doit("build_efistub:hello", cwd=proj, env=env)
+    text = built.stdout + built.stderr
+    assert "made the Secure Boot db key pair" in text and "PRIVATE KEY" not in text
+    img = (proj / "cache" / "recipes" / "hello" / "uefi.img").resolve()
+    assert img.parent.parent.name == "uefi" and (img.parent / "sb-vars.fd").is_file()
+    assert img.parent.name != hello_artifacts["uefi.img"].parent.name  # the signed disk is another entry
+    uki = esp_file(img, disk.UKI_PATH, tmp_path / "BOOTX64.EFI")
+    assert sb.verify(uki, keys / "db.crt")
+    assert esp_file(img, "::/EFI/keys/db.cer", tmp_path / "db.cer").read_bytes() == sb.cert_der(keys / "db.crt")
+    listing = run(["mdir", "-/", "-b", "-i", f"{img}@@{disk.ALIGN}", "::/"], capture=True,
+                  env={"MTOOLS_SKIP_CHECK": "1"}).stdout.decode().split()
+    assert sorted(f for f in listing if not f.endswith("/")) == sorted(
+        ["::/EFI/BOOT/BOOTX64.EFI", *(dest for dest in sb.esp_enrollment_paths().values())])  # no key on the ESP
+    secrets = [(keys / f"{role}.key").read_text().splitlines()[1].encode() for role in sb.Role]
+    for f in (img.parent / "sb-vars.fd", *(img.parent / "sb-vars.fd").resolve().parent.iterdir()):
+        assert not any(line in f.read_bytes() for line in secrets), f  # certificates only, never a key
+    again = doit("build_efistub:hello", cwd=proj, env=env)
+    assert "made the" not in again.stdout + again.stderr  # the keys are made once
+
+    out = doit("check_boot:hello", cwd=proj, env=env)
+    print(text := out.stdout + out.stderr)
+    rows = {r.split()[1]: r for r in text.splitlines() if r.startswith("hello ")}
+    assert rows["uefi"].split()[2] == "pass" and "secure boot" in rows["uefi"], text
+    assert "booting uefi under Secure Boot" in text
+    print(f"signed uefi row: {rows['uefi'].split()[3]}s")
