@@ -379,12 +379,12 @@ def check_table(name: str, results: list[CheckResult]) -> str:
 
 def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode)) -> list[CheckResult]:
     """The boot matrix of a recipe: each mode to its marker, headless; prints a table of the
-    results, and raises a UserError naming the failed modes with their last console lines."""
+    results, and raises a UserError naming the failed modes with their last console lines (a
+    disk the firmware refused under Secure Boot: that one line)."""
     accel = kvm.select_accel(cache_dir=p.store.root).accel
     results = [check_one(p, r, mode, accel) for mode in modes]
     print(check_table(r.name, results), flush=True)
     failed = [c for c in results if not c.ok]
-    hint = f"boot it interactively with `doit {failed[0].mode.run_task}:{r.name}`" if failed else ""
     if failed and all(c.refused for c in failed):  # Secure Boot said no: its one line says everything
         raise UserError(f"{r.name}: {', '.join(f'{c.mode}: {c.reason}' for c in failed)}",
                         hint="the disk is not signed by the db key the firmware enrolled; build it again "
@@ -392,6 +392,7 @@ def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode)) -> 
     if failed:
         details = "\n".join(f"{c.mode}: {c.reason}\n  last console lines:\n" + "\n".join("    " + t for t in c.tail)
                             for c in failed)
-        raise UserError(f"{r.name}: boot check failed for {', '.join(c.mode for c in failed)}\n{details}", hint=hint)
+        raise UserError(f"{r.name}: boot check failed for {', '.join(c.mode for c in failed)}\n{details}",
+                        hint=f"boot it interactively with `doit {failed[0].mode.run_task}:{r.name}`")
     print(f"boot it yourself: doit run_uefi:{r.name} (or run_bios, run_tgz); quit with Ctrl-A X", flush=True)
     return results
