@@ -14,9 +14,9 @@ snapshots, pulled images), and every row's entries come through one path, Store.
         -> built here, atomically -> pushed          (a row that is not `shared` skips the registry;
                                                       an `only_passes` row stores a passed result only)
 
-obtain() is the one caller of those steps (lookup, pull, build, push_entry) for the stages and
-pulled images; vm.check_one and resume.prepare still call the steps themselves until they move
-onto it. A layer under the store (issue 17: entries as content-addressed blocks, locally and in
+obtain() is the one caller of those steps (lookup, pull, build, push_entry): the stages, boot
+passes (vm.check_one), virt snapshots (resume.prepare) and pulled images all come through it.
+A layer under the store (issue 17: entries as content-addressed blocks, locally and in
 the registry) plugs in there: how an entry is looked up, materialized, pulled and pushed.
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
