@@ -11,8 +11,9 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import doit, make_project
 
-from pipeline import packs
+from pipeline import packs, stages
 from pipeline.cache import Keep, Row, Source, Store
 from pipeline.entries import MANIFEST, key_of
 from pipeline.errors import UserError
@@ -206,3 +207,21 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(UserError, match="max-size"):
         parse_size(text)
+
+
+def test_doit_store_gc_packs_then_max_size_drops(tmp_path):
+    """The real doit command line: store_gc packs a dead stage entry, `doit store` sums it up,
+    --max-size 0 drops it and its packs."""
+    project = make_project(tmp_path / "p", {}, seed_store=False)
+    store = Store(project / "cache")
+    e = make(store, stages.ROW["tgz"], 1, {"rootfs.tgz": data(30)})
+    env = {"DOCKER_HOST": "unix:///nonexistent"}
+    out = doit("store_gc", cwd=project, env=env).stdout
+    assert f"packed {e}" in out and "1 removed (1 of them kept packed)" in out, out
+    listing = doit("store", cwd=project, env=env).stdout
+    assert " packed " in listing and "logical 2.0M" in listing and "1 packed entries" in listing, listing
+    out = doit("store_gc", "--max-size", "0", cwd=project, env=env).stdout
+    assert f"dropped packed tgz/{e.name}" in out and "2 unused packs deleted" in out, out
+    assert store.packed.entries() == [] and list(store.packed.blocks.packs.glob("*.pack")) == []
+    bad = doit("store_gc", "--max-size", "lots", cwd=project, env=env, check=False)
+    assert bad.returncode != 0 and "is not a size" in bad.stdout + bad.stderr
