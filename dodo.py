@@ -1,8 +1,9 @@
 """The build graph: turns recipes/ into doit tasks. All logic lives in pipeline/.
 
-The tasks come from one table, pipeline/stages.py's STAGES (build_tgz, extract_boot,
-build_rootfs, build_syslinux_bios, build_efistub, fast_boot), plus a run task per boot mode
-(run_tgz, run_bios, run_uefi), check_boot, store and store_gc: see pipeline/graph.py.
+`doit list` shows every task. One per stage of pipeline/stages.py's table (build_tgz,
+build_app, extract_boot, build_rootfs, build_syslinux_bios, build_efistub, fast_boot), a run
+task per boot mode (run_tgz, run_bios, run_uefi), check_boot, publish, and the store's own
+(store, store_gc, store_push, store_verify): pipeline/graph.py makes them all.
 """
 
 from pathlib import Path

@@ -14,10 +14,10 @@ snapshots, pulled images), and every row's entries come through one path, Store.
         -> built here, atomically -> pushed          (a row that is not `shared` skips the registry;
                                                       an `only_passes` row stores a passed result only)
 
-obtain() is the one caller of those steps (lookup, pull, build, push_entry) for the stages and
-pulled images; vm.check_one and resume.prepare still call the steps themselves until they move
-onto it. The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry
-too; the registry side (entries as blocks in the registry) is still to come.
+obtain() is the one caller of those steps (lookup, pull, build, push_entry): the stages, boot
+passes (vm.check_one), virt snapshots (resume.prepare) and pulled images all come through it.
+The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; the
+registry side (entries as blocks in the registry) is still to come.
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds

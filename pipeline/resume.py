@@ -38,7 +38,6 @@ why under LDT_VERBOSE=1, and virt boots cold.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -46,20 +45,20 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import notices, qemu
-from pipeline.cache import Store, hash_file, key_of
+from pipeline.cache import Source, Store, hash_file, key_of
 from pipeline.initramfs import make_cpio, pad4
 from pipeline.launch import launch
 from pipeline.qmp import Qmp, QmpError
 from pipeline.run import log, reap, verbose
+from pipeline.stages import VIRT_SNAPSHOT
 
-STAGE = "virt_snapshot"  # the store folder cache/store/virt_snapshot/<key>/
-VERSION = 2  # bump when what a snapshot holds changes: every key changes
+STAGE = VIRT_SNAPSHOT.name  # the store folder cache/store/virt_snapshot/<key>/ (a row of stages.py)
 RAM, STATE, INITRD, INFO = "vm.ram", "vm.state", "vm.initrd", "vm.json"
 READY = b"ready\n"
 STARTED = b"started\n"
@@ -102,8 +101,7 @@ def manifest(*, kernel: Path, initrd: Path, rootfs: Path, qemu: str, bios: Path 
              memory: int, cpus: int, accel: str, cmd_shape: Sequence[str]) -> dict[str, Any]:
     """Every input of a snapshot; its key is the entry's name."""
     return {
-        "stage": STAGE,
-        "version": VERSION,
+        **VIRT_SNAPSHOT.head(),
         "inputs": {
             "kernel": identity(kernel),
             "initrd": identity(initrd),
@@ -180,12 +178,17 @@ def timings(marks: dict[str, float]) -> str:
 
 
 def find(store: Store, m: dict[str, Any]) -> Snapshot:
-    """The entry of manifest m, checked; NoSnapshot says why there is none usable."""
+    """The local entry of manifest m, checked; NoSnapshot says why there is none usable."""
     key = key_of(m)
     entry = store.lookup(STAGE, key, quiet=not verbose())  # a damaged one: named only under LDT_VERBOSE
     if entry is None:
         raise NoSnapshot(f"no snapshot for this image and these settings yet ({key[:12]})")
-    snap = Snapshot(entry)
+    return checked(entry)
+
+
+def checked(entry: Path) -> Snapshot:
+    """A stored snapshot this host can restore: its files whole, its RAM file open to this user."""
+    key, snap = entry.name, Snapshot(entry)
     try:
         info = json.loads((entry / INFO).read_text())
         for name in (RAM, STATE, INITRD):
@@ -207,15 +210,6 @@ def discard(snap: Snapshot) -> None:
     with contextlib.suppress(OSError):
         os.rename(snap.entry, gone)
         shutil.rmtree(gone, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _lock(store: Store, key: str) -> Iterator[None]:
-    """One maker per key: a second run waits for the first's snapshot instead of making its own."""
-    store.tmp.mkdir(parents=True, exist_ok=True)
-    with open(store.tmp / f"{STAGE}-{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 # ── making one ──────────────────────────────────────────────────────────────────────────
@@ -310,37 +304,38 @@ NOTICE = ("virt: this run boots and saves the VM once it is up (a few seconds); 
 
 def prepare(store: Store | None, machine: qemu.VirtMachine, *, initrd: Path, init: str, cpio: bytes) -> Snapshot:
     """The snapshot of `machine` (canonical: see VirtMachine.canonical) booting `initrd` with
-    `cpio` (the init script `init` in snapshot mode) appended: found, or made now (once:
-    concurrent runs wait for one maker). Raises NoSnapshot when there is none and none can be
-    made (the caller boots cold), MakeFailed when the guest failed on the way."""
+    `cpio` (the init script `init` in snapshot mode) appended: an entry of the store's
+    virt_snapshot row, found or made now by the one path (once: concurrent runs wait for one
+    maker). Raises NoSnapshot when there is none and none can be made (the caller boots cold),
+    MakeFailed when the guest failed on the way."""
     if store is None:
         raise NoSnapshot("no writable store for a snapshot")
     m = manifest_of(machine, initrd=initrd, init=init)
-    try:
-        return find(store, m)
-    except NoSnapshot as e:
+
+    def make_into(work: Path, key: str) -> None:
         if verbose():
-            log(f"virt: {e}; making one")
-    key = key_of(m)
-    with _lock(store, key):
-        with contextlib.suppress(NoSnapshot):
-            return find(store, m)  # made by a concurrent run while this one waited
-        _discard_damaged(store, key)
+            log(f"virt: no snapshot for this image and these settings yet ({key[:12]}); making one")
         if notices.first_time(store.root / "notices", NOTICE):
             log(NOTICE)
+        _write_initrd(work / INITRD, initrd, cpio)
+        make(work, machine=machine)
+
+    for again in (False, True):
         try:
-            with store.build(STAGE, key, m, writable=(RAM,)) as work:
-                _write_initrd(work / INITRD, initrd, cpio)
-                make(work, machine=machine)
+            got = store.obtain(VIRT_SNAPSHOT, m, make_into, quiet=not verbose())
         except OSError as e:
             raise NoSnapshot(f"could not make a snapshot: {e}") from None
-        return find(store, m)
-
-
-def _discard_damaged(store: Store, key: str) -> None:
-    """An entry find() refused is made again."""
-    if store.lookup(STAGE, key) is not None:
-        discard(Snapshot(store.entry(STAGE, key)))
+        if got.entry is None:
+            raise NoSnapshot("the snapshot was made but is not in the store")
+        try:
+            return checked(got.entry)
+        except NoSnapshot as e:
+            if got.source is not Source.LOCAL or again:
+                raise
+            if verbose():
+                log(f"virt: {e}; making one")
+            discard(Snapshot(got.entry))  # stored, but not restorable here: made once more
+    raise AssertionError("unreachable")
 
 
 def _write_initrd(dest: Path, initrd: Path, cpio: bytes) -> None:

@@ -33,9 +33,8 @@ The other rows (OTHER_ROWS) are entries made from a recipe's entries, not doit s
 A check entry is stored only when the boot passed (only_passes); a virt snapshot is keyed by
 this machine's paths, so it is never shared (shared=False); a published image is pulled by its
 builder (the registry's own verified image pull), keyed by its digest. The recipe stages are
-kept while a recipe points at them (Keep.POINTED). vm.check_one and resume.prepare still take
-the path's steps themselves (lookup, pull, build, push_entry) with these rows' names and
-versions; moving them onto obtain() is the next step of issue 16.
+kept while a recipe points at them (Keep.POINTED). Every row, these three included, takes
+the one path, Store.obtain(): its builder is what obtain() calls on a miss.
 
 Stage functions take typed values (the Project, the Recipe) and raise UserError; graph.py
 adapts them to doit actions and cli.py to console scripts.
@@ -150,7 +149,7 @@ STAGE = {s.name: s for s in STAGES}
 MAKER = {a: s for s in STAGES for a in s.makes}  # which stage makes each artifact
 TASKS = tuple(dict.fromkeys(s.task for s in STAGES))  # doit tasks, in table order
 
-CHECK = Row("check", 2, "A passed boot of one mode: result.json (seconds, accel, what passed it)",
+CHECK = Row("check", 3, "A passed boot of one mode: result.json (seconds, accel, what passed it)",
             needs=("vmlinux", "boot", "ext4", "app", "bios", "uefi"), reads=("boot_marker", "http", "cmdline"),
             only_passes=True, keep=Keep.NEEDS, builder="vm.check_one")
 VIRT_SNAPSHOT = Row("virt_snapshot", 2, "virt's saved post-boot VM: vm.ram, vm.state, vm.initrd, vm.json",

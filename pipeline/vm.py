@@ -22,13 +22,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import app, disk, headless, kvm, qemu, stages
 from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
-from pipeline.cache import key_of
+from pipeline.cache import Source
 from pipeline.errors import UserError
 from pipeline.ext4 import read_ext4_identity
 from pipeline.launch import exit_status, machine_argv, run_interactive
@@ -36,9 +36,6 @@ from pipeline.project import Project
 from pipeline.qemu import Accel, Mode
 from pipeline.recipes import Recipe
 from pipeline.run import log, run
-
-CHECK_STAGE = "check"  # store entries of passed boots: cache/store/check/<key>/result.json
-CHECK_VERSION = 2
 
 
 def memory_mib(size: str) -> int:
@@ -97,20 +94,20 @@ class Boot:
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str | None = None
-    keys: tuple[str, ...] = ()  # store keys of everything booted (check_boot caches against them)
+    needs: dict[str, str] = field(default_factory=dict)  # {row: key} of everything booted (a pass's needs)
     plan: Plan = Plan()  # the app it runs (none: an OS)
 
 
 def boot_inputs(p: Project, r: Recipe, mode: Mode) -> Boot:
     """The recipe's current files for booting in `mode` (UserError naming the task when one is missing)."""
     files = stages.current(p, r, mode.needs(initrd=r.initrd))
-    keys = tuple(dict.fromkeys(f.parent.name for f in files.values()))
+    needs = stages.needs_of(files)
     plan = Plan.from_json(json.loads(files[Artifact.APP].read_text()))
     if not mode.direct_kernel:
-        return Boot(files[mode.disk], keys=keys, plan=plan)
+        return Boot(files[mode.disk], needs=needs, plan=plan)
     uuid, _ = read_ext4_identity(files[Artifact.EXT4])
     cmdline = disk.kernel_cmdline(uuid, [*plan.kernel_args.split(), *r.cmdline.split()])
-    return Boot(files[Artifact.EXT4], files[Artifact.VMLINUX], files.get(Artifact.INITRD), cmdline, keys, plan)
+    return Boot(files[Artifact.EXT4], files[Artifact.VMLINUX], files.get(Artifact.INITRD), cmdline, needs, plan)
 
 
 def machine(mode: Mode, b: Boot, settings: qemu.VmSettings, persistent: Path | None = None) -> qemu.Machine:
@@ -249,55 +246,34 @@ def http_probe(port: int, path: str) -> Callable[[], str | None]:
 
 def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     """Boot one variant headless to the marker (an app: to its check), unless that exact image
-    already passed."""
+    already passed: a pass is an entry of the store's check row, made by the one path (local,
+    registry, boot), and stored only when the boot passed (a failure is retried next time)."""
     b = boot_inputs(p, r, mode)
     spec = check_spec(r, b.plan)
-    manifest = check_manifest(mode, b, spec)
-    cached = _passed_before(p, mode, manifest)
-    if cached is not None:
-        return cached
-    if b.plan.app is None:
-        res = check_os(r, mode, b, accel, spec["marker"] or "")
-    else:
-        res = check_app(r, mode, b, accel, spec)
-    if res.ok:  # only passes are remembered: a failure is retried next time
-        _remember_pass(p, manifest, res, accel)
-    return res
 
+    def boot(work: Path, key: str) -> CheckResult:
+        res = check_os(r, mode, b, accel, spec["marker"] or "") if b.plan.app is None else \
+            check_app(r, mode, b, accel, spec)
+        if res.ok:
+            (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
+                                                          "passed_by": res.passed_by, "stopped": res.stopped}))
+        return res
 
-# ── the store's part of a check (a boot pass is an entry of CHECK_STAGE) ────────────────
-
-
-def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None]) -> dict[str, object]:
-    """What a pass is keyed by: the mode, the store keys of everything booted, what it waited for."""
-    manifest: dict[str, object] = {"stage": CHECK_STAGE, "version": CHECK_VERSION, "mode": str(mode),
-                                   "booted": list(b.keys), "marker": spec["marker"], "cmdline": b.cmdline}
-    if b.plan.app is not None:
-        manifest["http"] = spec["http"]
-    return manifest
-
-
-def _passed_before(p: Project, mode: Mode, manifest: dict[str, object]) -> CheckResult | None:
-    """The cached pass of this exact check (local store, else the registry), or None."""
-    key = key_of(manifest)
-    entry = p.store.lookup(CHECK_STAGE, key)
-    if entry is not None:
-        p.store.push_entry(CHECK_STAGE, key)  # the fleet's, if it lacks this pass
-    else:
-        entry = p.store.pull(CHECK_STAGE, key, manifest)
-    if entry is None:
-        return None
-    res = json.loads((entry / "result.json").read_text())
+    got = p.store.obtain(stages.CHECK, check_manifest(mode, b, spec), boot, passed=lambda res: res.ok)
+    if got.source is Source.BUILT:
+        return got.result
+    res = json.loads((got.entry / "result.json").read_text())
     return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "login prompt"),
                        stopped=res.get("stopped", ""))
 
 
-def _remember_pass(p: Project, manifest: dict[str, object], res: CheckResult, accel: Accel) -> None:
-    key = key_of(manifest)
-    with p.store.build(CHECK_STAGE, key, manifest) as work:
-        (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
-                                                      "passed_by": res.passed_by, "stopped": res.stopped}))
-    p.store.push_entry(CHECK_STAGE, key)
+def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None]) -> dict[str, object]:
+    """What a pass is keyed by: the mode, the entries of everything booted, what it waited for."""
+    manifest: dict[str, object] = {**stages.CHECK.head(), "mode": str(mode), "needs": b.needs,
+                                   "marker": spec["marker"], "cmdline": b.cmdline}
+    if b.plan.app is not None:
+        manifest["http"] = spec["http"]
+    return manifest
 
 
 # ── booting a check ─────────────────────────────────────────────────────────────────────

@@ -14,3 +14,10 @@ def test_ruff_is_clean():
     proc = subprocess.run([ruff, "check", "dodo.py", "pipeline", "tests", "bench"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout") :].split("\n## ", 1)[0]
+    modules = sorted(p.name for p in (ROOT / "pipeline").glob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if m not in layout] == []
