@@ -74,7 +74,7 @@ def test_a_revert_restores_the_packed_tgz_without_a_build(tmp_path):
     # packs share nothing with plain entries: the packed revision costs its tar's blocks, zstd'd,
     # about what its tgz takes (not twice)
     assert fp.packs < tgz * 1.5, (fp, tgz)
-    assert fp.logical > fp.plain + tgz and fp.ratio > 1, fp
+    assert fp.logical > fp.plain + tgz - (1 << 20) and fp.ratio > 1, fp  # logical: apparent sizes
 
     recipe.write_text(dockerfile("one"))  # the revert
     proc = doit(f"build_tgz:{NAME}", cwd=root)
