@@ -191,11 +191,11 @@ class Store:
         key_of(manifest) (a pulled image's is its digest). quiet: a damaged local entry is evicted
         without a line (virt's stderr belongs to its command)."""
         key = key_of(manifest) if key is None else key
-        found = self._found(row, key, quiet)
+        found = self._found(row, key, quiet, restore=False)  # a packed entry is restored by the one maker
         if found is not None:
             return found
         with self._one_maker(row.name, key):
-            found = self._found(row, key, quiet)  # made by a concurrent run while this one waited
+            found = self._found(row, key, quiet)  # made by a concurrent run while this one waited, or packed
             if found is not None:
                 return found
             if row.shared:
@@ -212,8 +212,8 @@ class Store:
             self.push_entry(row.name, key)
         return Obtained(entry, Source.BUILT, key, result)
 
-    def _found(self, row: Row, key: str, quiet: bool) -> Obtained | None:
-        entry = self.lookup(row.name, key, quiet=quiet)
+    def _found(self, row: Row, key: str, quiet: bool, restore: bool = True) -> Obtained | None:
+        entry = self.lookup(row.name, key, quiet=quiet, restore=restore)
         if entry is None:
             return None
         if row.shared:
