@@ -16,8 +16,8 @@ snapshots, pulled images), and every row's entries come through one path, Store.
 
 obtain() is the one caller of those steps (lookup, pull, build, push_entry): the stages, boot
 passes (vm.check_one), virt snapshots (resume.prepare) and pulled images all come through it.
-A layer under the store (issue 17: entries as content-addressed blocks, locally and in
-the registry) plugs in there: how an entry is looked up, materialized, pulled and pushed.
+The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; the
+registry side (entries as blocks in the registry) is still to come.
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds
@@ -30,9 +30,11 @@ The shared store (an OCI registry, remote.RegistryStore) is handed in by the pro
 (project.py, from LDT_REMOTE); this module never imports it. It is a cache, never a point of
 failure: down, refusing or damaged means one warning line and a local build.
 
-`doit store_gc` keeps what the rows say is live (Keep, live_entries()): what a recipe points
-at, and what was made from live entries (boot passes, VM snapshots), and the newest pull of
-each published image.
+`doit store_gc` keeps what the rows say is live (Keep, live_entries(), in rows.py): what a
+recipe points at, and what was made from live entries (boot passes, VM snapshots), and the
+newest pull of each published image. The other entries of a packable row are kept packed as
+blocks (packed.py: cache/packed/ + cache/blocks/) instead of deleted, and lookup() restores one
+through the same atomic door as a build: a revert costs no rebuild.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from doit.dependency import FileChangedChecker
 
+from pipeline.blocks import BlockCorrupt
 from pipeline.entries import (
     MANIFEST,
     EntryCorrupt,
@@ -67,10 +70,12 @@ from pipeline.entries import (
 )
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, fsync_path
+from pipeline.packed import Budget, Packed, PackedEntry
+from pipeline.rows import Keep, Row, live_entries
 from pipeline.run import log
 
-__all__ = ["MANIFEST", "Keep", "Obtained", "Row", "Source", "Store", "XXHashChecker", "hash_file", "key_of",
-           "live_entries", "tree_manifest"]
+__all__ = ["MANIFEST", "Collected", "Footprint", "Keep", "Obtained", "Row", "Source", "Store", "XXHashChecker",
+           "hash_file", "key_of", "live_entries", "tree_manifest"]
 
 READ_ONLY_FILE, READ_ONLY_DIR = 0o444, 0o555
 
@@ -90,38 +95,6 @@ def tree_manifest(root: Path, relpaths: Iterable[str]) -> list[dict[str, Any]]:
     return entries
 
 
-# -- rows: the kinds of entry the store holds ---------------------------------------------------
-
-
-class Keep(enum.StrEnum):
-    """How `doit store_gc` decides an entry of a row is live (each row says which rule is its)."""
-
-    POINTED = "pointed"  # a recipe's stable path points at it (the recipe stages)
-    NEEDS = "needs"  # every entry its manifest names ("needs": {row: key}, or "booted": [key]) is live
-    FILES = "files"  # every file its "inputs" identify (path:size:mtime) is unchanged: in a live entry, or outside
-    NEWEST = "newest"  # the newest entry of each "image" (a pulled image; older pulls of it are garbage)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One kind of store entry: the folder cache/store/<name>/, and what the store does with it."""
-
-    name: str  # the store folder, the registry repository, and "stage" in every manifest
-    version: int  # bump when what an entry holds changes: every key of the row changes
-    doc: str
-    needs: tuple[str, ...] = ()  # the rows whose entries it is made from (named in its manifest)
-    reads: tuple[str, ...] = ()  # the recipe settings (Recipe.settings() keys) that go into the key
-    shared: bool = True  # pulled from and pushed to the shared store (False: keyed by this machine's paths)
-    only_passes: bool = False  # stored only when the builder's result passed (a failed boot is retried)
-    writable: tuple[str, ...] = ()  # files that stay writable by their owner (see Store.build)
-    keep: Keep = Keep.POINTED  # store_gc's rule
-    builder: str = ""  # where the builder is, for a row whose builder lives above the store ("vm.check_one")
-
-    def head(self) -> dict[str, Any]:
-        """What every manifest of the row starts with."""
-        return {"stage": self.name, "version": self.version}
-
-
 class Source(enum.StrEnum):
     LOCAL = "local"
     REMOTE = "remote"
@@ -137,6 +110,33 @@ class Obtained:
     source: Source
     key: str
     result: Any = None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What `doit store` sums up: the bytes the entries hold and the bytes they take."""
+
+    logical: int  # plain entries' files (apparent) + packed entries' files
+    plain: int  # plain entries on disk
+    packs: int  # pack files + packed entries' records
+
+    @property
+    def stored(self) -> int:
+        return self.plain + self.packs
+
+    @property
+    def ratio(self) -> float:
+        return self.logical / self.stored if self.stored else 1.0
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What Store.collect() did."""
+
+    removed: list[Path]  # plain entries taken out of store/ (packed or deleted) and work dirs
+    packed: list[Path]  # those of them kept packed
+    kept: list[Path]  # dead entries left plain (packing failed: a full disk)
+    budget: Budget  # packed entries dropped past --max-size, packs deleted
 
 
 class Absent(Exception):
@@ -173,6 +173,11 @@ class Store:
     def entry(self, stage: str, key: str) -> Path:
         return self.store / stage / key
 
+    @property
+    def packed(self) -> Packed:
+        """Entries store_gc kept as blocks (packed.py): cache/packed/ and cache/blocks/."""
+        return Packed(self.root)
+
     # -- the one path -------------------------------------------------------------------------
 
     def obtain(self, row: Row, manifest: dict[str, Any], build: Callable[[Path, str], Any], *,
@@ -186,11 +191,11 @@ class Store:
         key_of(manifest) (a pulled image's is its digest). quiet: a damaged local entry is evicted
         without a line (virt's stderr belongs to its command)."""
         key = key_of(manifest) if key is None else key
-        found = self._found(row, key, quiet)
+        found = self._found(row, key, quiet, restore=False)  # a packed entry is restored by the one maker
         if found is not None:
             return found
         with self._one_maker(row.name, key):
-            found = self._found(row, key, quiet)  # made by a concurrent run while this one waited
+            found = self._found(row, key, quiet)  # made by a concurrent run while this one waited, or packed
             if found is not None:
                 return found
             if row.shared:
@@ -207,8 +212,8 @@ class Store:
             self.push_entry(row.name, key)
         return Obtained(entry, Source.BUILT, key, result)
 
-    def _found(self, row: Row, key: str, quiet: bool) -> Obtained | None:
-        entry = self.lookup(row.name, key, quiet=quiet)
+    def _found(self, row: Row, key: str, quiet: bool, restore: bool = True) -> Obtained | None:
+        entry = self.lookup(row.name, key, quiet=quiet, restore=restore)
         if entry is None:
             return None
         if row.shared:
@@ -225,13 +230,41 @@ class Store:
 
     # -- the steps of the path ----------------------------------------------------------------
 
-    def lookup(self, stage: str, key: str, *, quiet: bool = False) -> Path | None:
+    def lookup(self, stage: str, key: str, *, quiet: bool = False, restore: bool = True) -> Path | None:
         """The finished local entry, verified (quickly: see verify()); a damaged one is evicted
-        (and named in one line, unless quiet: virt's stderr belongs to its command)."""
+        (and named in one line, unless quiet: virt's stderr belongs to its command). An entry
+        store_gc packed is restored from its blocks (restore=False: not)."""
         e = self.entry(stage, key)
         if not (e / MANIFEST).is_file():
-            return None
+            return self.unpack(stage, key, quiet=quiet) if restore else None
         return e if self.check(e, quiet=quiet) else None
+
+    def unpack(self, stage: str, key: str, *, quiet: bool = False) -> Path | None:
+        """A packed entry made plain again through the atomic door of build(), every block checked
+        against its digest and every file against its manifest's sha256; None when there is none.
+        A damaged one is one warning line and dropped (the caller pulls or builds)."""
+        packed = self.packed
+        if not packed.has(stage, key):
+            return None
+        started = time.monotonic()
+        try:
+            manifest = packed.manifest(stage, key)
+            writable = packed.writable(stage, key)
+            with self.build(stage, key, {k: v for k, v in manifest.items() if k != "files"},
+                            writable=writable) as work:
+                size = packed.restore_into(stage, key, work)
+        except (BlockCorrupt, OSError, ValueError) as e:
+            log(f"warning: packed entry {stage}:{key[:12]} is damaged ({getattr(e, 'message', e)}); "
+                "dropped, it will be made again")
+            packed.drop(stage, key)
+            return None
+        entry = self.lookup(stage, key, quiet=quiet, restore=False)
+        if entry is not None:
+            packed.drop(stage, key)  # plain again: store_gc packs it anew if it dies again
+            if not quiet:
+                log(f"{stage}:{key[:12]} restored from packed blocks ({human(size)} in "
+                    f"{time.monotonic() - started:.1f}s)")
+        return entry
 
     def check(self, entry: Path, *, deep: bool = False, quiet: bool = False) -> bool:
         """verify(), and on a failure one line naming the entry, which is evicted."""
@@ -276,7 +309,7 @@ class Store:
             try:
                 os.rename(work, final)
             except OSError:  # a concurrent build of the same key won: keep theirs
-                if self.lookup(stage, key) is None:
+                if self.lookup(stage, key, restore=False) is None:
                     raise
             os.chmod(final, READ_ONLY_DIR)
             fsync_path(final.parent)
@@ -462,11 +495,29 @@ class Store:
         only_remote = sorted((st, k) for st, keys in remote.items() for k in keys if (st, k) not in here)
         for st, k in only_remote:
             lines.append(f"{st:<14} {k[:16]:<16} {'remote':<12} {'':>10} {'':>10}")
+        packed = self.packed.entries()
+        for p in packed:
+            lines.append(f"{p.row:<14} {p.key[:16]:<16} {'packed':<12} {human(p.logical):>10} {'':>10}  "
+                         f"(packed {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.packed_at))})")
+        fp = self.footprint(total_apparent, total_disk, packed)
+        lines.append(f"logical {human(fp.logical)}, stored {human(fp.stored)} (plain {human(fp.plain)} + packs "
+                     f"{human(fp.packs)} for {len(packed)} packed entries), ratio {fp.ratio:.2f}x")
         work = sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
         lines.append(f"{len(local)} local entries, {human(total_apparent)} apparent, {human(total_disk)} on disk"
                      + (f"; {len(only_remote)} more in {self.remote}" if remote else "")
                      + (f"; {len(work)} unfinished work dirs in {self.tmp}" if work else ""))
         return "\n".join(lines)
+
+    def footprint(self, apparent: int | None = None, disk: int | None = None,
+                  packed: list[PackedEntry] | None = None) -> Footprint:
+        """Logical bytes (every entry's files, plain or packed) and what they take on disk."""
+        if apparent is None or disk is None:
+            sizes = [du(e) for e in self.entries()]
+            apparent, disk = sum(a for a, _ in sizes), sum(d for _, d in sizes)
+        packed = self.packed.entries() if packed is None else packed
+        packs = self.packed.blocks.stats().stored if (self.root / "blocks" / "index.sqlite").exists() else 0
+        return Footprint(apparent + sum(p.logical for p in packed), disk,
+                         packs + sum(p.own for p in packed))
 
     def verify_all(self) -> list[tuple[Path, str]]:
         """Rehash every entry against its manifest.json; the damaged ones are evicted."""
@@ -493,12 +544,34 @@ class Store:
         return live_entries(self.manifests(), set(self.pointers().values()), rows, self.store)
 
     def gc(self, rows: Iterable[Row] = (), keep: Iterable[Path] = ()) -> list[Path]:
-        """Remove the entries that are not live (by the rows' rules; an entry of no row is live
-        only while a stable path points at it) and leftover work dirs."""
+        """collect(): the plain entries and work dirs it removed."""
+        return self.collect(rows, keep).removed
+
+    def collect(self, rows: Iterable[Row] = (), keep: Iterable[Path] = (), max_size: int | None = None) -> Collected:
+        """Take the entries that are not live out of store/ (by the rows' rules; an entry of no row
+        is live only while a stable path points at it): those of a packable row are kept packed
+        (removed only once their packed form is complete and verified; one that cannot be packed,
+        a full disk, stays plain, with one line), the others deleted. Then leftover work dirs and
+        free locks go; with max_size, packed entries past it, oldest first; and the packs no
+        packed entry uses."""
+        rows = tuple(rows)
+        rule = {r.name: r for r in rows}
         live = self.live(rows) | {Path(k) for k in keep}
-        removed = [e for e in self.entries() if e not in live]
-        for e in removed:
+        removed, packed, kept = [], [], []
+        for e in self.entries():
+            if e in live:
+                continue
+            row = rule.get(e.parent.name)
+            if row is not None and row.packable and verify(e) is None:
+                try:
+                    self.packed.pack(e, self.tmp)
+                except UserError as err:
+                    log(f"store_gc: {err.message}")
+                    kept.append(e)
+                    continue
+                packed.append(e)
             self.evict(e)
+            removed.append(e)
         if self.tmp.is_dir():
             for w in self.tmp.iterdir():
                 if _builder_alive(w.name):
@@ -513,70 +586,13 @@ class Store:
                 except OSError:
                     continue  # its key is being made
                 lock.unlink()
-        return removed
-
-
-def live_entries(manifests: Mapping[Path, dict[str, Any]], pointed: set[Path], rows: Iterable[Row],
-                 store: Path, stat_of: Callable[[str], os.stat_result] = os.stat) -> set[Path]:
-    """Which entries (of `manifests`: entry dir -> its manifest.json) are live: those a recipe
-    points at, then by each row's Keep rule, until nothing more is found (a boot pass of a
-    snapshot's files is live once they are). Pure but for stat_of (FILES: outside files)."""
-    rule = {r.name: r.keep for r in rows}
-    live = {e for e in manifests if e in pointed}
-    newest: dict[tuple[str, str], Path] = {}
-    for e, m in manifests.items():
-        if rule.get(e.parent.name) is Keep.NEWEST and isinstance(m.get("image"), str):
-            group = (e.parent.name, m["image"])
-            if group not in newest or _stored_at(e) > _stored_at(newest[group]):
-                newest[group] = e
-    live |= set(newest.values())
-    grown = True
-    while grown:
-        grown = False
-        keys = {e.name for e in live}
-        for e, m in manifests.items():
-            keep = rule.get(e.parent.name)
-            if e in live or keep not in (Keep.NEEDS, Keep.FILES):
-                continue
-            if _alive(keep, m, live, keys, store, stat_of):
-                live.add(e)
-                grown = True
-    return live
-
-
-def _alive(keep: Keep, m: dict[str, Any], live: set[Path], keys: set[str], store: Path,
-           stat_of: Callable[[str], os.stat_result]) -> bool:
-    if keep is Keep.NEEDS:
-        needs, booted = m.get("needs"), m.get("booted")
-        named = [store / row / key for row, key in needs.items()] if isinstance(needs, dict) else []
-        old = [k for k in booted if isinstance(k, str)] if isinstance(booted, list) else []  # check v2 manifests
-        return bool(named or old) and all(e in live for e in named) and all(k in keys for k in old)
-    identities = m.get("inputs")
-    if not isinstance(identities, dict):
-        return False
-    for ident in identities.values():
-        if ident is None:
-            continue
-        path, size, mtime = str(ident).rsplit(":", 2)
-        inside = Path(path).relative_to(store).parts if Path(path).is_relative_to(store) else ()
-        if inside:
-            if len(inside) < 3 or store / inside[0] / inside[1] not in live:
-                return False
-            continue
-        try:
-            st = stat_of(path)
-        except OSError:
-            return False
-        if f"{st.st_size}:{st.st_mtime_ns}" != f"{size}:{mtime}":
-            return False
-    return True
-
-
-def _stored_at(entry: Path) -> int:
-    try:
-        return (entry / MANIFEST).stat().st_mtime_ns
-    except OSError:
-        return 0
+        if max_size is not None:
+            plain = sum(du(e)[1] for e in self.entries())
+            budget = self.packed.trim(max_size, plain)
+        else:
+            n, freed = self.packed.sweep()
+            budget = Budget((), n, freed)
+        return Collected(removed, packed, kept, budget)
 
 
 def verify(entry: Path, *, deep: bool = False) -> str | None:

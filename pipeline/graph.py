@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from pipeline import publish, stages, vm
+from pipeline.cache import human
 from pipeline.errors import UserError
+from pipeline.packed import parse_size
 from pipeline.project import Project
 from pipeline.qemu import Mode
 from pipeline.recipes import Recipe
@@ -81,11 +84,19 @@ def store_action(root: str) -> None:
 
 
 @doit_edge
-def store_gc_action(root: str) -> None:
-    removed = Project(Path(root)).store.gc(stages.ROWS)
-    for e in removed:
-        print(f"removed {e}")
-    print(f"{len(removed)} removed")
+def store_gc_action(root: str, max_size: str = "") -> None:
+    """doit passes the task's param (GC_PARAMS) by this name."""
+    store = Project(Path(root)).store
+    done = store.collect(stages.ROWS, max_size=parse_size(max_size) if max_size else None)
+    packed = set(done.packed)
+    for e in done.removed:
+        print(f"{'packed' if e in packed else 'removed'} {e}")
+    for d in done.budget.dropped:
+        print(f"dropped packed {d.row}/{d.key} (packed {time.strftime('%Y-%m-%d %H:%M', time.localtime(d.packed_at))})")
+    print(f"{len(done.removed)} removed ({len(done.packed)} of them kept packed"
+          + (f", {len(done.kept)} left plain: packing failed" if done.kept else "") + "); "
+          f"{len(done.budget.dropped)} packed entries dropped past --max-size, {done.budget.packs_deleted} unused "
+          f"packs deleted ({human(done.budget.bytes_freed)})")
     _remove_leftover_containers()
 
 
@@ -233,8 +244,18 @@ def check_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, An
         }
 
 
+GC_PARAMS = [
+    {"name": "max_size", "long": "max-size", "default": "",
+     "help": "drop packed entries, oldest first, while the store (plain entries + packs) is over SIZE "
+             "(e.g. 20G); default: keep every packed entry"},
+]
+
+
 def _store_task(action: Callable[[str], Any], p: Project) -> dict[str, Any]:
-    return {"actions": [(action, [str(p.root)])], "uptodate": [False], "verbosity": 2}
+    task = {"actions": [(action, [str(p.root)])], "uptodate": [False], "verbosity": 2}
+    if action is store_gc_action:
+        task["params"] = GC_PARAMS
+    return task
 
 
 def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[[], Any]]:
@@ -257,10 +278,11 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
     out["task_publish"] = creator(functools.partial(publish_tasks, p, recipes), PUBLISH_DOC)
     store_tasks = {
         "store": (store_action, "Show the content-hash store: entries, sizes, which recipe points where (and with "
-                                "$LDT_REMOTE: local, remote or both)"),
-        "store_gc": (store_gc_action, "Remove store entries the table says are not live (no recipe points at them "
-                                      "or at what they were made from), unfinished work dirs and containers a "
-                                      "killed run left"),
+                                "$LDT_REMOTE: local, remote or both), packed entries, logical and stored bytes"),
+        "store_gc": (store_gc_action, "Pack store entries the table says are not live (no recipe points at them "
+                                      "or at what they were made from) into blocks a revert restores, remove "
+                                      "unfinished work dirs and containers a killed run left; --max-size SIZE "
+                                      "drops the oldest packed entries past SIZE"),
         "store_verify": (store_verify_action, "Rehash every store entry against its manifest.json; remove the "
                                               "damaged ones"),
         "store_push": (store_push_action, "Push every local store entry $LDT_REMOTE lacks (e.g. after the registry "

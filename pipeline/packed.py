@@ -1,0 +1,296 @@
+"""Store entries kept as blocks (issue 17, locally): what `doit store_gc` does with an entry no
+recipe points at, instead of deleting it, and how a revert gets it back without a rebuild.
+
+Layout (beside cache/store/):
+    cache/blocks/                     the BlockStore (packs.py): packs/*.pack + index.sqlite
+    cache/packed/<row>/<key>/         a packed entry: its manifest.json (as stored), one
+                                      <file>.idx per file (blocks.Index root, put_index) and
+                                      packed.json (when it was packed, which files were writable)
+
+pack() writes a packed entry in a work dir and renames it into place only once every file's
+index is complete and verified (its sha256, taken while the file was cut, is the one its
+manifest.json records; every block it names is in a pack); the caller removes the plain entry
+after that, never before. A full disk while packing is one UserError line; the plain entry stays.
+
+restore_into() fills a work dir of Store.build (the same atomic door as a build or a pull) with
+the materialized files (every block checked against its digest, each file against its sha256)
+and the stored manifest.json; a damaged pack is BlockCorrupt: the caller drops the packed entry
+and builds.
+
+trim() drops packed entries past a size budget, oldest first, and sweep() deletes the packs none
+of the remaining packed entries use. A pack some of whose blocks are still used is kept whole:
+compacting partly-used packs is left for later (issue 17's remote half compacts too).
+
+This module never imports cache.py (cache.Store uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.blocks import BlockCorrupt, Index
+from pipeline.entries import MANIFEST, manifest_json
+from pipeline.errors import UserError
+from pipeline.files import fsync_path
+from pipeline.packs import BlockStore
+
+INFO = "packed.json"
+IDX = ".idx"
+
+
+@dataclass(frozen=True)
+class PackedEntry:
+    path: Path  # cache/packed/<row>/<key>
+    packed_at: float  # seconds since the epoch
+    logical: int  # the bytes of the entry's files as a plain entry
+    own: int  # the bytes of the packed entry's own files (manifest, index roots)
+
+    @property
+    def row(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What trim() dropped and what sweep() deleted."""
+
+    dropped: tuple[PackedEntry, ...]
+    packs_deleted: int
+    bytes_freed: int
+
+
+@dataclass(frozen=True)
+class Packed:
+    cache: Path  # the cache/ folder
+
+    @property
+    def root(self) -> Path:
+        return self.cache / "packed"
+
+    @property
+    def blocks(self) -> BlockStore:
+        return BlockStore(self.cache / "blocks")
+
+    def path(self, row: str, key: str) -> Path:
+        return self.root / row / key
+
+    def has(self, row: str, key: str) -> bool:
+        return (self.path(row, key) / INFO).is_file()
+
+    # -- packing ----------------------------------------------------------------------------------
+
+    def pack(self, entry: Path, tmp: Path) -> Path:
+        """Keep a finished plain entry as blocks; the packed entry (the plain one is untouched).
+        UserError (one line) when it cannot be: no file records, a file that is not what its
+        manifest records, a full disk."""
+        row, key = entry.parent.name, entry.name
+        final = self.path(row, key)
+        if (final / INFO).is_file():
+            return final
+        manifest = json.loads((entry / MANIFEST).read_text())
+        records = manifest.get("files")
+        if not isinstance(records, dict):
+            raise UserError(f"{row}/{key[:12]} has no record of its files; not packed")
+        tmp.mkdir(parents=True, exist_ok=True)
+        work = tmp / f"packed_{row}-{key}-{os.getpid()}-{time.monotonic_ns()}"
+        work.mkdir()
+        bs = self.blocks
+        try:
+            writable = []
+            for name, rec in sorted(records.items()):
+                f = entry / name
+                if f.stat().st_mode & 0o200:
+                    writable.append(name)
+                root = bs.put_index(bs.put(f))
+                if (root.size, root.sha256) != (rec.get("size"), rec.get("sha256")):
+                    raise UserError(f"{row}/{key[:12]}: {name} is not what its manifest.json records; not packed")
+                if bs.missing(root):
+                    raise UserError(f"{row}/{key[:12]}: {name}'s blocks are not all in a pack; not packed")
+                (work / (name + IDX)).write_bytes(root.to_bytes())
+            (work / MANIFEST).write_text(manifest_json(manifest))
+            (work / INFO).write_text(json.dumps({"packed_at": time.time(), "writable": writable,
+                                                 "logical": sum(int(r.get("size", 0)) for r in records.values())}))
+            for p in work.iterdir():
+                fsync_path(p)
+            fsync_path(work)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # an unfinished one (no packed.json): replace it
+                shutil.rmtree(final)
+            os.rename(work, final)
+            fsync_path(final.parent)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"{row}/{key[:12]}: no space left on the disk holding {self.cache} while "
+                                "packing it; the plain entry stays",
+                                hint="free some space, or `doit store_gc --max-size SIZE` to drop old packed "
+                                     "entries") from None
+            raise
+        except UserError as e:
+            if "No space left on device" in e.message:
+                raise UserError(f"{row}/{key[:12]}: no space left while packing it; the plain entry stays") from None
+            raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+        return final
+
+    # -- restoring --------------------------------------------------------------------------------
+
+    def manifest(self, row: str, key: str) -> dict[str, Any]:
+        return json.loads((self.path(row, key) / MANIFEST).read_text())
+
+    def writable(self, row: str, key: str) -> list[str]:
+        return list(json.loads((self.path(row, key) / INFO).read_text()).get("writable", []))
+
+    def restore_into(self, row: str, key: str, work: Path) -> int:
+        """The entry's files and manifest.json into an empty work dir, every block and file
+        checked; their bytes. BlockCorrupt when the packed entry cannot make them."""
+        d = self.path(row, key)
+        try:
+            manifest = self.manifest(row, key)
+            records = manifest["files"]
+            roots = {name: Index.from_bytes((d / (name + IDX)).read_bytes()) for name in records}
+        except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+            raise BlockCorrupt(f"its record is unreadable ({getattr(e, 'message', e)})") from None
+        bs = self.blocks
+        total = 0
+        for name, rec in records.items():
+            root = roots[name]
+            if (root.size, root.sha256) != (rec.get("size"), rec.get("sha256")):
+                raise BlockCorrupt(f"the index of {name} does not match its manifest.json")
+            bs.materialize(root, work / name)
+            total += root.size
+        (work / MANIFEST).write_text(manifest_json(manifest))
+        return total
+
+    def drop(self, row: str, key: str) -> None:
+        d = self.path(row, key)
+        with contextlib.suppress(FileNotFoundError):
+            (d / INFO).unlink()  # first: what has() looks at
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            d.parent.rmdir()
+
+    # -- inspection and the budget ----------------------------------------------------------------
+
+    def entries(self) -> list[PackedEntry]:
+        """Every finished packed entry, oldest first."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in self.root.glob("*/*"):
+            try:
+                info = json.loads((d / INFO).read_text())
+                own = sum(p.stat().st_size for p in d.iterdir())
+            except (OSError, ValueError):
+                continue
+            out.append(PackedEntry(d, float(info.get("packed_at", 0)), int(info.get("logical", 0)), own))
+        return sorted(out, key=lambda e: (e.packed_at, str(e.path)))
+
+    def _digests(self, entry: PackedEntry) -> set[bytes]:
+        """The blocks a packed entry uses: its index chunks and the blocks they name."""
+        out: set[bytes] = set()
+        bs = self.blocks
+        for idx in entry.path.glob("*" + IDX):
+            root = Index.from_bytes(idx.read_bytes())
+            out |= root.digests()
+            out |= bs.get_index(root).digests()
+        return out
+
+    def stored(self) -> int:
+        """Bytes on disk of the packed form: the packs and the packed entries' own files."""
+        return self.blocks.stats().stored + sum(e.own for e in self.entries())
+
+    def trim(self, max_size: int, plain: int) -> Budget:
+        """Drop packed entries, oldest first, until plain + packs + packed entries ≤ max_size
+        (or none is left), then delete the packs no remaining one uses."""
+        entries = self.entries()
+        uses: dict[Path, set[bytes]] = {}
+        for e in entries:
+            try:
+                uses[e.path] = self._digests(e)
+            except UserError:  # damaged: no use keeping it
+                uses[e.path] = set()
+        with self.blocks.db() as con:
+            where = dict(con.execute("SELECT digest, pack FROM blocks"))
+            sizes = dict(con.execute("SELECT name, size FROM packs"))
+        count: dict[bytes, int] = {}
+        for ds in uses.values():
+            for d in ds:
+                count[d] = count.get(d, 0) + 1
+        pack_live: dict[str, int] = dict.fromkeys(sizes, 0)
+        for d in count:
+            if d in where:
+                pack_live[where[d]] += 1
+        total = plain + sum(sizes[p] for p, n in pack_live.items() if n) + sum(e.own for e in entries)
+        dropped = []
+        for e in entries:
+            if total <= max_size:
+                break
+            dropped.append(e)
+            total -= e.own
+            for d in uses[e.path]:
+                count[d] -= 1
+                if count[d] == 0 and d in where:
+                    pack = where[d]
+                    pack_live[pack] -= 1
+                    if pack_live[pack] == 0:
+                        total -= sizes[pack]
+        for e in dropped:
+            self.drop(e.row, e.key)
+        n, freed = self.sweep()
+        return Budget(tuple(dropped), n, freed + sum(e.own for e in dropped))
+
+    def sweep(self) -> tuple[int, int]:
+        """Delete the packs whose blocks no packed entry uses; (how many, their bytes)."""
+        used: set[bytes] = set()
+        for e in self.entries():
+            try:
+                used |= self._digests(e)
+            except UserError:
+                continue
+        deleted = freed = 0
+        bs = self.blocks
+        if not (bs.root / "index.sqlite").exists():
+            return 0, 0
+        with bs.db() as con:
+            live_packs = {p for d, p in con.execute("SELECT digest, pack FROM blocks") if d in used}
+            for name, size in con.execute("SELECT name, size FROM packs").fetchall():
+                if name in live_packs:
+                    continue
+                with con:
+                    con.execute("DELETE FROM blocks WHERE pack = ?", (name,))
+                    con.execute("DELETE FROM packs WHERE name = ?", (name,))
+                with contextlib.suppress(FileNotFoundError):
+                    bs.pack_path(name).unlink()
+                deleted += 1
+                freed += size
+        return deleted, freed
+
+
+def parse_size(text: str) -> int:
+    """"20G", "500M", "1.5T", "4096" -> bytes (powers of 1024); UserError otherwise."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = units.get(t[-1:], 1) if t else 1
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise UserError(f"--max-size {text!r} is not a size", hint="e.g. --max-size 20G, 500M, 4096") from None
+    if value < 0:
+        raise UserError(f"--max-size {text!r} is negative", hint="e.g. --max-size 20G")
+    return int(value * mult)
+
