@@ -64,6 +64,7 @@ from pipeline.blocks import (
     is_zero,
     padded,
 )
+from pipeline.entries import file_record
 from pipeline.files import atomic_path, fsync_path
 
 PACK_MAGIC = b"LDTPACK1"
@@ -317,7 +318,7 @@ class BlockStore:
         with atomic_path(dest) as tmp:
             if index.gzip:
                 regzip.compress_into(index.gzip, lambda out: self.write_stream(index, out, sparse=False), tmp)
-                sha = _sha256_file(tmp)
+                sha = file_record(tmp)["sha256"]
             else:
                 with open(tmp, "wb") as out:
                     sha = self.write_stream(index, out, sparse=True)
@@ -393,14 +394,6 @@ def _index_pack(con: sqlite3.Connection, name: str, size: int, entries: list[tup
         con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",
                         ((d, name, loc.offset, loc.length, loc.slot) for d, loc in entries))
         con.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?)", (name, size, len(entries)))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class PackWriter:
