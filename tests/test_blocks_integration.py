@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
+from pipeline.entries import file_record
 from pipeline.packs import BlockStore
 
 MiB = 1 << 20
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_record(path)["sha256"]
 
 
 @pytest.mark.integration

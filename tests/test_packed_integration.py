@@ -4,7 +4,6 @@ revision, the revert restores it from packed blocks (no docker build), byte for 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from conftest import BOOTSTRAP_TOML, doit, make_project, require_docker
 
 from pipeline.cache import Store
-from pipeline.entries import MANIFEST
+from pipeline.entries import MANIFEST, file_record
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +38,7 @@ def dockerfile(line: str) -> str:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_record(path)["sha256"]
 
 
 def test_a_revert_restores_the_packed_tgz_without_a_build(tmp_path):
