@@ -66,16 +66,23 @@ WINDOW = 64 * MIB
 # -- the two revisions --------------------------------------------------------------------------
 
 
-def build_revisions(tmp: Path) -> tuple[Path, Path]:
+def hello_project(tmp: Path, name: str) -> Path:
+    """A throwaway project with the debian-bookworm base and hello's recipe.toml as `name` (its
+    Dockerfile is the caller's), the repository's store hard-linked in (bench_store uses it too)."""
     project = tmp / "project"
-    (project / "recipes" / NAME).mkdir(parents=True)
+    (project / "recipes" / name).mkdir(parents=True)
     (project / "recipes" / "debian-bookworm").mkdir()
     shutil.copy(ROOT / "dodo.py", project)
     shutil.copy(ROOT / "recipes" / "debian-bookworm" / "recipe.toml", project / "recipes" / "debian-bookworm")
-    shutil.copy(ROOT / "recipes" / "hello" / "recipe.toml", project / "recipes" / NAME)
+    shutil.copy(ROOT / "recipes" / "hello" / "recipe.toml", project / "recipes" / name)
     if (ROOT / "cache" / "store").is_dir():
         (project / "cache").mkdir()
         subprocess.run(["cp", "-al", ROOT / "cache" / "store", project / "cache" / "store"], check=True)
+    return project
+
+
+def build_revisions(tmp: Path) -> tuple[Path, Path]:
+    project = hello_project(tmp, NAME)
     dockerfile = (ROOT / "recipes" / "hello" / "Dockerfile").read_text()
     revs = []
     for i, text in enumerate((dockerfile, dockerfile + EDIT), 1):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_blocks import hello_project  # noqa: E402 (bench/ is on sys.path: the script's folder)
 
 from pipeline.cache import Store, du, human  # noqa: E402
 
@@ -58,16 +59,7 @@ def doit(project: Path, *args: str) -> tuple[float, str]:
 
 
 def project_in(tmp: Path) -> Path:
-    project = tmp / "project"
-    (project / "recipes" / NAME).mkdir(parents=True)
-    (project / "recipes" / "debian-bookworm").mkdir()
-    shutil.copy(ROOT / "dodo.py", project)
-    shutil.copy(ROOT / "recipes" / "debian-bookworm" / "recipe.toml", project / "recipes" / "debian-bookworm")
-    shutil.copy(ROOT / "recipes" / "hello" / "recipe.toml", project / "recipes" / NAME)
-    if (ROOT / "cache" / "store").is_dir():
-        (project / "cache").mkdir()
-        subprocess.run(["cp", "-al", ROOT / "cache" / "store", project / "cache" / "store"], check=True)
-    return project
+    return hello_project(tmp, NAME)
 
 
 def revision(project: Path, i: int) -> None:
