@@ -41,6 +41,23 @@ class Bootstrap:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """The recipe's [check] table: commands run inside the booted image in every boot mode."""
+
+    run: tuple[str, ...] = ()  # shell commands, each one a testcase; all must exit 0
+    login: str = "root"  # the user the check logs in as on the serial console of an OS image
+    password_env: str | None = None  # the environment variable holding that user's password (never printed)
+    timeout: int = 300  # seconds for all the commands of one boot
+    failed_units: bool = True  # an OS image with systemd: `systemctl --failed` must list none
+
+    SCHEMA = {"run": list, "login": str, "password_env": str, "timeout": int, "failed_units": bool}
+
+    def settings(self) -> dict[str, Any]:
+        return {"run": list(self.run), "login": self.login, "password_env": self.password_env,
+                "timeout": self.timeout, "failed_units": self.failed_units}
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     dir: Path
@@ -63,6 +80,8 @@ class Recipe:
     http: str | None = None  # boot check: an HTTP answer at this path on the app's first EXPOSEd port
     kernel_from: str | None = None  # the recipe whose kernel boots this one; None: own, else `virt`'s
     secure_boot: bool = False  # [boot] secure_boot: the UKI signed with your db key, booted under Secure Boot
+    verity: bool = False  # [disk] verity: a read-only root checked by dm-verity, its root hash in the UKI
+    checks: CheckSettings = CheckSettings()  # [check]: commands run inside each booted mode
     app: AppSettings = AppSettings()  # [app]: the image's ENTRYPOINT/CMD as the VM's job, or not
     parents: tuple[str, ...] = field(default=(), compare=False)  # recipes this one builds FROM
     build_file: str = "Dockerfile"  # or "Containerfile": whichever the folder holds (BUILD_FILES)
@@ -110,6 +129,8 @@ class Recipe:
             "http": self.http,
             "kernel_from": self.kernel_from,
             "secure_boot": self.secure_boot,
+            "verity": self.verity,
+            "checks": self.checks.settings(),
             "app": {"enabled": self.app.enabled, "argv": None if self.app.argv is None else list(self.app.argv),
                     "env": dict(self.app.env)},
         }
@@ -125,9 +146,10 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "bootstrap": {"suite": str, "variant": str, "packages": list, "mirror": str, "distro": str, "key": str},
     "boot": {"bootable": bool, "check": bool, "kernel": str, "initrd": bool, "cmdline": str, "marker": str,
              "timeout": int, "http": str, "kernel_from": str, "secure_boot": bool},
-    "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool},
+    "disk": {"headroom_mib": int, "size_mib": int, "qcow2": bool, "verity": bool},
     "vm": {"memory": str, "cpus": int},
     "app": AppSettings.SCHEMA,
+    "check": CheckSettings.SCHEMA,
 }
 PLATFORMS = ("linux/amd64",)
 VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
@@ -224,7 +246,8 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if boot.get("variant", "minbase") not in VARIANTS:
         raise _err(path, text, "bootstrap", "variant", f"unknown mmdebstrap variant '{boot['variant']}'",
                    f"one of: {', '.join(VARIANTS)}")
-    for table, key in (("vm", "cpus"), ("disk", "headroom_mib"), ("disk", "size_mib"), ("boot", "timeout")):
+    for table, key in (("vm", "cpus"), ("disk", "headroom_mib"), ("disk", "size_mib"), ("boot", "timeout"),
+                       ("check", "timeout")):
         v = data.get(table, {}).get(key)
         if v is not None and v <= 0:
             raise _err(path, text, table, key, f"[{table}] {key} must be positive", f"e.g. {key} = 2")
@@ -249,6 +272,23 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
         raise _err(path, text, "boot", "secure_boot",
                    "secure_boot signs the UEFI disk: a recipe that does not boot has none",
                    "remove secure_boot, or set bootable = true")
+    check = data.get("check", {})
+    if any(not isinstance(c, str) or not c.strip() for c in check.get("run", [])):
+        raise _err(path, text, "check", "run", "run must be an array of non-empty command strings",
+                   'e.g. run = ["systemctl is-system-running --wait"]')
+    if "login" in check and not re.fullmatch(r"[a-z_][a-z0-9_-]*", check["login"]):
+        raise _err(path, text, "check", "login", f"login '{check['login']}' is not a user name", 'e.g. login = "root"')
+    if "password_env" in check and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", check["password_env"]):
+        raise _err(path, text, "check", "password_env",
+                   f"password_env '{check['password_env']}' is not an environment variable name",
+                   'the variable holding the password, e.g. password_env = "HELLO_ROOT_PASSWORD"')
+    if check and data.get("boot", {}).get("check") is False:
+        raise _err(path, text, "check", None,
+                   "[check] runs commands in the boot check, which [boot] check = false turns off",
+                   "remove [check], or the line check = false")
+    if data.get("disk", {}).get("verity") and data.get("boot", {}).get("bootable") is False:
+        raise _err(path, text, "disk", "verity", "verity protects a booted root: a recipe that does not boot has none",
+                   "remove verity, or set bootable = true")
     AppSettings.from_table(  # validated here, with file and line; load() makes the value
         data.get("app", {}),
         lambda key, message, hint: _err(path, text, "app", key, f"[app] {key}: {message}", f"e.g. {hint}"))
@@ -337,7 +377,7 @@ def load(recipe_dir: Path) -> Recipe:
     elif dockerfile is None:
         raise UserError(f"{recipe_dir}: no Dockerfile and no [bootstrap] table in recipe.toml",
                         hint="add a Dockerfile or Containerfile (FROM ldt/debian-bookworm) or remove the folder")
-    build, boot, disk, vm = (data.get(t, {}) for t in ("build", "boot", "disk", "vm"))
+    build, boot, disk, vm, check = (data.get(t, {}) for t in ("build", "boot", "disk", "vm", "check"))
     args = tuple(sorted((k, str(v)) for k, v in build.get("args", {}).items()))
     parents: tuple[str, ...] = ()
     if dockerfile is not None:
@@ -353,7 +393,11 @@ def load(recipe_dir: Path) -> Recipe:
         parents=parents, build_file=dockerfile.name if dockerfile else "Dockerfile", rootfs=build.get("rootfs"),
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
         http=boot.get("http"), kernel_from=boot.get("kernel_from"), secure_boot=boot.get("secure_boot", False),
-        app=app,
+        verity=disk.get("verity", False), app=app,
+        checks=CheckSettings(
+            run=tuple(check.get("run", ())), login=check.get("login", CheckSettings.login),
+            password_env=check.get("password_env"), timeout=check.get("timeout", CheckSettings.timeout),
+            failed_units=check.get("failed_units", CheckSettings.failed_units)),
     )
 
 

@@ -137,6 +137,19 @@ def test_secure_boot_is_a_boot_setting(fs):
     assert Recipe(name="x", dir=ROOT).settings()["secure_boot"] is False
 
 
+def test_check_and_verity_tables(fs):
+    add(fs, "app", Dockerfile="FROM scratch\n",
+        toml='[disk]\nverity = true\n[check]\nrun = ["true", "id -u"]\nlogin = "admin"\n'
+             'password_env = "APP_PW"\ntimeout = 60\nfailed_units = false\n')
+    r = discover(RECIPES)["app"]
+    assert r.verity is True and r.settings()["verity"] is True
+    assert r.checks == recipes.CheckSettings(run=("true", "id -u"), login="admin", password_env="APP_PW",
+                                             timeout=60, failed_units=False)
+    assert r.settings()["checks"]["run"] == ["true", "id -u"]
+    default = Recipe(name="x", dir=ROOT)
+    assert default.verity is False and default.checks.run == () and default.checks.login == "root"
+
+
 # -- recipe.toml errors: file, key, line, hint --------------------------------------------------------
 
 TOML_ERRORS = {
@@ -158,6 +171,13 @@ TOML_ERRORS = {
     "table is not a table": ("# x\nvm = 3\n", 2, "'vm'", "[vm]"),
     "secure_boot not a bool": ('[boot]\nsecure_boot = "yes"\n', 2, "secure_boot", "secure_boot = true"),
     "secure_boot without a boot": ("[boot]\nbootable = false\nsecure_boot = true\n", 3, "secure_boot", "bootable"),
+    "verity without a boot": ("[boot]\nbootable = false\n[disk]\nverity = true\n", 4, "verity", "bootable"),
+    "check run not strings": ('[check]\nrun = ["true", 3]\n', 2, "run", "run = ["),
+    "check run empty command": ('[check]\nrun = [" "]\n', 2, "run", "run = ["),
+    "check login": ('[check]\nlogin = "Root Admin"\n', 2, "login", 'login = "root"'),
+    "check password_env": ('[check]\npassword_env = "my password"\n', 2, "password_env", "password_env ="),
+    "check timeout": ("[check]\ntimeout = 0\n", 2, "timeout", "timeout ="),
+    "check with boot check off": ('[boot]\ncheck = false\n[check]\nrun = ["true"]\n', 3, "[check]", "check = false"),
 }
 
 

@@ -18,7 +18,7 @@ from pipeline.cache import key_of
 from pipeline.errors import UserError
 from pipeline.project import Project
 from pipeline.qemu import Mode
-from pipeline.recipes import Bootstrap, Recipe
+from pipeline.recipes import Bootstrap, CheckSettings, Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,8 @@ OTHER = {
     "http": ("http", "/health"),
     "kernel_from": ("kernel_from", "kern"),
     "secure_boot": ("secure_boot", True),
+    "verity": ("verity", True),
+    "checks": ("checks", CheckSettings(run=("true",))),
     "app": ("app", AppSettings(env=(("LOG", "debug"),))),
 }
 
