@@ -517,6 +517,11 @@ class CheckSettings:
             return self.run
         return (SYSTEMD_FAILED_UNITS,) if systemd else ()
 
+    def settings(self) -> dict[str, Any]:
+        """As plain data, for Recipe.settings()."""
+        return {"run": None if self.run is None else list(self.run), "login": self.login,
+                "password_env": self.password_env, "timeout": self.timeout, "login_timeout": self.login_timeout}
+
     def key(self, *, systemd: bool) -> dict[str, Any]:
         """What a cached result depends on (the password is not: it only opens the door)."""
         return {"run": list(self.commands(systemd=systemd)), "login": self.login, "timeout": self.timeout}

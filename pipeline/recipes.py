@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app import AppSettings
+from pipeline.console import CheckSettings
 from pipeline.errors import UserError
 
 IMAGE_REPO = "ldt"  # recipe images are tagged ldt/<name>:latest
@@ -38,23 +39,6 @@ class Bootstrap:
     mirror: str = "http://deb.debian.org/debian"
     distro: str = "debian"
     key: str | None = None
-
-
-@dataclass(frozen=True)
-class CheckSettings:
-    """The recipe's [check] table: commands run inside the booted image in every boot mode."""
-
-    run: tuple[str, ...] = ()  # shell commands, each one a testcase; all must exit 0
-    login: str = "root"  # the user the check logs in as on the serial console of an OS image
-    password_env: str | None = None  # the environment variable holding that user's password (never printed)
-    timeout: int = 300  # seconds for all the commands of one boot
-    failed_units: bool = True  # an OS image with systemd: `systemctl --failed` must list none
-
-    SCHEMA = {"run": list, "login": str, "password_env": str, "timeout": int, "failed_units": bool}
-
-    def settings(self) -> dict[str, Any]:
-        return {"run": list(self.run), "login": self.login, "password_env": self.password_env,
-                "timeout": self.timeout, "failed_units": self.failed_units}
 
 
 @dataclass(frozen=True)
@@ -246,8 +230,7 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     if boot.get("variant", "minbase") not in VARIANTS:
         raise _err(path, text, "bootstrap", "variant", f"unknown mmdebstrap variant '{boot['variant']}'",
                    f"one of: {', '.join(VARIANTS)}")
-    for table, key in (("vm", "cpus"), ("disk", "headroom_mib"), ("disk", "size_mib"), ("boot", "timeout"),
-                       ("check", "timeout")):
+    for table, key in (("vm", "cpus"), ("disk", "headroom_mib"), ("disk", "size_mib"), ("boot", "timeout")):
         v = data.get(table, {}).get(key)
         if v is not None and v <= 0:
             raise _err(path, text, table, key, f"[{table}] {key} must be positive", f"e.g. {key} = 2")
@@ -273,15 +256,6 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
                    "secure_boot signs the UEFI disk: a recipe that does not boot has none",
                    "remove secure_boot, or set bootable = true")
     check = data.get("check", {})
-    if any(not isinstance(c, str) or not c.strip() for c in check.get("run", [])):
-        raise _err(path, text, "check", "run", "run must be an array of non-empty command strings",
-                   'e.g. run = ["systemctl is-system-running --wait"]')
-    if "login" in check and not re.fullmatch(r"[a-z_][a-z0-9_-]*", check["login"]):
-        raise _err(path, text, "check", "login", f"login '{check['login']}' is not a user name", 'e.g. login = "root"')
-    if "password_env" in check and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", check["password_env"]):
-        raise _err(path, text, "check", "password_env",
-                   f"password_env '{check['password_env']}' is not an environment variable name",
-                   'the variable holding the password, e.g. password_env = "HELLO_ROOT_PASSWORD"')
     if check and data.get("boot", {}).get("check") is False:
         raise _err(path, text, "check", None,
                    "[check] runs commands in the boot check, which [boot] check = false turns off",
@@ -292,6 +266,8 @@ def parse_toml(path: Path) -> dict[str, dict[str, Any]]:
     AppSettings.from_table(  # validated here, with file and line; load() makes the value
         data.get("app", {}),
         lambda key, message, hint: _err(path, text, "app", key, f"[app] {key}: {message}", f"e.g. {hint}"))
+    CheckSettings.from_table(
+        check, lambda key, message, hint: _err(path, text, "check", key, f"[check] {key}: {message}", f"e.g. {hint}"))
     return data
 
 
@@ -394,10 +370,7 @@ def load(recipe_dir: Path) -> Recipe:
         bootable=boot.get("bootable", _default_bootable(bootstrap)), check=boot.get("check", True),
         http=boot.get("http"), kernel_from=boot.get("kernel_from"), secure_boot=boot.get("secure_boot", False),
         verity=disk.get("verity", False), app=app,
-        checks=CheckSettings(
-            run=tuple(check.get("run", ())), login=check.get("login", CheckSettings.login),
-            password_env=check.get("password_env"), timeout=check.get("timeout", CheckSettings.timeout),
-            failed_units=check.get("failed_units", CheckSettings.failed_units)),
+        checks=CheckSettings.from_table(check),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import recipes
+from pipeline.console import CheckSettings
 from pipeline.errors import UserError
 from pipeline.recipes import Bootstrap, Recipe, discover, from_images, order, recipe_of_image
 from pipeline.stages import Project
@@ -140,14 +141,13 @@ def test_secure_boot_is_a_boot_setting(fs):
 def test_check_and_verity_tables(fs):
     add(fs, "app", Dockerfile="FROM scratch\n",
         toml='[disk]\nverity = true\n[check]\nrun = ["true", "id -u"]\nlogin = "admin"\n'
-             'password_env = "APP_PW"\ntimeout = 60\nfailed_units = false\n')
+             'password_env = "APP_PW"\ntimeout = 60\n')
     r = discover(RECIPES)["app"]
     assert r.verity is True and r.settings()["verity"] is True
-    assert r.checks == recipes.CheckSettings(run=("true", "id -u"), login="admin", password_env="APP_PW",
-                                             timeout=60, failed_units=False)
+    assert r.checks == CheckSettings(run=("true", "id -u"), login="admin", password_env="APP_PW", timeout=60)
     assert r.settings()["checks"]["run"] == ["true", "id -u"]
     default = Recipe(name="x", dir=ROOT)
-    assert default.verity is False and default.checks.run == () and default.checks.login == "root"
+    assert default.verity is False and default.checks.run is None and default.checks.login == "root"
 
 
 # -- recipe.toml errors: file, key, line, hint --------------------------------------------------------
@@ -174,9 +174,9 @@ TOML_ERRORS = {
     "verity without a boot": ("[boot]\nbootable = false\n[disk]\nverity = true\n", 4, "verity", "bootable"),
     "check run not strings": ('[check]\nrun = ["true", 3]\n', 2, "run", "run = ["),
     "check run empty command": ('[check]\nrun = [" "]\n', 2, "run", "run = ["),
-    "check login": ('[check]\nlogin = "Root Admin"\n', 2, "login", 'login = "root"'),
     "check password_env": ('[check]\npassword_env = "my password"\n', 2, "password_env", "password_env ="),
     "check timeout": ("[check]\ntimeout = 0\n", 2, "timeout", "timeout ="),
+    "check unknown key": ("[check]\nrnu = []\n", 2, "rnu", "known keys in [check]"),
     "check with boot check off": ('[boot]\ncheck = false\n[check]\nrun = ["true"]\n', 3, "[check]", "check = false"),
 }
 

@@ -15,10 +15,11 @@ from pipeline import graph, secureboot, stages, virt
 from pipeline.app import AppSettings
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import key_of
+from pipeline.console import CheckSettings
 from pipeline.errors import UserError
 from pipeline.project import Project
 from pipeline.qemu import Mode
-from pipeline.recipes import Bootstrap, CheckSettings, Recipe
+from pipeline.recipes import Bootstrap, Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
