@@ -109,7 +109,7 @@ def test_root_opens_through_verity(verity_env) -> None:
     img.unlink()
     print(f"verity root: systemd's welcome after {result.seconds:.1f}s")
     tail = result.console[-3000:]
-    assert "ldt-verity: root /dev/vda1 verified by /dev/vda2" in result.console, tail
+    assert "ldt-verity: root opened: /dev/vda1 verified by /dev/vda2" in result.console, tail
     assert "Welcome to" in result.console, tail  # init ran from the verified root
     assert "is corrupted" not in result.console
 
