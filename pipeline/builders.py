@@ -347,8 +347,11 @@ def add_verity(b: Build, kernel_recipe: str, tgz: Path) -> None:
     r = b.recipe
     initrd = b.out(A.INITRD)
     version = kernel.release_of(b.out(A.KERNEL))
-    if not initrd.is_file() or version is None:
-        raise UserError(f"recipe {r.name}: [disk] verity needs an initrd to open the root", hint=VERITY_HINT)
+    if not initrd.is_file():
+        raise UserError(f"recipe {r.name}: [disk] verity needs an initrd to open the root",
+                        hint="set [boot] initrd = true, or [disk] verity = false")
+    if version is None:
+        raise UserError(f"recipe {kernel_recipe}: {b.out(A.KERNEL)} is not an x86 bzImage", hint=VERITY_HINT)
     data = initrd.read_bytes()
     with tempfile.TemporaryDirectory(prefix="ldt-verity-") as scratch:
         modules = Path(scratch) / A.MODULES

@@ -250,9 +250,10 @@ def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
 # ── dm-verity in an initramfs-tools initrd ──────────────────────────────────────────────────
 
 VERITY_MODULES = ("dm_mod", "dm_verity")  # and what they need (dm-bufio, reed_solomon), from modules.dep
-MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-                  "modules.symbols", "modules.symbols.bin", "modules.builtin", "modules.builtin.bin",
-                  "modules.builtin.alias.bin", "modules.order")  # the whole tree's: modprobe finds the added ones
+# the whole tree's dependency indexes over the initrd's own: `modprobe dm-verity` finds the added modules
+# (by name: the initrd's alias and builtin indexes stay; the big alias/symbol ones are not needed, and
+# every byte of the initrd is hashed again by the firmware under Secure Boot)
+MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.softdep")
 DMSETUP = ("usr/sbin/dmsetup", "sbin/dmsetup")  # where initramfs-tools' dmsetup hook puts it
 SCRIPT_PHASES = ("local-top", "local-bottom")  # verity-local-top.sh, verity-local-bottom.sh
 VERITY_SCRIPT = "ldt-verity"  # their name under scripts/<phase>/

@@ -258,3 +258,42 @@ def test_app_initrd_reads_a_partuuid_from_the_gpt_with_busybox(tmp_path: Path) -
         out = subprocess.run([str(app.HOST_BUSYBOX), "sh", "-c", f'BB={app.HOST_BUSYBOX}\n{func.group(0)}'
                               f'guid_of_entry "{img}" {n}'], capture_output=True, text=True, check=True).stdout
         assert out.strip() == str(p.uuid)
+
+
+def test_a_verity_recipe_whose_initrd_cannot_open_it_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """builders.add_verity (the boot stage): an initrd without dmsetup is a UserError with a hint,
+    raised inside the build, so the store keeps nothing."""
+    import io
+    import tarfile
+
+    from pipeline import builders, initramfs, kernel, rootfs
+    from pipeline.artifacts import Artifact
+    from pipeline.build import Build
+    from pipeline.errors import UserError
+    from pipeline.project import Project
+    from pipeline.recipes import Recipe
+
+    def fake_modules(tgz: Path, version: str, out: Path, *, recipe: str) -> int:
+        with tarfile.open(out, "w") as tar:
+            for name, data in MODULES.items():
+                info = tarfile.TarInfo(f"lib/modules/{version}/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return len(MODULES)
+
+    monkeypatch.setattr(kernel, "release_of", lambda path: VERSION)
+    monkeypatch.setattr(rootfs, "extract_modules", fake_modules)
+    r = Recipe(name="img", dir=tmp_path, verity=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / Artifact.KERNEL).write_bytes(b"k")
+    (work / Artifact.INITRD).write_bytes(initramfs.make_cpio({"scripts/functions": b"x"}))
+    b = Build(Project(tmp_path, extra=(r,)), r, "key", work, {}, 0)
+    with pytest.raises(UserError) as info:
+        builders.add_verity(b, "img", tmp_path / "rootfs.tgz")
+    assert info.value.message == ("recipe img: [disk] verity: the initrd of img cannot open a dm-verity root: "
+                                  "its initrd has no dmsetup")
+    assert "apt-get install dmsetup" in (info.value.hint or "")
+    (work / Artifact.INITRD).write_bytes(initramfs.make_cpio({"scripts/functions": b"x", "usr/sbin/dmsetup": b"E"}))
+    builders.add_verity(b, "img", tmp_path / "rootfs.tgz")  # with dmsetup: the opener appended
+    assert "scripts/local-top/ldt-verity" in members_of((work / Artifact.INITRD).read_bytes())

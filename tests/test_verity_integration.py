@@ -1,8 +1,8 @@
 """dm-verity for real: hello's ext4 root with a hash tree beside it, opened at boot by hello's own
-initramfs-tools initrd with pipeline/guest/verity-local-top.sh added (what a hook would put in
-it: the script, dm-verity and its modules); a byte changed in the root makes the read fail.
+initramfs-tools initrd with what the boot stage appends for [disk] verity (initramfs.verity_overlay:
+the scripts, dm-verity and its modules); a byte changed in the root makes the read fail.
 
-The initrd here is hello's with one uncompressed cpio appended (the kernel unpacks every archive
+The initrd here is hello's with that one uncompressed cpio appended (the kernel unpacks every archive
 of an initrd in turn), so the test needs no image rebuild; booted straight into the kernel (tgz
 mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks.
 """
@@ -16,38 +16,24 @@ from pathlib import Path
 import pytest
 from console import watch
 
-from pipeline import disk, ids, initramfs, kernel, qemu, verity
+from pipeline import app, builders, disk, ids, initramfs, kernel, qemu, verity
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
 
-LOCAL_TOP = Path(__file__).resolve().parent.parent / "pipeline" / "guest" / "verity-local-top.sh"
-VERITY_MODULES = ("kernel/drivers/md/dm-verity.ko", "kernel/drivers/md/dm-bufio.ko",
-                  "kernel/lib/reed_solomon/reed_solomon.ko")
-MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-                  "modules.symbols", "modules.symbols.bin", "modules.builtin", "modules.builtin.bin",
-                  "modules.builtin.alias.bin", "modules.order")
-ORDER = '/scripts/local-top/ldt-verity "$@"\n[ -e /conf/param.conf ] && . /conf/param.conf\n'
 
-
-def verity_overlay(tgz: Path, version: str) -> bytes:
-    """The cpio a hook would add: the local-top script and its ORDER, dm-verity with its
-    dependencies, and the module indexes of the whole tree (so modprobe finds them)."""
-    base = f"usr/lib/modules/{version}"
-    wanted = {f"{base}/{m}" for m in (*VERITY_MODULES, *MODULE_INDEXES)}
+def kernel_files(tgz: Path, version: str) -> dict[str, bytes]:
+    """hello's /lib/modules/<version>/ modules and indexes, named as in it (what builders.add_verity reads)."""
+    base = f"usr/lib/modules/{version}/"
     files: dict[str, bytes] = {}
     with tarfile.open(tgz) as tar:
         for member in tar:
             name = member.name.removeprefix("./")
-            if name in wanted and member.isfile():
+            if name.startswith(base) and member.isfile() and (name.endswith(".ko") or "/modules." in name):
                 f = tar.extractfile(member)
                 assert f is not None
-                files[name] = f.read()
-    missing = wanted - set(files)
-    assert not missing, missing
-    files["scripts/local-top/ldt-verity"] = LOCAL_TOP.read_bytes()
-    files["scripts/local-top/ORDER"] = ORDER.encode()
-    return initramfs.make_cpio(files)
+                files[name.removeprefix(base)] = f.read()
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,8 @@ def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_facto
     assert version
     initrd = tmp / "initrd-verity.img"
     base = a["initrd.img"].read_bytes()
-    initrd.write_bytes(base + b"\0" * (-len(base) % 512) + verity_overlay(hello_tgz, version))
+    scripts = {phase: app.guest_script(name) for phase, name in builders.VERITY_SCRIPTS.items()}
+    initrd.write_bytes(base + initramfs.verity_overlay(base, version, kernel_files(hello_tgz, version).get, scripts))
     hash_dev = tmp / "rootfs.verity"
     v = verity.format_verity(a["rootfs.ext4"], hash_dev, verity.VerityParams.from_key("verity-test"))
     return tmp, a, initrd, hash_dev, v
@@ -66,7 +53,7 @@ def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_facto
 
 def verity_disk(root_img: Path, hash_dev: Path, v: verity.Verity, out: Path) -> Path:
     """GPT: p1 the root (x86-64 root type), p2 its hash tree (root-verity type), partition UUIDs
-    from the root hash: the layout `[disk] verity = true` will write."""
+    from the root hash: the root and tree of a `[disk] verity` disk, without its ESP (no firmware here)."""
     root_uuid, hash_uuid = v.partition_uuids
     (p1, p2), size = disk.layout([root_img.stat().st_size, hash_dev.stat().st_size], tail=disk.ALIGN)
     parts = [disk.Partition(*p1, type=disk.ROOT_X86_64_TYPE, name="root", uuid=root_uuid),
