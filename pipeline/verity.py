@@ -37,6 +37,8 @@ MAPPER_NAME = "root"  # /dev/mapper/root, the name systemd-veritysetup-generator
 HINT = "install cryptsetup-bin (run ./setup.sh)"
 # Discoverable Partitions Specification: the x86-64 root's verity hash partition
 ROOT_X86_64_VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
+# What both initrds print on the console once /dev/mapper/root is there (what a boot check waits for)
+OPENED_LINE = "ldt-verity: root opened: "
 # In an ext4 entry of a `[disk] verity` recipe, beside rootfs.ext4: its hash device and what the uefi
 # stage needs to name it (root hash, salt, sizes)
 HASH_FILE = "rootfs.verity"

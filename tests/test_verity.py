@@ -297,3 +297,10 @@ def test_a_verity_recipe_whose_initrd_cannot_open_it_is_one_line(tmp_path: Path,
     (work / Artifact.INITRD).write_bytes(initramfs.make_cpio({"scripts/functions": b"x", "usr/sbin/dmsetup": b"E"}))
     builders.add_verity(b, "img", tmp_path / "rootfs.tgz")  # with dmsetup: the opener appended
     assert "scripts/local-top/ldt-verity" in members_of((work / Artifact.INITRD).read_bytes())
+
+
+@pytest.mark.parametrize("script", ["verity-local-top.sh", "app-initrd.sh"])
+def test_both_initrds_say_the_root_opened_in_the_same_words(script: str) -> None:
+    from pipeline import app
+
+    assert f'echo "{verity.OPENED_LINE}$data_dev verified by $hash_dev' in app.guest_script(script).decode()

@@ -106,7 +106,7 @@ open_verity() {
     fail "device-mapper refused the verity table"
   "$DIR/dm/ld.so" --library-path "$DIR/dm" "$DIR/dm/dmsetup" mknodes root
   [ -b /dev/mapper/root ] || fail "/dev/mapper/root did not appear"
-  say "root opened: $data_dev verified by $hash_dev (root hash $5)"
+  echo "ldt-verity: root opened: $data_dev verified by $hash_dev (root hash $5)"
 }
 
 "$BB" mkdir -p /dev /proc /sys /root
