@@ -10,13 +10,15 @@ mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disk
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, require_docker
 from console import watch
 
-from pipeline import app, builders, disk, ids, initramfs, kernel, qemu, verity
+from pipeline import app, builders, disk, firmware, ids, initramfs, kernel, qemu, verity
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
@@ -113,3 +115,27 @@ def test_a_changed_byte_in_the_root_fails_the_read(verity_env) -> None:
           f"after {result.seconds:.1f}s")
     assert "is corrupted" in result.console, result.console[-3000:]  # device-mapper: verity: ... data block 0
     assert "Welcome to" not in result.console
+
+
+def test_an_app_on_our_initrd_opens_its_verity_root(tmp_path: Path) -> None:
+    """webapp (no kernel of its own: virt's, with our initrd) with [disk] verity, through doit: our
+    initrd finds the root and its tree by PARTUUID (reading the GPT itself), opens the root with the
+    build host's dmsetup, and the app serves from the read-only root."""
+    require_docker()
+    files = lambda name: {f.name: f.read_text() for f in (ROOT / "recipes" / name).iterdir() if f.is_file()}  # noqa: E731
+    web = files("webapp")
+    web["recipe.toml"] = web.get("recipe.toml", "") + "\n[disk]\nverity = true\n"
+    proj = make_project(tmp_path / "p", {"debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML}, "virt": files("virt"),
+                                         "webapp": web})
+    doit("build_efistub:webapp", cwd=proj)
+    img = (proj / "cache" / "recipes" / "webapp" / "uefi.img").resolve()
+    ovmf = firmware.find_ovmf()
+    vars_copy = tmp_path / "vars.fd"
+    shutil.copyfile(ovmf.vars_template, vars_copy)
+    settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
+    cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=img, ovmf=ovmf, ovmf_vars=vars_copy)
+    result = watch(cmd, lambda c: "Serving HTTP" in c or "ldt-initrd: " in c, 400)
+    print(f"webapp on a verity root: serving after {result.seconds:.1f}s")
+    tail = result.console[-3000:]
+    assert verity.OPENED_LINE in result.console, tail
+    assert "Serving HTTP" in result.console, tail
