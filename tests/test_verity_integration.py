@@ -4,7 +4,9 @@ the scripts, dm-verity and its modules); a byte changed in the root makes the re
 
 The initrd here is hello's with that one uncompressed cpio appended (the kernel unpacks every archive
 of an initrd in turn), so the test needs no image rebuild; booted straight into the kernel (tgz
-mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks.
+mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks. And an app on
+our initrd (webapp) with [disk] verity, built through doit and booted from its UEFI disk.
+(hello's signed verity disk, through doit, is booted in test_secureboot_integration.py.)
 """
 
 from __future__ import annotations
