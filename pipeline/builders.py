@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import sys
 import tarfile
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import app as app_mod
-from pipeline import disk, docker, initramfs, kernel, rootfs
+from pipeline import disk, docker, initramfs, kernel, rootfs, verity
 from pipeline import secureboot as sb
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import hash_file, tree_manifest
@@ -29,7 +30,7 @@ from pipeline.ext4 import Ext4Params, build_ext4
 from pipeline.files import link_or_copy
 from pipeline.recipes import Recipe, from_images, recipe_of_image
 from pipeline.reroot import reroot_filter
-from pipeline.run import log, verbose
+from pipeline.run import log, run, verbose
 from pipeline.tgz import Fixups, bootstrap, filter_tar, write_tgz
 
 if TYPE_CHECKING:
@@ -251,8 +252,8 @@ def boot_key_inputs(p: Project, r: Recipe) -> dict[str, Any]:
 
     k = kernel_recipe(p, r)
     if k is None:
-        return {}
-    m: dict[str, Any] = {"kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
+        return verity_key_inputs(r)
+    m: dict[str, Any] = {**verity_key_inputs(r), "kernel_from": {"recipe": k, "boot": p.store.current_key(k, A.KERNEL),
                                          "tgz": p.store.current_key(k, A.TGZ)}}
     if our_initrd(p, r, k):
         busybox = app_mod.HOST_BUSYBOX
@@ -260,6 +261,9 @@ def boot_key_inputs(p: Project, r: Recipe) -> dict[str, Any]:
                        "init": hashlib.sha256(app_mod.guest_script(APP_INITRD_SCRIPT)).hexdigest(),
                        "busybox": hash_file(busybox) if busybox.is_file() else None,
                        "modules": [initramfs.APP_INITRD_MODULES, initramfs.APP_INITRD_MORE]}
+        if r.verity:
+            m["initrd"]["verity"] = {"modules": initramfs.VERITY_MODULES,
+                                     "dmsetup": {name: hash_file(f) for f, name in dmsetup_files().items()}}
     return m
 
 
@@ -298,6 +302,8 @@ def boot(b: Build) -> None:
     if k is None:
         rootfs.extract_boot(b.inputs[A.TGZ], b.work, recipe=r.name, version=r.kernel, require_initrd=r.initrd)
         write_guest_tar((), b.out(A.MODULES), mtime=0)
+        if r.verity:
+            add_verity(b, r.name, b.inputs[A.TGZ])
         return
     files = {a: p.store.pointer(k, a).resolve() for a in BORROWED}
     ours = our_initrd(p, r, k)
@@ -313,16 +319,87 @@ def boot(b: Build) -> None:
     count = rootfs.extract_modules(files[A.TGZ], version, b.out(A.MODULES), recipe=k)
     how = f"{k}'s initrd"
     if ours:
-        size = write_app_initrd(b.out(A.MODULES), version, b.out(A.INITRD), kernel_recipe=k)
+        size = write_app_initrd(b.out(A.MODULES), version, b.out(A.INITRD), kernel_recipe=k, verity=r.verity)
         how = f"our initrd ({size / MiB:.1f} MiB)"
+    elif r.verity:
+        add_verity(b, k, files[A.TGZ])
     log(f"{r.name}: no kernel of its own, booting {k}'s {version} ({count} entries of /lib/modules/{version})"
         f" with {how}")
 
 
-def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recipe: str) -> int:
-    """Our initrd for an app on our init, from the borrowed kernel's modules; its size."""
+VERITY_SCRIPTS = {"local-top": "verity-local-top.sh", "local-bottom": "verity-local-bottom.sh"}  # pipeline/guest/
+VERITY_HINT = ("install dmsetup in the image (apt-get install dmsetup: initramfs-tools then puts it in the "
+               "initrd), or set [disk] verity = false")
+
+
+def verity_key_inputs(r: Recipe) -> dict[str, Any]:
+    """What the boot stage adds to an initrd for [disk] verity: the scripts (their hashes)."""
+    if not r.verity:
+        return {}
+    return {"verity": {phase: hashlib.sha256(app_mod.guest_script(name)).hexdigest()
+                       for phase, name in VERITY_SCRIPTS.items()}}
+
+
+def add_verity(b: Build, kernel_recipe: str, tgz: Path) -> None:
+    """[disk] verity: the image's own initrd (initramfs-tools, with dmsetup) gets what opens the root
+    through dm-verity appended (initramfs.verity_overlay: the scripts, dm-verity from the kernel's
+    modules in `tgz`); the image itself is not changed. An initrd that cannot: one line, nothing stored."""
+    r = b.recipe
+    initrd = b.out(A.INITRD)
+    version = kernel.release_of(b.out(A.KERNEL))
+    if not initrd.is_file():
+        raise UserError(f"recipe {r.name}: [disk] verity needs an initrd to open the root",
+                        hint="set [boot] initrd = true, or [disk] verity = false")
+    if version is None:
+        raise UserError(f"recipe {kernel_recipe}: {b.out(A.KERNEL)} is not an x86 bzImage", hint=VERITY_HINT)
+    data = initrd.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="ldt-verity-") as scratch:
+        modules = Path(scratch) / A.MODULES
+        rootfs.extract_modules(tgz, version, modules, recipe=kernel_recipe)
+        with tarfile.open(modules) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+            def read(name: str) -> bytes | None:
+                m = members.get(f"lib/modules/{version}/{name}")
+                f = tar.extractfile(m) if m is not None else None
+                return f.read() if f is not None else None
+
+            scripts = {phase: app_mod.guest_script(name) for phase, name in VERITY_SCRIPTS.items()}
+            try:
+                overlay = initramfs.verity_overlay(data, version, read, scripts)
+            except ValueError as e:
+                raise UserError(f"recipe {r.name}: [disk] verity: the initrd of {kernel_recipe} cannot open a "
+                                f"dm-verity root: {e}", hint=VERITY_HINT) from None
+    initrd.unlink()  # it may be a link to another entry's file: write a new one
+    initrd.write_bytes(data + overlay)
+    log(f"{r.name}: dm-verity opener added to the initrd ({len(overlay) / MiB:.1f} MiB)")
+
+
+DMSETUP = Path("/usr/sbin/dmsetup")  # the build host's: our initrd runs it with its own libraries and loader
+_LDD_PATH = re.compile(r"(/\S+) \(0x")
+
+
+def dmsetup_files() -> dict[Path, str]:
+    """{host file: its name in lib/ldt/dm/}: dmsetup, the libraries `ldd` says it links, and their
+    loader as ld.so (the initrd runs `ld.so --library-path lib/ldt/dm dmsetup`, whatever libc the image has)."""
+    if not DMSETUP.is_file():
+        raise UserError(f"{DMSETUP} not found: [disk] verity on our initrd needs it", hint="install dmsetup")
+    out = run(["ldd", DMSETUP], capture=True).stdout.decode()
+    files = {DMSETUP: "dmsetup"}
+    for lib in _LDD_PATH.findall(out):
+        files[Path(lib)] = "ld.so" if Path(lib).name.startswith("ld-linux") else Path(lib).name
+    if "ld.so" not in files.values():
+        raise UserError(f"{DMSETUP}: ldd names no loader", hint="is it a dynamic x86-64 executable?")
+    return files
+
+
+def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recipe: str, verity: bool = False) -> int:
+    """Our initrd for an app on our init, from the borrowed kernel's modules; its size. With verity, dm-verity
+    among the first modules and dmsetup (the host's, with its libraries) in it."""
 
     busybox = app_mod.host_busybox().read_bytes()
+    first = (*initramfs.APP_INITRD_MODULES, *(initramfs.VERITY_MODULES if verity else ()))
+    dm = {name: f.read_bytes() for f, name in dmsetup_files().items()} if verity else None
     with tarfile.open(modules_tar) as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
 
@@ -332,7 +409,7 @@ def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recip
             return f.read() if f is not None else None
 
         try:
-            data = initramfs.app_initrd(app_mod.guest_script(APP_INITRD_SCRIPT), busybox, read)
+            data = initramfs.app_initrd(app_mod.guest_script(APP_INITRD_SCRIPT), busybox, read, first=first, dm=dm)
         except ValueError as e:
             raise UserError(f"recipe {kernel_recipe}: /lib/modules/{version}: {e}",
                             hint="its kernel package installs them with modules.dep; rebuild the kernel recipe") from e
@@ -349,6 +426,10 @@ def ext4(b: Build) -> None:
         sizing["size_bytes"] = r.size_mib * MiB
     params = Ext4Params.for_key(b.key, epoch=b.epoch, label="root", **sizing)
     build_ext4(b.inputs[A.TGZ], b.out(A.EXT4), params, extra=(b.inputs[A.MODULES], b.inputs[A.APP_FILES]))
+    if r.verity:  # the hash tree beside it, salt and UUID of the key: same tree and key, same root hash
+        v = verity.format_verity(b.out(A.EXT4), b.work / verity.HASH_FILE, verity.VerityParams.from_key(b.key))
+        (b.work / verity.INFO_FILE).write_text(v.to_json())
+        log(f"{r.name}: dm-verity root hash {v.root_hash}")
 
 
 def disk_cmdline(b: Build) -> list[str]:
@@ -368,7 +449,9 @@ def bios(b: Build) -> None:
 def uefi(b: Build) -> None:
     """The UEFI disk; with [boot] secure_boot its UKI signed with the db key (under a clock frozen at
     the epoch: reproducible), the certificates to enroll on its ESP, and beside it in the entry the
-    sb_vars entry's variable store, the firmware it boots on (vm.machine() finds it there)."""
+    sb_vars entry's variable store, the firmware it boots on (vm.machine() finds it there); with
+    [disk] verity the root's hash tree (the ext4 entry's) as a third partition, its root hash on the
+    UKI's command line."""
     assert b.epoch is not None
     with tempfile.TemporaryDirectory(prefix="ldt-enroll-") as scratch:
         sign: disk.Signer | None = None
@@ -379,9 +462,12 @@ def uefi(b: Build) -> None:
             enroll = sb.enrollment_files(keys, Path(scratch), epoch=b.epoch)
             esp_files = {dest: enroll[name] for name, dest in sb.esp_enrollment_paths().items()}
             link_or_copy(b.inputs[A.SB_VARS], b.out(A.SB_VARS))
+        ext4_entry = b.inputs[A.EXT4].parent  # [disk] verity: the hash tree and its facts are beside the root
+        v = verity.Verity.from_json((ext4_entry / verity.INFO_FILE).read_text()) if b.recipe.verity else None
         disk.build_uefi_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.OS_RELEASE], b.inputs[A.EXT4],
                              b.out(A.UEFI_IMG), key=b.key, epoch=b.epoch, extra_cmdline=disk_cmdline(b),
-                             sign=sign, esp_files=esp_files)
+                             sign=sign, esp_files=esp_files, verity=v,
+                             hash_img=ext4_entry / verity.HASH_FILE if v else None)
 
 
 # -- Secure Boot --------------------------------------------------------------------------------

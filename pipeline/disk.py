@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 from pipeline.ext4 import read_ext4_identity
 from pipeline.files import atomic_path
 from pipeline.run import Step, run
+from pipeline.verity import ROOT_X86_64_VERITY_TYPE, Verity
 
 SECTOR = 512
 MiB = 1 << 20
@@ -446,19 +447,36 @@ def esp_dirs(dests: Sequence[str]) -> list[str]:
 Signer = Callable[[Path, Path], Path]  # (unsigned UKI, where the signed one goes) -> the signed UKI
 
 
+def verity_cmdline(v: Verity, extra: Sequence[str] = ()) -> str:
+    """The command line of a dm-verity root: the root and its hash tree by partition UUID (the root
+    hash's halves), the whole table on it (ldt.verity=), the root read-only; consoles, then extra."""
+    root, hash_tree = v.partition_uuids
+    return qemu.kernel_cmdline(extra=[*v.ldt_cmdline(f"PARTUUID={root}", f"PARTUUID={hash_tree}"), *extra])
+
+
 def build_uefi_disk(
     kernel: Path, initrd: Path | None, os_release: Path, root_img: Path, out: Path, *, key: str, epoch: int,
     extra_cmdline: Sequence[str] = (), sign: Signer | None = None, esp_files: Mapping[str, Path] | None = None,
+    verity: Verity | None = None, hash_img: Path | None = None,
 ) -> DiskImage:
     """GPT disk: p1 the ESP (FAT32) with a UKI at \\EFI\\BOOT\\BOOTX64.EFI; p2 the ext4 root, typed
     as the x86-64 root partition for systemd's auto-discovery.
 
     `sign` (Secure Boot) signs the UKI between its build and the copy onto the ESP; `esp_files`
-    ({mtools path: file}) go onto the ESP too (the certificates to enroll). Without either, the
-    disk is what it always was, byte for byte."""
+    ({mtools path: file}) go onto the ESP too (the certificates to enroll). `verity` (with its hash
+    device `hash_img`, verity.format_verity's of root_img): p3 the hash tree (root-verity type), p2
+    and p3 with the partition UUIDs of the root hash, and the UKI's command line opens the root
+    through dm-verity, read-only (verity_cmdline): signed, the chain firmware -> UKI -> root hash ->
+    every block of the root is closed. Without any of these, the disk is what it always was, byte
+    for byte."""
     esp_files = esp_files or {}
     root_uuid, _ = read_ext4_identity(root_img)
-    cmdline = kernel_cmdline(root_uuid, extra_cmdline)
+    if verity is not None:
+        if hash_img is None:
+            raise ValueError("a verity root needs its hash device")
+        cmdline = verity_cmdline(verity, extra_cmdline)
+    else:
+        cmdline = kernel_cmdline(root_uuid, extra_cmdline)
     env = mtools_env(epoch)
     unsigned = out.with_name(f".{out.name}.uki-{os.getpid()}.efi")
     signed = unsigned.with_name(unsigned.name + ".signed")
@@ -469,18 +487,25 @@ def build_uefi_disk(
             with Step("signing the unified kernel image"):
                 uki = sign(unsigned, signed)
         esp_size = fat_min_size(uki.stat().st_size + sum(f.stat().st_size for f in esp_files.values()))
-        (p1, p2), disk_size = layout([esp_size, root_img.stat().st_size], tail=ALIGN)
+        sizes = [esp_size, root_img.stat().st_size, *([hash_img.stat().st_size] if hash_img and verity else [])]
+        (p1, p2, *p3), disk_size = layout(sizes, tail=ALIGN)
+        root_part, hash_part = verity.partition_uuids if verity else (ids.derive_uuid(key, "gpt-root"), None)
         esp = Partition(*p1, type=ESP_TYPE, name="ESP", uuid=ids.derive_uuid(key, "gpt-esp"))
-        root = Partition(*p2, type=ROOT_X86_64_TYPE, name="root", uuid=ids.derive_uuid(key, "gpt-root"))
+        root = Partition(*p2, type=ROOT_X86_64_TYPE, name="root", uuid=root_part)
+        parts = [esp, root]
+        if p3:
+            parts.append(Partition(*p3[0], type=ROOT_X86_64_VERITY_TYPE, name="root-verity", uuid=hash_part))
         with Step(f"writing {out.name}"), atomic_path(out) as tmp:
             _create_sparse(tmp, disk_size)
-            _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
+            _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), parts)
             format_fat(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP", env=env)
             run(mmd_cmd(tmp, esp.start, ["::/EFI", "::/EFI/BOOT", *esp_dirs(list(esp_files))]), env=env)
             run(mcopy_cmd(tmp, esp.start, uki, UKI_PATH), env=env)
             for dest, src in esp_files.items():
                 run(mcopy_cmd(tmp, esp.start, src, dest), env=env)
             sparse_copy_into(root_img, tmp, root.start)
+            if hash_img is not None and p3:
+                sparse_copy_into(hash_img, tmp, parts[2].start)
     finally:
         unsigned.unlink(missing_ok=True)
         signed.unlink(missing_ok=True)

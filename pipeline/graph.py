@@ -17,6 +17,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from pipeline import publish, stages, vm
+from pipeline import secureboot as sb
 from pipeline.cache import human
 from pipeline.errors import UserError
 from pipeline.packed import parse_size
@@ -81,6 +82,13 @@ def check_action(root: str, name: str) -> None:
 @doit_edge
 def store_action(root: str) -> None:
     print(Project(Path(root)).store.listing([r.name for r in stages.ROWS if r.shared]))
+
+
+@doit_edge
+def sb_keys_action(root: str) -> None:
+    """The Secure Boot keys, made if missing (per-user folder or LDT_SB_* files): where they are and
+    the db certificate's fingerprint, never a private key."""
+    print(sb.summary(sb.ensure_keys()))
 
 
 @doit_edge
@@ -285,6 +293,8 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
                                       "drops the oldest packed entries past SIZE"),
         "store_verify": (store_verify_action, "Rehash every store entry against its manifest.json; remove the "
                                               "damaged ones"),
+        "sb_keys": (sb_keys_action, "Make the Secure Boot keys (PK, KEK, db) if missing; show where they are and the "
+                                    "db certificate's fingerprint (never a private key)"),
         "store_push": (store_push_action, "Push every local store entry $LDT_REMOTE lacks (e.g. after the registry "
                                           "was down)"),
     }

@@ -167,6 +167,14 @@ def module_load_order(dep: str, softdep: str, alias: str, wanted: Sequence[str],
     return order
 
 
+def member_data(m: CpioMember) -> bytes:
+    """The content of one archive member (a file's bytes, a symlink's target)."""
+    namesize = int(m.raw[94:102], 16)
+    start = 110 + namesize
+    start += -start % 4
+    return m.raw[start : start + int(m.raw[54:62], 16)]
+
+
 def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
     """The initrd as one uncompressed archive without firmware and the modules not wanted."""
     members = [m for archive in initrd_archives(initrd) for m in archive]
@@ -174,12 +182,7 @@ def slim_initrd(initrd: bytes, wanted: Sequence[str] = INITRD_MODULES) -> bytes:
 
     def text(suffix: str, moddir: str) -> str:
         m = by_name.get(f"{moddir}/{suffix}")
-        if m is None:
-            return ""
-        namesize = int(m.raw[94:102], 16)
-        start = 110 + namesize
-        start += -start % 4
-        return m.raw[start : start + int(m.raw[54:62], 16)].decode(errors="replace")
+        return member_data(m).decode(errors="replace") if m is not None else ""
 
     keep: set[str] = set()
     moddirs = {m.name.rsplit("/", 1)[0] for m in members if m.name.endswith("/modules.dep")}
@@ -209,12 +212,16 @@ APP_INITRD_DIR = "lib/ldt"  # in the archive: the modules and the two lists the 
 
 
 def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
-               first: Sequence[str] = APP_INITRD_MODULES, more: Sequence[str] = APP_INITRD_MORE) -> bytes:
+               first: Sequence[str] = APP_INITRD_MODULES, more: Sequence[str] = APP_INITRD_MORE,
+               dm: Mapping[str, bytes] | None = None) -> bytes:
     """The initramfs of an app image booted by our init (pipeline/guest/app-initrd.sh as /init):
     a static busybox, and the kernel's modules for `first` (always loaded) and `more` (loaded
     when the root is not found after the first), each list in load order. read(name) gives a
     file of the kernel's /lib/modules/<version>/ (modules.dep…, or a module, maybe compressed),
-    None when absent. Uncompressed: the kernel unpacks it in no time, even under TCG."""
+    None when absent. Uncompressed: the kernel unpacks it in no time, even under TCG.
+
+    For a dm-verity root ([disk] verity): `first` also holds VERITY_MODULES, and `dm` is dmsetup
+    with its libraries and their loader ({name: bytes}, the loader as "ld.so") for lib/ldt/dm/."""
     def text(name: str) -> str:
         data = read(name)
         return data.decode(errors="replace") if data is not None else ""
@@ -225,6 +232,7 @@ def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
     batch1 = module_load_order(dep, softdep, alias, first)
     batch2 = module_load_order(dep, softdep, alias, more, loaded=batch1)
     files = {"init": init, "bin/busybox": busybox}
+    files.update({f"{APP_INITRD_DIR}/dm/{name}": data for name, data in (dm or {}).items()})
     for list_name, batch in (("first", batch1), ("more", batch2)):
         names = []
         for path in batch:
@@ -237,3 +245,64 @@ def app_initrd(init: bytes, busybox: bytes, read: Callable[[str], bytes | None],
             names.append(name)
         files[f"{APP_INITRD_DIR}/{list_name}"] = "".join(f"{n}\n" for n in names).encode()
     return make_cpio(files, char_devices={"dev/console": (5, 1)})
+
+
+# ── dm-verity in an initramfs-tools initrd ──────────────────────────────────────────────────
+
+VERITY_MODULES = ("dm_mod", "dm_verity")  # and what they need (dm-bufio, reed_solomon), from modules.dep
+# the whole tree's dependency indexes over the initrd's own: `modprobe dm-verity` finds the added modules
+# (by name: the initrd's alias and builtin indexes stay; the big alias/symbol ones are not needed, and
+# every byte of the initrd is hashed again by the firmware under Secure Boot)
+MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.softdep")
+DMSETUP = ("usr/sbin/dmsetup", "sbin/dmsetup")  # where initramfs-tools' dmsetup hook puts it
+SCRIPT_PHASES = ("local-top", "local-bottom")  # verity-local-top.sh, verity-local-bottom.sh
+VERITY_SCRIPT = "ldt-verity"  # their name under scripts/<phase>/
+
+
+def order_line(phase: str) -> str:
+    return f'/scripts/{phase}/{VERITY_SCRIPT} "$@"\n'
+
+
+ORDER_TAIL = "[ -e /conf/param.conf ] && . /conf/param.conf\n"  # what mkinitramfs ends each ORDER with
+
+
+def verity_overlay(initrd: bytes, version: str, read: Callable[[str], bytes | None],
+                   scripts: Mapping[str, bytes]) -> bytes:
+    """What opens a dm-verity root in an initramfs-tools initrd that has dmsetup (Debian's dmsetup
+    hook), appended to it: a cpio with `scripts` ({phase: script}, run first in their phase: each
+    ORDER is the initrd's own with our line in front), dm-verity and what it needs from the kernel's
+    /lib/modules/<version>/ (read(name), as app_initrd's) and that tree's module indexes, so modprobe
+    finds them. The kernel unpacks the archives of an initrd in turn, later files over earlier ones:
+    the initrd itself is left as it is (compressed). ValueError when the initrd cannot open it."""
+    members = {m.name: m for archive in initrd_archives(initrd) for m in archive}
+    if "scripts/functions" not in members:
+        raise ValueError("its initrd is not made by initramfs-tools (no /scripts/functions)")
+    if not any(name in members for name in DMSETUP):
+        raise ValueError("its initrd has no dmsetup")
+    moddir = next((d for d in (f"usr/lib/modules/{version}", f"lib/modules/{version}")
+                   if f"{d}/modules.dep" in members), f"lib/modules/{version}")
+
+    def text(name: str) -> str:
+        data = read(name)
+        return data.decode(errors="replace") if data is not None else ""
+
+    dep = text("modules.dep")
+    if not dep:
+        raise ValueError(f"the kernel's /lib/modules/{version} has no modules.dep")
+    files: dict[str, bytes] = {}
+    for path in [*module_load_order(dep, text("modules.softdep"), text("modules.alias"), VERITY_MODULES),
+                 *MODULE_INDEXES]:
+        data = read(path)
+        if data is None:
+            if path in MODULE_INDEXES:
+                continue
+            raise ValueError(f"modules.dep names {path}, which is not there")
+        files[f"{moddir}/{path}"] = data  # as they are: compressed ones stay so (and keep their signature)
+    if "/dm-verity.ko" not in dep and "/dm-verity.ko" not in text("modules.builtin"):
+        raise ValueError(f"the kernel {version} has no dm-verity")
+    for phase, script in scripts.items():
+        order = members.get(f"scripts/{phase}/ORDER")
+        files[f"scripts/{phase}/{VERITY_SCRIPT}"] = script
+        files[f"scripts/{phase}/ORDER"] = (order_line(phase) + (member_data(order).decode() if order is not None
+                                                                 else ORDER_TAIL)).encode()
+    return b"\0" * (-len(initrd) % 512) + make_cpio(files)

@@ -289,6 +289,13 @@ def secure_boot_args() -> list[str]:
     return ["-global", "driver=cfi.pflash01,property=secure,value=on"]
 
 
+def smm_cpus(accel: Accel, cpus: int) -> int:
+    """The vCPUs of a Secure Boot VM (SMM): one under TCG, where every SMI (each UEFI variable access,
+    before and after the kernel starts) gathers every vCPU and costs dearly (hello's signed uefi row:
+    +34-58 % over the plain one with 2 vCPUs, +6-13 % with 1; docs/secure-boot.md); as asked under KVM."""
+    return 1 if accel is Accel.TCG else cpus
+
+
 def machine_args(qemu: str, machine: str, accel: Accel, *, cpus: int, memory_mib: int) -> list[str]:
     """The start of every VM's argv: the machine, accelerator, CPUs and memory, no default devices."""
     return [
@@ -319,13 +326,14 @@ def qemu_cmd(
     "root=<bus root device> rw console=ttyS0,115200" (no root= without a disk), and
     settings.kernel_args is appended. `disk` may be None only here.
     uefi: `ovmf` and `ovmf_vars`, a fresh writable copy of ovmf.vars_template, are required; a
-    Secure Boot build (ovmf.secure) gets q35 with SMM and the SMM-only flash.
-    settings.accel must already be resolved (kvm.select_accel()).
+    Secure Boot build (ovmf.secure) gets q35 with SMM and the SMM-only flash, and under TCG one vCPU
+    (smm_cpus). settings.accel must already be resolved (kvm.select_accel()).
     """
     _check_inputs(mode, settings, disk=disk, kernel=kernel, initrd=initrd, cmdline=cmdline, ovmf=ovmf, vars_=ovmf_vars)
     secure = ovmf is not None and ovmf.secure
     cmd = [
-        *machine_args(qemu, SMM_MACHINE if secure else mode.machine, settings.accel, cpus=settings.cpus,
+        *machine_args(qemu, SMM_MACHINE if secure else mode.machine, settings.accel,
+                      cpus=smm_cpus(settings.accel, settings.cpus) if secure else settings.cpus,
                       memory_mib=settings.memory_mib),
         *console_args(settings),
     ]

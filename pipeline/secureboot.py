@@ -6,6 +6,7 @@ user enrolls by hand, and an OVMF variable store with the keys enrolled and Secu
               ensure_keys()            make the missing pairs there (openssl, RSA 2048), check all
               check_pair()             missing file, key without cert, not a cert, expired, mismatch
               fingerprint()            SHA-256 of the db certificate: part of the signing stage's key
+              summary()                what `doit sb_keys` prints: paths and the db fingerprint
     signing   sbsign_cmd()/sign()      sbsign under a clock frozen at the stage's epoch (faketime):
                                        sbsign stamps a PKCS#7 signingTime, the rest is deterministic
               sbverify_cmd()/verify()
@@ -253,6 +254,15 @@ def located(env: Mapping[str, str] | None = None) -> KeySet:
     """The key set where it is now (nothing made, nothing checked): for a stage's key."""
     env = os.environ if env is None else env
     return KeySet.locate(env, key_dir(env))
+
+
+def summary(keys: KeySet) -> str:
+    """What `doit sb_keys` prints: where each pair is and the db certificate's fingerprint (what a
+    signed image's key holds); paths only, never a key's content."""
+    lines = [f"{pair.role}: key {pair.key}, certificate {pair.cert}" + (" (from the environment)" if pair.from_env
+                                                                       else "") for pair in keys.pairs]
+    lines.append(f"db certificate SHA-256 fingerprint: {fingerprint(keys.db.cert)}")
+    return "\n".join(lines)
 
 
 def fingerprints(keys: KeySet) -> dict[str, str]:

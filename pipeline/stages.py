@@ -5,14 +5,17 @@ recipe stages. Every row's entries come through the store's one path (cache.Stor
              tgz         build_tgz            (Dockerfile, parents' tgz)      rootfs.tgz (+ image-config.json)
              app         build_app            rootfs.tgz (tgz)                app.json, app.tar
              boot        extract_boot         rootfs.tgz, app.json            vmlinuz, initrd.img, os-release,
-                                  (a kernel_from recipe's files)              modules.tar
+                                  (a kernel_from recipe's files)              modules.tar ([disk] verity: the
+                                                                              initrd opens the root through it)
              vmlinux     extract_boot         vmlinuz (boot)                  vmlinux (what tgz mode boots)
              ext4        build_rootfs         rootfs.tgz, app.tar, modules.tar  rootfs.ext4
+                                                                  (+ rootfs.verity, verity.json: [disk] verity)
              bios        build_syslinux_bios  vmlinuz, initrd.img, ext4, app.json  bios.img
              bios_qcow2  build_syslinux_bios  bios.img (bios)                 bios.qcow2      ([disk] qcow2)
              sb_vars     sb_vars              (the Secure Boot keys' certificates)  sb-vars.fd ([boot] secure_boot)
              uefi        build_efistub        vmlinuz, initrd.img, os-release, rootfs.ext4, app.json   uefi.img
                                               (sb-vars.fd: signed, the certificates on the ESP)
+                                              ([disk] verity: the hash tree as p3, the root hash on the command line)
              uefi_qcow2  build_efistub        uefi.img (uefi)                 uefi.qcow2      ([disk] qcow2)
              fast_boot   fast_boot            vmlinux, initrd.img             fast.kernel, fast.initrd (virt's)
 
@@ -130,12 +133,12 @@ STAGES: tuple[Stage, ...] = (
           stamped=True, inputs=builders.app_inputs),
     Stage("boot", "extract_boot", 3, "Kernel + initrd (+ os-release) out of the rootfs tgz, or kernel_from's",
           needs=(A.TGZ, A.APP), makes=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.MODULES),
-          reads=("kernel", "initrd", "kernel_from"), build=builders.boot, applies=_bootable,
+          reads=("kernel", "initrd", "kernel_from", "verity"), build=builders.boot, applies=_bootable,
           inputs=builders.boot_key_inputs, sources=builders.boot_sources),
     Stage("vmlinux", "extract_boot", 1, "The kernel tgz mode boots: uncompressed (PVH), or the vmlinuz as is",
           needs=(A.KERNEL,), makes=(A.VMLINUX,), reads=(), build=builders.vmlinux, applies=_bootable),
     Stage("ext4", "build_rootfs", 3, "ext4 root filesystem image of the tgz (rootless, reproducible)",
-          needs=(A.TGZ, A.APP_FILES, A.MODULES), makes=(A.EXT4,), reads=("headroom_mib", "size_mib"),
+          needs=(A.TGZ, A.APP_FILES, A.MODULES), makes=(A.EXT4,), reads=("headroom_mib", "size_mib", "verity"),
           build=builders.ext4, applies=_bootable, stamped=True),
     Stage("bios", "build_syslinux_bios", 4,
           "Raw MBR disk: Syslinux + kernel/initrd on FAT, the ext4 root as partition 2",
@@ -149,7 +152,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("uefi", "build_efistub", 4,
           "Raw GPT disk: ESP with a unified kernel image (systemd EFI stub), the ext4 root",
           needs=(A.KERNEL, A.INITRD, A.OS_RELEASE, A.EXT4, A.APP, A.SB_VARS), makes=(A.UEFI_IMG,),
-          reads=("cmdline", "secure_boot"), build=builders.uefi, applies=_bootable, stamped=True,
+          reads=("cmdline", "secure_boot", "verity"), build=builders.uefi, applies=_bootable, stamped=True,
           inputs=builders.sb_fingerprints, prepare=builders.sb_prepare),
     Stage("uefi_qcow2", "build_efistub", 1, "The UEFI disk as compressed qcow2",
           needs=(A.UEFI_IMG,), makes=(A.UEFI_QCOW2,), reads=(), build=builders.qcow2, applies=_has_qcow2),
@@ -243,7 +246,7 @@ def head(stage: Stage) -> dict[str, Any]:
 
 # Settings added after entries were made by the stages that read them: at this default they stay
 # out of the key, so those entries keep theirs (and their bytes: a key seeds a disk's UUIDs).
-LATER_SETTINGS: dict[str, Any] = {"secure_boot": False}
+LATER_SETTINGS: dict[str, Any] = {"secure_boot": False, "verity": False}
 
 
 def keyed(settings: dict[str, Any], reads: tuple[str, ...]) -> dict[str, Any]:

@@ -10,11 +10,14 @@ systemd-veritysetup read the salt and sizes from it; a dmsetup-only initrd gets 
     Verity.systemd_cmdline(data, hash) -> roothash= systemd.verity_root_data= ... (systemd/dracut initrd)
     Verity.ldt_cmdline(data, hash)     -> ldt.verity=... (our initrds: dmsetup, no salt read needed)
     Verity.dm_table(data, hash)        -> the dm-verity target line (dmsetup create --table)
+    Verity.to_json()/from_json()       -> verity.json, beside rootfs.ext4 and rootfs.verity in an ext4 entry
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -34,6 +37,12 @@ MAPPER_NAME = "root"  # /dev/mapper/root, the name systemd-veritysetup-generator
 HINT = "install cryptsetup-bin (run ./setup.sh)"
 # Discoverable Partitions Specification: the x86-64 root's verity hash partition
 ROOT_X86_64_VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
+# What both initrds print on the console once /dev/mapper/root is there (what a boot check waits for)
+OPENED_LINE = "ldt-verity: root opened: "
+# In an ext4 entry of a `[disk] verity` recipe, beside rootfs.ext4: its hash device and what the uefi
+# stage needs to name it (root hash, salt, sizes)
+HASH_FILE = "rootfs.verity"
+INFO_FILE = "verity.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,14 @@ class Verity:
     hash_block_size: int
     hash_alg: str
     hash_size: int  # bytes of the hash device (superblock + tree)
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "uuid": str(self.uuid)}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Verity:
+        d = json.loads(text)
+        return cls(**{**d, "uuid": uuid.UUID(d["uuid"])})
 
     @property
     def data_sectors(self) -> int:

@@ -51,6 +51,18 @@ def test_secure_boot_firmware_gets_smm_and_the_smm_only_flash() -> None:
     assert "-global" not in uefi() and "q35,smm=on" not in uefi()  # the plain build is as it was
 
 
+def test_a_secure_boot_vm_under_tcg_has_one_vcpu() -> None:
+    """SMM under TCG gathers every vCPU at each SMI: one vCPU brings the signed row near the plain one."""
+    secboot = Ovmf(Path("/fw/OVMF_CODE_4M.secboot.fd"), Path("/store/sb_vars/k/sb-vars.fd"), secure=True)
+    two = VmSettings(accel=Accel.TCG, cpus=2)
+    cmd = qemu_cmd(Mode.UEFI, settings=two, disk=Path("/store/uefi.img"), ovmf=secboot, ovmf_vars=VARS)
+    assert after(cmd, "-smp") == ["1"] and after(cmd, "-accel") == ["tcg"]
+    assert after(uefi(two), "-smp") == ["2"]  # the plain firmware: as asked
+    kvm = VmSettings(accel=Accel.KVM, cpus=2)
+    assert after(qemu_cmd(Mode.UEFI, settings=kvm, disk=Path("/store/uefi.img"), ovmf=secboot, ovmf_vars=VARS),
+                 "-smp") == ["2"]
+
+
 def test_only_a_uefi_machine_has_secure_boot_variables() -> None:
     qemu.Machine(Mode.UEFI, TCG, Path("/d.img"), secure_vars=Path("/v.fd"))
     with pytest.raises(ValueError):

@@ -231,6 +231,30 @@ def test_secrets_never_reach_the_log(keys: KeySet, tmp_path: Path, capfd: pytest
     assert "PRIVATE KEY" not in shown
 
 
+def test_sb_keys_task_shows_paths_and_the_fingerprint_never_a_key(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`doit sb_keys`: makes the keys the first time (verbose: every command echoed), then shows where
+    they are and the db certificate's fingerprint; no byte of a private key on either stream."""
+    from pipeline import graph
+
+    monkeypatch.setenv("LDT_VERBOSE", "1")
+    monkeypatch.setenv("LDT_SB_DIR", str(tmp_path / "k"))
+    for role in Role:
+        monkeypatch.delenv(role.env_key, raising=False)
+        monkeypatch.delenv(role.env_cert, raising=False)
+    assert graph.sb_keys_action(str(tmp_path)) is None  # None: the task passed
+    assert graph.sb_keys_action(str(tmp_path)) is None  # the second time: nothing made
+    out, err = capfd.readouterr()
+    keys = KeySet.locate({}, tmp_path / "k")
+    assert err.count("made the Secure Boot db key pair") == 1 and "+ openssl req" in err
+    assert f"db: key {keys.db.key}, certificate {keys.db.cert}" in out
+    assert f"db certificate SHA-256 fingerprint: {sb.fingerprint(keys.db.cert)}" in out
+    for pair in keys.pairs:
+        for line in pair.key.read_text().splitlines()[1:-1]:
+            assert line not in out + err
+    assert "PRIVATE KEY" not in out + err
+
+
 # ── enrollment files and firmware, for real ─────────────────────────────────────────────
 
 

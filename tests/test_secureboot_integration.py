@@ -9,6 +9,7 @@ boots end in seconds rather than at the timeout.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ import pytest
 from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project
 from console import Watched, watch
 
-from pipeline import disk, ext4, firmware, headless, ids, qemu
+from pipeline import disk, ext4, firmware, headless, ids, qemu, verity
 from pipeline import secureboot as sb
 from pipeline.run import run
 
@@ -210,3 +211,67 @@ def test_check_boot_of_a_signed_recipe(hello_artifacts: dict[str, Path], tmp_pat
     assert rows["uefi"].split()[2] == "pass" and "secure boot" in rows["uefi"], text
     assert "booting uefi under Secure Boot" in text
     print(f"signed uefi row: {rows['uefi'].split()[3]}s")
+
+
+# ── [disk] verity = true with secure_boot: firmware -> signed UKI -> root hash -> every block ──────────
+
+
+def verity_hello() -> dict[str, str]:
+    """signed_hello() with [disk] verity = true: the ext4, boot and uefi entries are new."""
+    files = signed_hello()
+    files["recipe.toml"] += "\n[disk]\nverity = true\n"
+    return files
+
+
+def root_partition_start(img: Path) -> int:
+    table = json.loads(run(["sfdisk", "--json", img], capture=True).stdout)["partitiontable"]
+    (root,) = [p for p in table["partitions"] if p["type"] == disk.ROOT_X86_64_TYPE]
+    return root["start"] * disk.SECTOR
+
+
+def login_or_verity_failure(console: str) -> bool:
+    """The login prompt, or a whole ldt-verity line that is no success, or a block that failed its hash."""
+    whole_lines = console.splitlines()[:-1]  # the last may still be arriving
+    return logged_in(console) or "is corrupted" in console or any(
+        "ldt-verity: " in line and verity.OPENED_LINE not in line for line in whole_lines)
+
+
+def test_a_verity_root_boots_under_secure_boot_and_a_changed_byte_fails_its_read(tmp_path: Path) -> None:
+    """`[disk] verity = true` and `secure_boot = true` through doit: the signed UKI's command line holds
+    the root hash, hello's own initrd (a cpio appended by the boot stage) opens the root through
+    dm-verity and says so, systemd reaches the login prompt on the read-only root; the same disk with
+    one byte of the root partition changed (a copy) fails the read of that block."""
+    proj = make_project(tmp_path / "p", {"debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML}, "hello": verity_hello()})
+    env = {"LDT_SB_DIR": str(tmp_path / "keys")}
+    built = doit("build_efistub:hello", cwd=proj, env=env)
+    print(built.stdout + built.stderr)
+    img = (proj / "cache" / "recipes" / "hello" / "uefi.img").resolve()
+    ext4_entry = (proj / "cache" / "recipes" / "hello" / "rootfs.ext4").resolve().parent
+    v = verity.Verity.from_json((ext4_entry / verity.INFO_FILE).read_text())
+    assert verity.verify(ext4_entry / "rootfs.ext4", ext4_entry / verity.HASH_FILE, v.root_hash)
+    again = verity.format_verity(ext4_entry / "rootfs.ext4", tmp_path / "again.verity",
+                                 verity.VerityParams(salt=v.salt, uuid=v.uuid))
+    assert again == v and (tmp_path / "again.verity").read_bytes() == (ext4_entry / verity.HASH_FILE).read_bytes()
+    uki = esp_file(img, disk.UKI_PATH, tmp_path / "BOOTX64.EFI")
+    assert sb.verify(uki, tmp_path / "keys" / "db.crt")
+    assert f"ldt.verity=PARTUUID={v.partition_uuids[0]}".encode() in uki.read_bytes()  # the root hash is signed
+
+    ovmf = firmware.find_secboot_ovmf(img.parent / "sb-vars.fd")
+    result = boot(img, ovmf, tmp_path, until=login_or_verity_failure)
+    print(f"verity root under Secure Boot: login prompt after {result.seconds:.1f}s")
+    tail = result.console[-3000:]
+    assert result.matched and logged_in(result.console), tail
+    assert verity.OPENED_LINE in result.console and v.root_hash in result.console, tail
+    assert sb.KERNEL_SECURE_BOOT_LINE in result.console, tail
+    assert "is corrupted" not in result.console
+
+    tampered = tmp_path / "tampered.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.fspath(img), tampered])
+    # ext4's volume name (superblock at 1024, s_volume_name at 0x78) in the root partition: the mount reads it
+    where = root_partition_start(img) + 1024 + 0x78
+    run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x58 {where} 1", tampered], capture=True)
+    result = boot(tampered, ovmf, tmp_path, until=lambda c: "is corrupted" in c or logged_in(c), timeout=400)
+    print(f"tampered verity root: {'read refused' if 'is corrupted' in result.console else '?'} "
+          f"after {result.seconds:.1f}s")
+    assert "is corrupted" in result.console, result.console[-3000:]  # device-mapper: verity: ... data block 0
+    assert not logged_in(result.console)

@@ -269,3 +269,18 @@ def test_a_signed_build_without_keys_is_one_line(project, tmp_path, monkeypatch)
         stages.manifest(Project(p.root, extra=(signed,)), signed, stages.STAGE["uefi"])
     assert "not found" in info.value.message
     assert not stages.up_to_date(Project(p.root, extra=(signed,)), signed, stages.STAGE["uefi"])
+
+
+def test_verity_off_stays_out_of_every_key_and_on_moves_only_its_stages(project):
+    """verity came after entries were made: off, no manifest mentions it (every disk keeps its key
+    and bytes); on, the ext4, boot and uefi keys move, with the initrd scripts' hashes in boot's."""
+    p, r = project
+    on = dataclasses.replace(r, verity=True)
+    p_on = Project(p.root, extra=(on,))
+    for s in stages.STAGES:
+        before = stages.manifest(p, r, s)
+        assert "verity" not in json.dumps(before), s.name
+        moved = key_of(stages.manifest(p_on, on, s)) != key_of(before)
+        assert moved == (s.name in ("ext4", "boot", "uefi")), s.name
+    boot = stages.manifest(p_on, on, stages.STAGE["boot"])
+    assert set(boot["verity"]) == {"local-top", "local-bottom"}

@@ -126,3 +126,181 @@ def test_partial_block_image_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a whole number of 4096-byte blocks"):
         verity.format_verity(img, tmp_path / "odd.verity", VerityParams.from_key("k"))
     assert not (tmp_path / "odd.verity").exists()
+
+
+def test_verity_json_round_trips() -> None:
+    assert Verity.from_json(SAMPLE.to_json()) == SAMPLE
+
+
+# ── the uefi disk of a [disk] verity recipe ─────────────────────────────────────────────
+
+
+def uefi_verity_disk(ext4: Path, tmp_path: Path, name: str) -> tuple[Path, Verity]:
+    from pipeline import disk
+
+    v = verity.format_verity(ext4, tmp_path / "root.verity", VerityParams.from_key("stage-key"))
+    kernel, os_release = tmp_path / "vmlinuz", tmp_path / "os-release"
+    kernel.write_bytes(b"not really a kernel" * 100)
+    os_release.write_text('ID=debian\n')
+    out = tmp_path / name
+    disk.build_uefi_disk(kernel, None, os_release, ext4, out, key="uefi-key", epoch=1_700_000_000,
+                         extra_cmdline=["quiet"], verity=v, hash_img=tmp_path / "root.verity")
+    return out, v
+
+
+def test_a_verity_uefi_disk_has_the_hash_partition_and_the_root_hash_on_its_command_line(
+        ext4: Path, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from pipeline import disk
+
+    a, v = uefi_verity_disk(ext4, tmp_path, "a.img")
+    table = json.loads(subprocess.run(["sfdisk", "--json", a], capture_output=True, check=True).stdout)
+    esp, root, tree = table["partitiontable"]["partitions"]
+    root_uuid, hash_uuid = v.partition_uuids
+    assert (root["type"], root["uuid"].lower(), root["name"]) == (disk.ROOT_X86_64_TYPE, str(root_uuid), "root")
+    assert (tree["type"], tree["uuid"].lower(), tree["name"]) == (verity.ROOT_X86_64_VERITY_TYPE, str(hash_uuid),
+                                                                 "root-verity")
+    with open(a, "rb") as f:  # the partitions hold the root and its tree, byte for byte
+        f.seek(tree["start"] * disk.SECTOR)
+        assert f.read(v.hash_size) == (tmp_path / "root.verity").read_bytes()
+        f.seek(root["start"] * disk.SECTOR)
+        assert f.read(1 << 20) == ext4.read_bytes()[: 1 << 20]
+    cmdline = disk.verity_cmdline(v, ["quiet"])
+    assert f"ldt.verity=PARTUUID={root_uuid},PARTUUID={hash_uuid},{v.data_blocks}," in cmdline
+    assert " root=/dev/mapper/root ro " in cmdline and " rw" not in cmdline and cmdline.endswith(" quiet")
+    assert cmdline.encode() in a.read_bytes()  # in the UKI's .cmdline section
+    b, _ = uefi_verity_disk(ext4, tmp_path, "b.img")  # same inputs and key: the same disk
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+# ── the initrds that open it ────────────────────────────────────────────────────────────
+
+VERSION = "6.1.0-9-amd64"
+MODULES = {
+    "modules.dep": b"kernel/drivers/md/dm-mod.ko:\nkernel/drivers/md/dm-bufio.ko:\n"
+                   b"kernel/drivers/md/dm-verity.ko: kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-mod.ko\n",
+    "modules.dep.bin": b"bin", "modules.alias": b"", "modules.softdep": b"",
+    "kernel/drivers/md/dm-mod.ko": b"MOD", "kernel/drivers/md/dm-bufio.ko": b"BUFIO",
+    "kernel/drivers/md/dm-verity.ko": b"VERITY",
+}
+SCRIPTS = {"local-top": b"#!/bin/sh\ntop\n", "local-bottom": b"#!/bin/sh\nbottom\n"}
+
+
+def members_of(data: bytes) -> dict[str, bytes]:
+    from pipeline import initramfs
+
+    return {m.name: initramfs.member_data(m) for a in initramfs.initrd_archives(data) for m in a}
+
+
+def test_the_verity_overlay_adds_scripts_modules_and_orders_to_an_initramfs_tools_initrd() -> None:
+    from pipeline import initramfs
+
+    base = initramfs.make_cpio({"scripts/functions": b"x", "usr/sbin/dmsetup": b"ELF",
+                                f"usr/lib/modules/{VERSION}/modules.dep": b"",
+                                "scripts/local-bottom/ORDER": b'/scripts/local-bottom/lvm "$@"\nTAIL\n'})
+    overlay = initramfs.verity_overlay(base, VERSION, MODULES.get, SCRIPTS)
+    assert (len(base) + overlay.index(b"070701")) % 512 == 0
+    got = members_of(base + overlay)
+    moddir = f"usr/lib/modules/{VERSION}"  # the initrd's own (merged /usr) module folder
+    assert got[f"{moddir}/kernel/drivers/md/dm-verity.ko"] == b"VERITY"
+    assert got[f"{moddir}/modules.dep"] == MODULES["modules.dep"] and got[f"{moddir}/modules.dep.bin"] == b"bin"
+    assert got["scripts/local-top/ldt-verity"] == SCRIPTS["local-top"]
+    assert got["scripts/local-top/ORDER"] == b'/scripts/local-top/ldt-verity "$@"\n' + initramfs.ORDER_TAIL.encode()
+    assert got["scripts/local-bottom/ORDER"] == (b'/scripts/local-bottom/ldt-verity "$@"\n'
+                                                 b'/scripts/local-bottom/lvm "$@"\nTAIL\n')  # ours first, theirs kept
+    assert got["usr/sbin/dmsetup"] == b"ELF"  # the initrd itself is left as it was
+
+
+@pytest.mark.parametrize(("files", "why"), [
+    ({"usr/sbin/dmsetup": b"ELF"}, "not made by initramfs-tools"),
+    ({"scripts/functions": b"x"}, "no dmsetup"),
+])
+def test_an_initrd_that_cannot_open_verity_is_an_error(files: dict[str, bytes], why: str) -> None:
+    from pipeline import initramfs
+
+    with pytest.raises(ValueError, match=why):
+        initramfs.verity_overlay(initramfs.make_cpio(files), VERSION, MODULES.get, SCRIPTS)
+    no_verity = {**MODULES, "modules.dep": b"kernel/drivers/md/dm-mod.ko:\n"}
+    with pytest.raises(ValueError, match="has no dm-verity"):
+        initramfs.verity_overlay(initramfs.make_cpio({"scripts/functions": b"", "sbin/dmsetup": b""}), VERSION,
+                                 no_verity.get, SCRIPTS)
+
+
+def test_our_app_initrd_with_verity_loads_dm_verity_first_and_carries_dmsetup() -> None:
+    from pipeline import initramfs
+
+    data = initramfs.app_initrd(b"#!init", b"BB", MODULES.get, first=initramfs.VERITY_MODULES, more=(),
+                                dm={"dmsetup": b"D", "ld.so": b"L"})
+    got = members_of(data)
+    assert got["lib/ldt/first"] == b"dm_mod.ko\ndm_bufio.ko\ndm_verity.ko\n"
+    assert got["lib/ldt/dm/dmsetup"] == b"D" and got["lib/ldt/dm/ld.so"] == b"L"
+
+
+def test_app_initrd_reads_a_partuuid_from_the_gpt_with_busybox(tmp_path: Path) -> None:
+    """app-initrd.sh's guid_of_entry (busybox has no blkid): the unique GUID of a GPT entry as text."""
+    import re
+
+    from pipeline import app, disk
+
+    img = tmp_path / "gpt.img"
+    img.write_bytes(b"\0" * (4 << 20))
+    parts = [disk.Partition(disk.MiB, disk.MiB, disk.ESP_TYPE, uuid=uuid.UUID("0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9")),
+             disk.Partition(2 * disk.MiB, disk.MiB, disk.ROOT_X86_64_TYPE,
+                            uuid=uuid.UUID("f0e1d2c3-b4a5-9687-7869-5a4b3c2d1e0f"))]
+    subprocess.run(disk.sfdisk_cmd(img), input=disk.sfdisk_script("gpt", str(uuid.UUID(int=1)), parts).encode(),
+                   check=True, capture_output=True)
+    script = app.guest_script("app-initrd.sh").decode()
+    func = re.search(r"^guid_of_entry\(\) \{\n.*?^\}\n", script, re.MULTILINE | re.DOTALL)
+    assert func
+    for n, p in enumerate(parts, start=1):
+        out = subprocess.run([str(app.HOST_BUSYBOX), "sh", "-c", f'BB={app.HOST_BUSYBOX}\n{func.group(0)}'
+                              f'guid_of_entry "{img}" {n}'], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == str(p.uuid)
+
+
+def test_a_verity_recipe_whose_initrd_cannot_open_it_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """builders.add_verity (the boot stage): an initrd without dmsetup is a UserError with a hint,
+    raised inside the build, so the store keeps nothing."""
+    import io
+    import tarfile
+
+    from pipeline import builders, initramfs, kernel, rootfs
+    from pipeline.artifacts import Artifact
+    from pipeline.build import Build
+    from pipeline.errors import UserError
+    from pipeline.project import Project
+    from pipeline.recipes import Recipe
+
+    def fake_modules(tgz: Path, version: str, out: Path, *, recipe: str) -> int:
+        with tarfile.open(out, "w") as tar:
+            for name, data in MODULES.items():
+                info = tarfile.TarInfo(f"lib/modules/{version}/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return len(MODULES)
+
+    monkeypatch.setattr(kernel, "release_of", lambda path: VERSION)
+    monkeypatch.setattr(rootfs, "extract_modules", fake_modules)
+    r = Recipe(name="img", dir=tmp_path, verity=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / Artifact.KERNEL).write_bytes(b"k")
+    (work / Artifact.INITRD).write_bytes(initramfs.make_cpio({"scripts/functions": b"x"}))
+    b = Build(Project(tmp_path, extra=(r,)), r, "key", work, {}, 0)
+    with pytest.raises(UserError) as info:
+        builders.add_verity(b, "img", tmp_path / "rootfs.tgz")
+    assert info.value.message == ("recipe img: [disk] verity: the initrd of img cannot open a dm-verity root: "
+                                  "its initrd has no dmsetup")
+    assert "apt-get install dmsetup" in (info.value.hint or "")
+    (work / Artifact.INITRD).write_bytes(initramfs.make_cpio({"scripts/functions": b"x", "usr/sbin/dmsetup": b"E"}))
+    builders.add_verity(b, "img", tmp_path / "rootfs.tgz")  # with dmsetup: the opener appended
+    assert "scripts/local-top/ldt-verity" in members_of((work / Artifact.INITRD).read_bytes())
+
+
+@pytest.mark.parametrize("script", ["verity-local-top.sh", "app-initrd.sh"])
+def test_both_initrds_say_the_root_opened_in_the_same_words(script: str) -> None:
+    from pipeline import app
+
+    assert f'echo "{verity.OPENED_LINE}$data_dev verified by $hash_dev' in app.guest_script(script).decode()

@@ -1,53 +1,43 @@
 """dm-verity for real: hello's ext4 root with a hash tree beside it, opened at boot by hello's own
-initramfs-tools initrd with pipeline/guest/verity-local-top.sh added (what a hook would put in
-it: the script, dm-verity and its modules); a byte changed in the root makes the read fail.
+initramfs-tools initrd with what the boot stage appends for [disk] verity (initramfs.verity_overlay:
+the scripts, dm-verity and its modules); a byte changed in the root makes the read fail.
 
-The initrd here is hello's with one uncompressed cpio appended (the kernel unpacks every archive
+The initrd here is hello's with that one uncompressed cpio appended (the kernel unpacks every archive
 of an initrd in turn), so the test needs no image rebuild; booted straight into the kernel (tgz
-mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks.
+mode, the same as `doit run_tgz`), the root and its hash tree as two virtio disks. And an app on
+our initrd (webapp) with [disk] verity, built through doit and booted from its UEFI disk.
+(hello's signed verity disk, through doit, is booted in test_secureboot_integration.py.)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import BOOTSTRAP_TOML, ROOT, doit, make_project, require_docker
 from console import watch
 
-from pipeline import disk, ids, initramfs, kernel, qemu, verity
+from pipeline import app, builders, disk, firmware, ids, initramfs, kernel, qemu, verity
 from pipeline.run import run
 
 pytestmark = pytest.mark.integration
 
-LOCAL_TOP = Path(__file__).resolve().parent.parent / "pipeline" / "guest" / "verity-local-top.sh"
-VERITY_MODULES = ("kernel/drivers/md/dm-verity.ko", "kernel/drivers/md/dm-bufio.ko",
-                  "kernel/lib/reed_solomon/reed_solomon.ko")
-MODULE_INDEXES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-                  "modules.symbols", "modules.symbols.bin", "modules.builtin", "modules.builtin.bin",
-                  "modules.builtin.alias.bin", "modules.order")
-ORDER = '/scripts/local-top/ldt-verity "$@"\n[ -e /conf/param.conf ] && . /conf/param.conf\n'
 
-
-def verity_overlay(tgz: Path, version: str) -> bytes:
-    """The cpio a hook would add: the local-top script and its ORDER, dm-verity with its
-    dependencies, and the module indexes of the whole tree (so modprobe finds them)."""
-    base = f"usr/lib/modules/{version}"
-    wanted = {f"{base}/{m}" for m in (*VERITY_MODULES, *MODULE_INDEXES)}
+def kernel_files(tgz: Path, version: str) -> dict[str, bytes]:
+    """hello's /lib/modules/<version>/ modules and indexes, named as in it (what builders.add_verity reads)."""
+    base = f"usr/lib/modules/{version}/"
     files: dict[str, bytes] = {}
     with tarfile.open(tgz) as tar:
         for member in tar:
             name = member.name.removeprefix("./")
-            if name in wanted and member.isfile():
+            if name.startswith(base) and member.isfile() and (name.endswith(".ko") or "/modules." in name):
                 f = tar.extractfile(member)
                 assert f is not None
-                files[name] = f.read()
-    missing = wanted - set(files)
-    assert not missing, missing
-    files["scripts/local-top/ldt-verity"] = LOCAL_TOP.read_bytes()
-    files["scripts/local-top/ORDER"] = ORDER.encode()
-    return initramfs.make_cpio(files)
+                files[name.removeprefix(base)] = f.read()
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,8 @@ def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_facto
     assert version
     initrd = tmp / "initrd-verity.img"
     base = a["initrd.img"].read_bytes()
-    initrd.write_bytes(base + b"\0" * (-len(base) % 512) + verity_overlay(hello_tgz, version))
+    scripts = {phase: app.guest_script(name) for phase, name in builders.VERITY_SCRIPTS.items()}
+    initrd.write_bytes(base + initramfs.verity_overlay(base, version, kernel_files(hello_tgz, version).get, scripts))
     hash_dev = tmp / "rootfs.verity"
     v = verity.format_verity(a["rootfs.ext4"], hash_dev, verity.VerityParams.from_key("verity-test"))
     return tmp, a, initrd, hash_dev, v
@@ -66,7 +57,7 @@ def verity_env(hello_artifacts: dict[str, Path], hello_tgz: Path, tmp_path_facto
 
 def verity_disk(root_img: Path, hash_dev: Path, v: verity.Verity, out: Path) -> Path:
     """GPT: p1 the root (x86-64 root type), p2 its hash tree (root-verity type), partition UUIDs
-    from the root hash: the layout `[disk] verity = true` will write."""
+    from the root hash: the root and tree of a `[disk] verity` disk, without its ESP (no firmware here)."""
     root_uuid, hash_uuid = v.partition_uuids
     (p1, p2), size = disk.layout([root_img.stat().st_size, hash_dev.stat().st_size], tail=disk.ALIGN)
     parts = [disk.Partition(*p1, type=disk.ROOT_X86_64_TYPE, name="root", uuid=root_uuid),
@@ -109,7 +100,7 @@ def test_root_opens_through_verity(verity_env) -> None:
     img.unlink()
     print(f"verity root: systemd's welcome after {result.seconds:.1f}s")
     tail = result.console[-3000:]
-    assert "ldt-verity: root /dev/vda1 verified by /dev/vda2" in result.console, tail
+    assert "ldt-verity: root opened: /dev/vda1 verified by /dev/vda2" in result.console, tail
     assert "Welcome to" in result.console, tail  # init ran from the verified root
     assert "is corrupted" not in result.console
 
@@ -126,3 +117,27 @@ def test_a_changed_byte_in_the_root_fails_the_read(verity_env) -> None:
           f"after {result.seconds:.1f}s")
     assert "is corrupted" in result.console, result.console[-3000:]  # device-mapper: verity: ... data block 0
     assert "Welcome to" not in result.console
+
+
+def test_an_app_on_our_initrd_opens_its_verity_root(tmp_path: Path) -> None:
+    """webapp (no kernel of its own: virt's, with our initrd) with [disk] verity, through doit: our
+    initrd finds the root and its tree by PARTUUID (reading the GPT itself), opens the root with the
+    build host's dmsetup, and the app serves from the read-only root."""
+    require_docker()
+    files = lambda name: {f.name: f.read_text() for f in (ROOT / "recipes" / name).iterdir() if f.is_file()}  # noqa: E731
+    web = files("webapp")
+    web["recipe.toml"] = web.get("recipe.toml", "") + "\n[disk]\nverity = true\n"
+    proj = make_project(tmp_path / "p", {"debian-bookworm": {"recipe.toml": BOOTSTRAP_TOML}, "virt": files("virt"),
+                                         "webapp": web})
+    doit("build_efistub:webapp", cwd=proj)
+    img = (proj / "cache" / "recipes" / "webapp" / "uefi.img").resolve()
+    ovmf = firmware.find_ovmf()
+    vars_copy = tmp_path / "vars.fd"
+    shutil.copyfile(ovmf.vars_template, vars_copy)
+    settings = qemu.VmSettings(memory_mib=1024, cpus=1, accel=qemu.Accel.TCG, network=False)
+    cmd = qemu.qemu_cmd(qemu.Mode.UEFI, settings=settings, disk=img, ovmf=ovmf, ovmf_vars=vars_copy)
+    result = watch(cmd, lambda c: "Serving HTTP" in c or "ldt-initrd: " in c, 400)
+    print(f"webapp on a verity root: serving after {result.seconds:.1f}s")
+    tail = result.console[-3000:]
+    assert verity.OPENED_LINE in result.console, tail
+    assert "Serving HTTP" in result.console, tail

@@ -68,5 +68,5 @@ table="0 $sectors verity 1 $data_dev $hash_dev 4096 4096 $blocks 1 $alg $roothas
 dmsetup create --readonly --noudevsync root --table "$table" || die "device-mapper refused the verity table"
 dmsetup mknodes root
 [ -b /dev/mapper/root ] || die "/dev/mapper/root did not appear"
-echo "ldt-verity: root $data_dev verified by $hash_dev (root hash $roothash)"
+echo "ldt-verity: root opened: $data_dev verified by $hash_dev (root hash $roothash)"
 exit 0
