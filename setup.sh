@@ -9,7 +9,7 @@ say() { echo "setup: $*" >&2; }
 
 PACKAGES="python3 python3-venv docker.io mmdebstrap pigz qemu-system-x86 qemu-utils ovmf \
  syslinux syslinux-common mtools dosfstools e2fsprogs fdisk systemd-boot-efi fakeroot binutils \
- cpio shellcheck docker-registry apache2-utils busybox-static sbsigntool cryptsetup-bin openssl faketime \
+ cpio shellcheck docker-registry apache2-utils busybox-static sbsigntool cryptsetup-bin dmsetup openssl faketime \
  arch-install-scripts pacman-package-manager makepkg archlinux-keyring uidmap zstd libarchive-tools"
 missing=""
 for p in $PACKAGES; do
