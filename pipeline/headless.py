@@ -182,6 +182,8 @@ def run_inside(console: _Console, inside: Inside) -> Ran:
     """Get a shell on the console the check read (log in, or take our init's shell) and run the
     commands; a shell that never came: every command NOT_RUN and the one line why."""
     session = ConsoleSession(console.out_fd, on_line=console.keep, env=inside.env, seen=console.seen())
+    if strip_ansi(console.partial).strip():  # the prompt: a line of the log and the tail from now on
+        console.keep(strip_ansi(console.partial))
     console.partial = ""  # the session reads on from here: its lines come through on_line
     try:
         if inside.login is None:
