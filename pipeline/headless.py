@@ -178,13 +178,25 @@ def _start(vm, args: list[str]) -> subprocess.Popen:
     return vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdin=theirs, stdout=theirs)
 
 
-def run_inside(console: _Console, inside: Inside) -> Ran:
-    """Get a shell on the console the check read (log in, or take our init's shell) and run the
-    commands; a shell that never came: every command NOT_RUN and the one line why."""
-    session = ConsoleSession(console.out_fd, on_line=console.keep, env=inside.env, seen=console.seen())
-    if strip_ansi(console.partial).strip():  # the prompt: a line of the log and the tail from now on
-        console.keep(strip_ansi(console.partial))
-    console.partial = ""  # the session reads on from here: its lines come through on_line
+CHECK_PORT = "check"  # the second serial port (the guest's ttyS1) where our app init starts a shell
+
+
+def check_port_args(fd: int) -> list[str]:
+    """A second serial port on a socket QEMU inherits as `fd`: the guest's ttyS1, where our app
+    init (pipeline/guest/app-init.sh) starts a root shell beside the app when it finds the port."""
+    return ["-chardev", f"socket,id={CHECK_PORT},fd={fd}", "-serial", f"chardev:{CHECK_PORT}"]
+
+
+def run_inside(console: _Console, inside: Inside, port_fd: int | None = None) -> Ran:
+    """Get a shell (log in on the console the check read, or take the shell our init keeps on
+    the check's port, `port_fd`) and run the commands; a shell that never came: every command
+    NOT_RUN and the one line why. Every line read goes to the console's log and tail."""
+    fd = console.out_fd if port_fd is None else port_fd
+    session = ConsoleSession(fd, on_line=console.keep, env=inside.env, seen=console.seen() if port_fd is None else "")
+    if port_fd is None:  # the session reads the console on from here: its lines come through on_line
+        if strip_ansi(console.partial).strip():  # the prompt: a line of the log and the tail now
+            console.keep(strip_ansi(console.partial))
+        console.partial = ""
     try:
         if inside.login is None:
             session.attach(timeout=inside.login_timeout)
@@ -256,11 +268,12 @@ def boot_check(
         raise ValueError("boot_check needs a headless command (interactive=False)")
     watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker, expect.refuse) if p is not None),
                        re.MULTILINE)
-    with launch((CONSOLE,), qmp_path=True) as vm:
+    port = inside is not None and inside.login is None  # our init's shell, on a second serial port
+    with launch((CONSOLE, CHECK_PORT) if port else (CONSOLE,), qmp_path=True) as vm:
         assert vm.qmp_path is not None
         start = time.monotonic()
         deadline = start + timeout
-        proc = _start(vm, args)
+        proc = _start(vm, [*args, *check_port_args(vm.fds[CHECK_PORT])] if port else args)
         console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines, expect.require, start=start)
         passed_by = ""
         while not passed_by:
@@ -295,7 +308,7 @@ def boot_check(
             return CheckOutcome(False, seconds, reason=broken[0], tail=console.tail(), refused=broken[1])
         ran = None
         if inside is not None and not passed_by.startswith("the app exited"):
-            ran = run_inside(console, inside)
+            ran = run_inside(console, inside, vm.ours[CHECK_PORT].fileno() if port else None)
             _last_exit(console, exit_line)  # the commands' own lines are not the app's exit
         before = len(console.all_exits)
         if not passed_by.startswith("the app exited"):

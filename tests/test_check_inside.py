@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -191,3 +192,23 @@ def test_check_boot_takes_junit_and_ci_plan_is_a_task(tmp_path, capsys):
     graph.ci_plan_action(str(tmp_path), "gitlab", str(tmp_path / "ci.yml"))
     assert "recipe-hello:" in (tmp_path / "ci.yml").read_text()
     assert isinstance(graph.ci_plan_action(str(tmp_path), "jenkins"), graph.TaskFailed)
+
+
+def test_an_app_check_runs_its_commands_in_the_shell_on_the_check_port(tmp_path):
+    """Our init's shell beside the app: on the second serial port's socket (its fd on the command
+    line, -chardev socket,id=check,fd=N), found by the fake the way QEMU would be given it."""
+    pid = tmp_path / "pid"
+    script = (f'echo $$ > {pid}; for a in "$0" "$@"; do case $a in socket,id=check,fd=*) fd=${{a##*fd=}};; esac; done; '
+              'echo app-ready; eval "exec sh -i <&$fd >&$fd 2>&1"')
+    inside = headless.Inside(("echo beside; exit 4",), None, timeout=10, login_timeout=10, env={})
+    res = headless.boot_check(["bash", "-c", script], timeout=20, marker=re.compile("app-ready"),  # dash: fds < 10
+                              exit_line=app_exit_line(), grace=0.5, inside=inside)
+    assert res.ok and res.inside is not None, res
+    assert [(c.status, c.output) for c in res.inside.commands] == [(4, "beside")], (res.inside, res.tail)
+    assert gone(pid)
+
+
+def app_exit_line():
+    from pipeline import app
+
+    return app.EXIT_MARKER_RE
