@@ -49,6 +49,7 @@ def test_check_boot_hello_all_modes_then_cached(boot_project):
 
     out = doit("check_boot:hello", cwd=boot_project)
     text = out.stdout + out.stderr
+    print(text)
     rows = [line.split() for line in text.splitlines() if line.startswith("hello ")]
     assert [(r[1], r[2]) for r in rows] == [("tgz", "pass"), ("bios", "pass"), ("uefi", "pass")], text
     assert "(cached)" not in text
