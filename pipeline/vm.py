@@ -295,11 +295,10 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
     stored only when the boot and every command passed (a failure is retried next time)."""
     b = boot_inputs(p, r, mode)
     spec = check_spec(r, b.plan)
-    inside = inside_of(r.checks, b.plan)
 
     def boot(work: Path, key: str) -> CheckResult:
-        res = check_os(r, mode, b, accel, spec["marker"] or "", inside) if b.plan.app is None else \
-            check_app(r, mode, b, accel, spec, inside)
+        res = check_os(r, mode, b, accel, spec["marker"] or "") if b.plan.app is None else \
+            check_app(r, mode, b, accel, spec)
         if res.ok:
             (work / "result.json").write_text(json.dumps({
                 "seconds": round(res.seconds, 1), "accel": str(accel), "passed_by": res.passed_by,
@@ -358,8 +357,9 @@ def under(m: qemu.Machine) -> str:
     return " under Secure Boot" if m.secure_vars is not None else ""
 
 
-def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str,
-             inside: headless.Inside | None = None) -> CheckResult:
+def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
+    """Boot an OS headless to its marker, then log in and run the [check] commands (inside_of)."""
+    inside = inside_of(r.checks, b.plan)
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
     m = machine(mode, b, settings)
     with machine_argv(m) as cmd:
@@ -394,9 +394,10 @@ def with_inside(boot: CheckResult, ran: headless.Ran | None) -> CheckResult:
                                phases=phases)
 
 
-def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None],
-              inside: headless.Inside | None = None) -> CheckResult:
-    """Boot an app headless to its check; then stop it the way a power-off does and say how it ended."""
+def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
+    """Boot an app headless to its check, run the [check] commands beside it (inside_of); then
+    stop it the way a power-off does and say how it ended."""
+    inside = inside_of(r.checks, b.plan)
     marker, path = spec["marker"], spec["http"]
     probe = forwards = None
     if path is not None:
