@@ -110,8 +110,8 @@ setup_system() {
 # check_boot's [check] commands run beside the app in a root shell on the second serial port
 # (ttyS1), which only check_boot's VMs have (pipeline/headless.py check_port_args): no port, no
 # shell, in every boot mode alike (the command lines of bios and uefi are inside their disks).
-# Started before the app, so the `wait "$app"` below never reaps it; busybox's applets come last
-# on its PATH, after the image's own tools.
+# Started before the app, so the `wait "$app"` below never reaps it. Our busybox's sh runs its
+# own applets first, then the image's programs (PATH), then the applets linked in /run/ldt/bin.
 check_shell() {
   "$BB" grep -q '^1: uart:[0-9A-Z]' /proc/tty/driver/serial 2>/dev/null || return 0
   "$BB" mkdir -p /run/ldt/bin && "$BB" --install -s /run/ldt/bin 2>/dev/null
