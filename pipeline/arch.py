@@ -30,6 +30,7 @@ from pathlib import Path
 from pipeline import access, userns
 from pipeline.entrypoint import entry_point
 from pipeline.errors import UserError
+from pipeline.install import check_target, kernels_with_initrd
 from pipeline.recipes import ARCH_MIRROR, Bootstrap
 from pipeline.run import Step, log, run, spawn
 from pipeline.tgz import Fixups, filter_tar, write_tgz
@@ -152,13 +153,6 @@ def check_mirror(spec: Install, timeout: float = 20) -> None:
                             "network, or give another --mirror")
 
 
-def check_target(target: Path) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UserError(f"{target}: exists and is not an empty folder", hint="give a new or an empty folder")
-    if not target.parent.is_dir():
-        raise UserError(f"{target.parent}: no such folder", hint="create it first, or give another DIR")
-
-
 def rootless_problem(uid: int) -> UserError | None:
     """debian-install's checks of user namespaces and sub-id ranges (access.py), said for pacstrap."""
     if uid == 0:
@@ -251,8 +245,7 @@ def pacstrap(spec: Install, target: Path, rootless: bool) -> None:
 
 def kernel_of(target: Path) -> str:
     """The kernel the tree boots (boot/vmlinuz-NAME with boot/initramfs-NAME.img), or a UserError."""
-    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (target / "boot").glob("vmlinuz-*"))
-    with_initrd = [k for k in kernels if (target / "boot" / f"initramfs-{k}.img").exists()]
+    with_initrd = kernels_with_initrd(target, lambda k: f"initramfs-{k}.img")
     if not with_initrd:
         raise UserError(f"{target}/boot: pacstrap finished without a kernel and its initramfs",
                         hint="keep linux (and an initramfs generator, mkinitcpio) in --packages")

@@ -26,6 +26,11 @@ from pipeline.run import Step, run
 SECTOR = 512
 MiB = 1 << 20
 ALIGN = MiB  # partition alignment
+# File data at 4 KiB-aligned disk offsets: the FAT's clusters and the UKI's .linux and .initrd
+# sections start on the block store's blocks (blocks.BLOCK), so a disk's kernel and initrd are
+# the same blocks as the boot entry's files and cost nothing more in the store.
+BLOCK = 4096
+FAT_CLUSTERS = 70000  # FAT32 needs at least 65525 clusters; this leaves a margin
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # systemd auto-discovery: x86-64 root
@@ -127,28 +132,56 @@ def fat_target(image: Path, offset: int) -> str:
 
 
 def fat32_cluster_sectors(size: int) -> int:
-    """Sectors per cluster keeping FAT32 above its 65525-cluster minimum (with margin)."""
-    spc = 1
-    while spc < 64 and size // SECTOR // (spc * 2) >= 70000:
+    """Sectors per cluster: at least one block (4 KiB), larger while FAT32 keeps FAT_CLUSTERS."""
+    spc = BLOCK // SECTOR
+    while spc < 64 and size // SECTOR // (spc * 2) >= FAT_CLUSTERS:
         spc *= 2
     return spc
 
 
 def fat_min_size(content: int) -> int:
-    """A FAT32 partition size for `content` bytes of files: at least 64 MiB, 10% + 8 MiB spare."""
-    return max(64 * MiB, round_up(int(content * 1.1) + 8 * MiB, ALIGN))
+    """A FAT32 partition size for `content` bytes of files: 10% + 8 MiB spare, and at least
+    FAT_CLUSTERS clusters of 4 KiB (276 MiB; the space no file uses stays a hole in the image)."""
+    smallest = round_up(FAT_CLUSTERS * BLOCK + 2 * MiB, ALIGN)
+    return max(smallest, round_up(int(content * 1.1) + 8 * MiB, ALIGN))
 
 
-def mformat_cmd(image: Path, part: Partition, *, serial: int, label: str) -> list[str]:
-    """FAT32 inside the image at the partition; hidden sectors = partition start (for Syslinux)."""
+def mformat_cmd(image: Path, part: Partition, *, serial: int, label: str, reserved: int = 32) -> list[str]:
+    """FAT32 inside the image at the partition; hidden sectors = partition start (for Syslinux);
+    `reserved` sectors before the FATs (format_fat chooses it so the data area starts on a block)."""
     sectors = part.size // SECTOR
     return [
         "mformat", "-i", fat_target(image, part.start),
-        "-F", "-c", str(fat32_cluster_sectors(part.size)),
+        "-F", "-c", str(fat32_cluster_sectors(part.size)), "-R", str(reserved),
         "-T", str(sectors), "-h", "64", "-s", "32", "-H", str(part.start // SECTOR),
         "-N", f"{serial:08X}", "-v", label,
         "::",
     ]  # fmt: skip
+
+
+def fat_data_start(boot_sector: bytes) -> int:
+    """The sector (from the file system's start) where a FAT32 file system's clusters begin."""
+    reserved = int.from_bytes(boot_sector[14:16], "little")
+    fats = boot_sector[16]
+    fat_sectors = int.from_bytes(boot_sector[36:40], "little")
+    return reserved + fats * fat_sectors
+
+
+def format_fat(image: Path, part: Partition, *, serial: int, label: str, env: Mapping[str, str]) -> None:
+    """mformat, with as many reserved sectors as put the first cluster on a 4 KiB block (the
+    FAT's size depends a little on them, hence the loop)."""
+    per_block = BLOCK // SECTOR
+    reserved = 32
+    for _ in range(8):
+        run(mformat_cmd(image, part, serial=serial, label=label, reserved=reserved), env=env)
+        with open(image, "rb") as f:
+            f.seek(part.start)
+            start = fat_data_start(f.read(SECTOR))
+        if start % per_block == 0:
+            return
+        reserved += (-start) % per_block
+    raise UserError(f"{image.name}: could not start the FAT's clusters on a 4 KiB boundary",
+                    hint="a bug: please report it with the partition size")
 
 
 def mmd_cmd(image: Path, offset: int, dirs: Sequence[str]) -> list[str]:
@@ -168,7 +201,9 @@ def syslinux_install_cmd(image: Path, offset: int) -> list[str]:
 # Unified kernel image (pure parts)
 # --------------------------------------------------------------------------------------------
 
-_SECTION_RE = re.compile(r"^\s*\d+\s+(\S+)\s+([0-9a-fA-F]+)\s+([0-9a-fA-F]+)\s+[0-9a-fA-F]+\s+[0-9a-fA-F]+\s+2\*\*\d+")
+# Idx Name Size VMA LMA File-off Algn
+_SECTION_RE = re.compile(r"^\s*\d+\s+(\S+)\s+([0-9a-fA-F]+)\s+([0-9a-fA-F]+)\s+[0-9a-fA-F]+\s+([0-9a-fA-F]+)"
+                         r"\s+2\*\*\d+")
 
 
 def pe_sections(objdump_h: str) -> dict[str, tuple[int, int]]:
@@ -178,6 +213,27 @@ def pe_sections(objdump_h: str) -> dict[str, tuple[int, int]]:
         m = _SECTION_RE.match(line)
         if m:
             out[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
+    return out
+
+
+def pe_file_offsets(objdump_h: str) -> dict[str, int]:
+    """{name: file offset} from `objdump -h` output."""
+    out = {}
+    for line in objdump_h.splitlines():
+        m = _SECTION_RE.match(line)
+        if m:
+            out[m.group(1)] = int(m.group(4), 16)
+    return out
+
+
+def with_pads(payload: Sequence[tuple[str, Path]], pads: Mapping[str, Path]) -> list[tuple[str, Path]]:
+    """The payload with a padding section (zeros, ignored by the stub) before each section named in
+    `pads`: `.pad1`, `.pad2`, … in order."""
+    out: list[tuple[str, Path]] = []
+    for name, path in payload:
+        if name in pads:
+            out.append((f".pad{sum(n.startswith('.pad') for n, _ in out) + 1}", pads[name]))
+        out.append((name, path))
     return out
 
 
@@ -291,7 +347,7 @@ def build_bios_disk(
     with Step(f"writing {out.name}"), atomic_path(out) as tmp:
         _create_sparse(tmp, disk_size)
         _partition_table(tmp, "dos", f"{ids.derive_u32(key, 'mbr-disk-id'):#010x}", [boot, root])
-        run(mformat_cmd(tmp, boot, serial=ids.derive_u32(key, "bios-boot-fat"), label="BOOT"), env=env)
+        format_fat(tmp, boot, serial=ids.derive_u32(key, "bios-boot-fat"), label="BOOT", env=env)
         cfg = tmp.with_name(tmp.name + ".syslinux.cfg")
         try:
             cfg.write_text(syslinux_cfg(cmdline, initrd=initrd is not None))
@@ -320,7 +376,8 @@ def build_uki(
 ) -> Path:
     """Unified kernel image: systemd's EFI stub with .osrel, .cmdline, .linux, .initrd sections.
 
-    ukify when it is on PATH, else objcopy with the section VMAs ukify 252 would use."""
+    ukify when it is on PATH, else objcopy with the section VMAs ukify 252 would use, .linux and
+    .initrd starting on a 4 KiB block of the file (_objcopy_uki)."""
     if not stub.exists():
         raise UserError(f"{stub} not found", hint="install systemd-boot-efi (run ./setup.sh)")
     with atomic_path(out) as tmp:
@@ -333,13 +390,44 @@ def build_uki(
                 payload = [(".osrel", os_release), (".cmdline", cmdline_file), (".linux", kernel)]
                 if initrd is not None:
                     payload.append((".initrd", initrd))
-                sections, align = _efi_stub_layout(stub)
-                vmas = uki_section_vmas(sections, align, [(n, p.stat().st_size) for n, p in payload])
-                added = [(name, path, vma) for (name, path), (_, vma) in zip(payload, vmas, strict=True)]
-                run(objcopy_uki_cmd(stub, tmp, added), capture=True)
+                _objcopy_uki(stub, tmp, payload)
         finally:
             cmdline_file.unlink(missing_ok=True)
     return out
+
+
+ALIGNED_SECTIONS = (".linux", ".initrd")
+
+
+def _objcopy_uki(stub: Path, out: Path, payload: Sequence[tuple[str, Path]]) -> None:
+    """objcopy the payload onto the stub; where .linux or .initrd would not start on a 4 KiB block
+    of the file, a section of zeros goes before it (a multiple of the PE's 512-byte file
+    alignment) and the UKI is made again, until both do."""
+    sections, align = _efi_stub_layout(stub)
+    pads = {name: out.with_name(f"{out.name}{name}.pad") for name in ALIGNED_SECTIONS}
+    pad_sizes: dict[str, int] = {}
+    try:
+        for _ in range(2 * len(ALIGNED_SECTIONS) + 2):
+            for name, size in pad_sizes.items():
+                pads[name].write_bytes(bytes(size))
+            items = with_pads(payload, {name: pads[name] for name in pad_sizes})
+            vmas = uki_section_vmas(sections, align, [(n, p.stat().st_size) for n, p in items])
+            out.unlink(missing_ok=True)
+            run(objcopy_uki_cmd(stub, out, [(n, p, vma) for (n, p), (_, vma) in zip(items, vmas, strict=True)]),
+                capture=True)
+            offsets = pe_file_offsets(run(["objdump", "-h", out], capture=True).stdout.decode())
+            off = [(n, offsets[n] % BLOCK) for n in ALIGNED_SECTIONS if offsets.get(n, 0) % BLOCK]
+            if not off:
+                return
+            name, rest = off[0]  # one section at a time: padding one moves the ones after it
+            pad_sizes[name] = (pad_sizes.get(name, 0) + BLOCK - rest) % BLOCK
+            if not pad_sizes[name]:
+                del pad_sizes[name]
+        raise UserError(f"{out.name}: could not start the UKI's kernel and initrd on 4 KiB blocks",
+                        hint="a bug: please report it with the EFI stub's version")
+    finally:
+        for pad in pads.values():
+            pad.unlink(missing_ok=True)
 
 
 def esp_dirs(dests: Sequence[str]) -> list[str]:
@@ -387,7 +475,7 @@ def build_uefi_disk(
         with Step(f"writing {out.name}"), atomic_path(out) as tmp:
             _create_sparse(tmp, disk_size)
             _partition_table(tmp, "gpt", str(ids.derive_uuid(key, "gpt-disk")).upper(), [esp, root])
-            run(mformat_cmd(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP"), env=env)
+            format_fat(tmp, esp, serial=ids.derive_u32(key, "esp-fat"), label="ESP", env=env)
             run(mmd_cmd(tmp, esp.start, ["::/EFI", "::/EFI/BOOT", *esp_dirs(list(esp_files))]), env=env)
             run(mcopy_cmd(tmp, esp.start, uki, UKI_PATH), env=env)
             for dest, src in esp_files.items():

@@ -16,7 +16,7 @@ import argparse
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +63,22 @@ def parse_include(text: str) -> tuple[str, ...]:
 
 
 def check_target(target: Path) -> None:
+    """An install tree goes into a new or an empty folder (debian-install and arch-install)."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: exists and is not an empty folder", hint="give a new or an empty folder")
     if not target.parent.is_dir():
         raise UserError(f"{target.parent}: no such folder", hint="create it first, or give another DIR")
 
 
+def kernels_with_initrd(target: Path, initrd: Callable[[str], str]) -> list[str]:
+    """NAME of each DIR/boot/vmlinuz-NAME whose initrd (DIR/boot/initrd(NAME)) is there, sorted."""
+    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (target / "boot").glob("vmlinuz-*"))
+    return [k for k in kernels if (target / "boot" / initrd(k)).exists()]
+
+
 def kernel_of(target: Path) -> str:
     """The kernel version the tree boots (DIR/boot/vmlinuz-* with its initrd), or a UserError."""
-    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (target / "boot").glob("vmlinuz-*"))
-    with_initrd = [k for k in kernels if (target / "boot" / f"initrd.img-{k}").exists()]
+    with_initrd = kernels_with_initrd(target, lambda k: f"initrd.img-{k}")
     if not with_initrd:
         raise UserError(f"{target}/boot: mmdebstrap finished without a kernel and initrd",
                         hint="keep linux-image-amd64 and initramfs-tools in the package set")

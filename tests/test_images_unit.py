@@ -361,7 +361,8 @@ def test_fat_commands():
     assert cmd[cmd.index("-N") + 1] == "ABCDEF01"
     assert cmd[cmd.index("-T") + 1] == "131072"
     assert cmd[cmd.index("-H") + 1] == "2048"
-    assert "-F" in cmd
+    assert "-F" in cmd and cmd[cmd.index("-R") + 1] == "32"
+    assert disk.mformat_cmd(Path("d.img"), part, serial=1, label="B", reserved=36)[cmd.index("-R") + 1] == "36"
     assert disk.syslinux_install_cmd(Path("d.img"), 1048576) == [
         "syslinux", "--install", "--offset", "1048576", "d.img"
     ]  # fmt: skip
@@ -371,12 +372,31 @@ def test_fat_commands():
     assert disk.mtools_env(5)["SOURCE_DATE_EPOCH"] == "5"
 
 
-def test_fat32_cluster_size_keeps_enough_clusters():
-    assert disk.fat32_cluster_sectors(64 * disk.MiB) == 1
-    for size in (64 * disk.MiB, 300 * disk.MiB, 2048 * disk.MiB):
-        assert size // 512 // disk.fat32_cluster_sectors(size) >= 65525
-    assert disk.fat_min_size(1000) == 64 * disk.MiB
-    assert disk.fat_min_size(100 * disk.MiB) % disk.MiB == 0
+def test_fat32_clusters_are_whole_blocks_and_enough():
+    smallest = disk.fat_min_size(1000)
+    assert smallest == 276 * disk.MiB  # 70000 clusters of 4 KiB and the FATs
+    for size in (smallest, 300 * disk.MiB, 2048 * disk.MiB):
+        spc = disk.fat32_cluster_sectors(size)
+        assert spc * 512 % disk.BLOCK == 0  # a file's data starts on a 4 KiB block
+        assert size // 512 // spc >= 65525  # still FAT32 by its cluster count
+    assert disk.fat_min_size(400 * disk.MiB) % disk.MiB == 0 and disk.fat_min_size(400 * disk.MiB) > 440 * disk.MiB
+
+
+def test_fat_data_start_from_the_boot_sector():
+    bs = bytearray(512)
+    bs[14:16] = (36).to_bytes(2, "little")
+    bs[16] = 2
+    bs[36:40] = (554).to_bytes(4, "little")
+    assert disk.fat_data_start(bytes(bs)) == 36 + 2 * 554
+
+
+def test_pads_go_before_the_named_sections():
+    payload = [(".osrel", Path("o")), (".linux", Path("k")), (".initrd", Path("i"))]
+    assert disk.with_pads(payload, {}) == payload
+    assert disk.with_pads(payload, {".linux": Path("p"), ".initrd": Path("q")}) == [
+        (".osrel", Path("o")), (".pad1", Path("p")), (".linux", Path("k")),
+        (".pad2", Path("q")), (".initrd", Path("i"))]
+    assert disk.pe_file_offsets(OBJDUMP_H) == {".text": 0x400, ".sbat": 0x11000, ".sdmagic": 0x11200}
 
 
 OBJDUMP_H = """
