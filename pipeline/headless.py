@@ -213,6 +213,36 @@ def _quit(proc: subprocess.Popen, console: _Console, qmp_path: Path) -> None:
         console.drain(proc, 3.0)
 
 
+@dataclass(frozen=True)
+class Watched:
+    """What watch() saw: the whole console (cleaned lines), its seconds, whether `until` held."""
+
+    console: str
+    seconds: float
+    matched: bool
+
+
+def watch(cmd: Cmd, until: Callable[[str], bool], timeout: float) -> Watched:
+    """Boot headless until `until(console so far)` holds, QEMU exits or `timeout` passes, then
+    kill QEMU: for boots that end on a line of their own (a firmware's refusal, a kernel message)
+    rather than at a marker that passes a check (the Secure Boot and verity tests)."""
+    args = argv(cmd)
+    if "mon:stdio" in args:
+        raise ValueError("watch needs a headless command (interactive=False)")
+    with launch((CONSOLE,), qmp_path=True) as vm:
+        start = time.monotonic()
+        proc = _start(vm, args)
+        console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines=30, start=start)
+        while True:
+            text = "\n".join(line for _, line in console.log())
+            if until(text):
+                return Watched(text, time.monotonic() - start, True)
+            now = time.monotonic()
+            if now - start >= timeout or console.pump(None, deadline=min(start + timeout, now + 0.5)) == "eof":
+                text = "\n".join(line for _, line in console.log())
+                return Watched(text, time.monotonic() - start, until(text))
+
+
 class Stop(enum.StrEnum):
     """How a check asks the guest to shut down once it passed: the ACPI power button (systemd
     stops the app's unit), or Ctrl-Alt-Del (our app init turns it into `docker stop`)."""

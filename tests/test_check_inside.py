@@ -212,3 +212,14 @@ def app_exit_line():
     from pipeline import app
 
     return app.EXIT_MARKER_RE
+
+
+def test_watch_reads_the_whole_console_until_a_line_of_its_own(tmp_path):
+    """headless.watch (tests/console.py re-exports it for the Secure Boot and verity tests)."""
+    pid = tmp_path / "pid"
+    script = f"echo $$ > {pid}; for i in $(seq 100); do echo line $i; done; echo 'Access Denied'; sleep 30"
+    seen = headless.watch(["sh", "-c", script], lambda console: "Access Denied" in console, timeout=20)
+    assert seen.matched and seen.seconds < 10 and seen.console.splitlines()[0] == "line 1"
+    assert gone(pid)
+    ended = headless.watch(["sh", "-c", "echo only; exit 0"], lambda console: "never" in console, timeout=20)
+    assert not ended.matched and ended.console == "only" and ended.seconds < 10
