@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_check.py [MODE…]    (needs hello built: `doit build_efistub:hello
                                                        build_syslinux_bios:hello`; default: tgz)
+    LDT_BENCH_REPEAT=1 .venv/bin/python bench/bench_check.py bios uefi    (one pair per mode)
 
 Per mode, alternating, REPEAT times each: a boot to the login prompt and its power-off (the check
 without [check]: baseline), and the same boot, then a login on the serial console and the default
@@ -13,6 +14,7 @@ The machine may be small and shared: the numbers are noisy.
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import sys
@@ -28,7 +30,7 @@ from pipeline.project import Project  # noqa: E402
 from pipeline.qemu import Mode  # noqa: E402
 
 RECIPE = "hello"
-REPEAT = 2
+REPEAT = int(os.environ.get("LDT_BENCH_REPEAT", "2"))
 GOAL = 3.0  # seconds an in-image check may add per mode (issue 19)
 
 
