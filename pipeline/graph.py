@@ -16,7 +16,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from pipeline import publish, stages, vm
+from pipeline import ciplan, publish, report, stages, vm
 from pipeline import secureboot as sb
 from pipeline.cache import human
 from pipeline.errors import UserError
@@ -74,9 +74,27 @@ def run_action(root: str, name: str, mode: str, memory: str = "", cpus: int = 0,
 
 
 @doit_edge
-def check_action(root: str, name: str) -> None:
+def check_action(root: str, name: str, junit: str = "") -> None:
+    """doit passes the task's param (CHECK_PARAMS) by this name: the JUnit file's path (the HTML
+    page beside it); default cache/reports/check_boot.xml."""
     p = Project(Path(root))
-    vm.check_boot(p, p.recipe(name))
+    paths = report.ReportPaths.beside(Path(junit).resolve()) if junit else report.ReportPaths.default(p.store.root)
+    vm.check_boot(p, p.recipe(name), reports=paths)
+
+
+@doit_edge
+def ci_plan_action(root: str, format: str = "github", output: str = "") -> None:  # noqa: A002 (doit's param name)
+    """doit passes the task's params (CI_PLAN_PARAMS) by these names."""
+    try:
+        fmt = ciplan.CiFormat(format)
+    except ValueError:
+        raise UserError(f"--format {format}: no such CI", hint="--format github or --format gitlab") from None
+    text = ciplan.ci_plan(Project(Path(root)).recipes, fmt)
+    if output:
+        Path(output).write_text(text)
+        print(f"wrote {output} (commit it as {fmt.path})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
 
 
 @doit_edge
@@ -233,7 +251,12 @@ def publish_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, 
         }
 
 
-CHECK_DOC = "Boot matrix: each mode headless to the boot marker; a table (passes cached per image)"
+CHECK_DOC = ("Boot matrix: each mode headless to the boot marker, then recipe.toml's [check] commands inside; "
+             "a table, JUnit XML and HTML in cache/reports/ (--junit PATH); passes cached per image and commands")
+CHECK_PARAMS = [
+    {"name": "junit", "long": "junit", "default": "",
+     "help": "write the JUnit XML here (the HTML page beside it, .html); default cache/reports/check_boot.xml"},
+]
 
 
 def check_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, Any]]:
@@ -247,9 +270,24 @@ def check_tasks(p: Project, recipes: dict[str, Recipe]) -> Iterator[dict[str, An
             "doc": f"boot {r.name} in every mode to its marker",
             "actions": [(check_action, [str(p.root), r.name])],
             "file_dep": [str(p.store.pointer(r.name, a)) for a in needs],
+            "params": CHECK_PARAMS,
             "uptodate": [False],
             "verbosity": 2,
         }
+
+
+CI_PLAN_DOC = ("Print a CI pipeline (--format github|gitlab; --output FILE): one job per recipe after its FROM "
+               "parents' jobs, sharing the store through LDT_REMOTE, then a publish job")
+CI_PLAN_PARAMS = [
+    {"name": "format", "long": "format", "default": "github", "choices": (("github", ""), ("gitlab", "")),
+     "help": "github (.github/workflows/ldt.yml) or gitlab (.gitlab-ci.yml)"},
+    {"name": "output", "long": "output", "default": "", "help": "write the YAML to this file instead of stdout"},
+]
+
+
+def ci_plan_task(p: Project) -> dict[str, Any]:
+    return {"actions": [(ci_plan_action, [str(p.root)])], "params": CI_PLAN_PARAMS, "uptodate": [False],
+            "verbosity": 2}
 
 
 GC_PARAMS = [
@@ -284,6 +322,7 @@ def task_creators(p: Project, recipes: dict[str, Recipe]) -> dict[str, Callable[
         out[f"task_{mode.run_task}"] = creator(functools.partial(run_tasks, p, recipes, mode), mode.doc)
     out["task_check_boot"] = creator(functools.partial(check_tasks, p, recipes), CHECK_DOC)
     out["task_publish"] = creator(functools.partial(publish_tasks, p, recipes), PUBLISH_DOC)
+    out["task_ci_plan"] = creator(functools.partial(ci_plan_task, p), CI_PLAN_DOC)
     store_tasks = {
         "store": (store_action, "Show the content-hash store: entries, sizes, which recipe points where (and with "
                                 "$LDT_REMOTE: local, remote or both), packed entries, logical and stored bytes"),

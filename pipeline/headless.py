@@ -2,10 +2,11 @@
 check, then powered off. check_boot (vm.py) and the tests use these; the argv comes from
 pipeline/qemu.py (built with interactive=False), the process from launch.launch().
 
-Reading order: BootResult, Expect (Secure Boot's kernel line, the firmware's refusal) and
-boot_to_marker() (an OS to its login prompt) → Stop,
-CheckOutcome and boot_check() (an app to its marker, HTTP answer or exit) → _Console, which
-reads QEMU's stdout and stderr without blocking, to deadlines.
+Reading order: BootResult, Expect (Secure Boot's kernel line, the firmware's refusal), Inside
+(the [check] commands to run once the check passed) and boot_to_marker() (an OS to its login
+prompt) → Stop, CheckOutcome and boot_check() (an app to its marker, HTTP answer or exit) →
+run_inside() (a pipeline.console session on the same console) → _Console, which reads the serial
+console (a socketpair that is QEMU's stdin and stdout) and stderr without blocking, to deadlines.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import selectors
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import qmp
+from pipeline.console import CommandResult, ConsoleLoginError, ConsoleSession, Login, not_run
 from pipeline.launch import exit_status, launch, qemu_error, wait
 from pipeline.qemu import qmp_listen_args
 from pipeline.run import Cmd, argv
@@ -39,6 +41,36 @@ class BootResult:
     tail: list[str] = field(default_factory=list)  # last console lines, ANSI escapes removed
     reason: str = ""
     refused: bool = False  # the firmware would not start the image (Secure Boot): `reason` is its line
+    inside: Ran | None = None  # the in-image commands, when asked for (Inside) and the boot passed
+    log: tuple[tuple[float, str], ...] = ()  # every console line, stamped with seconds since qemu started
+
+
+@dataclass(frozen=True)
+class Inside:
+    """What runs inside the guest once the check passed: a shell by logging in on the console
+    (`login`), or (None) the one our init starts on the check's serial port; then `commands`,
+    each within `timeout` seconds. The password comes from the environment (`env`), never logged."""
+
+    commands: tuple[str, ...]
+    login: Login | None = Login()
+    timeout: float = 60.0
+    login_timeout: float = 60.0
+    env: Mapping[str, str] | None = None  # None: os.environ
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What Inside gave: each command's result (all NOT_RUN when there was no shell), why there
+    was no shell (one line and its hint, from console.LoginFailure), the login's seconds."""
+
+    commands: tuple[CommandResult, ...]
+    login_error: str = ""
+    login_hint: str = ""
+    login_seconds: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.login_error and all(c.ok for c in self.commands)
 
 
 @dataclass(frozen=True)
@@ -94,39 +126,121 @@ def boot_to_marker(
     grace: float = 3.0,
     tail_lines: int = 30,
     expect: Expect = NOTHING_MORE,
+    inside: Inside | None = None,
 ) -> BootResult:
     """Boot headless until `marker` shows on the serial console, then power the guest off.
 
-    `cmd` must be built with interactive=False (serial console on stdout). A QMP socket is
+    `cmd` must be built with interactive=False (serial console on stdio). A QMP socket is
     added; after the marker the guest gets an ACPI power-down and `grace` seconds, then
     QEMU is told to quit, then killed. QEMU never outlives this call: not on timeout, on an
     exception or on KeyboardInterrupt. `expect`: a line the console must show before the marker,
-    one that ends the boot as a failure at once (refused).
+    one that ends the boot as a failure at once (refused). `inside`: after the marker, log in on
+    the same console and run its commands (BootResult.inside), then quit QEMU at once.
     """
     args = argv(cmd)
     if "mon:stdio" in args:
         raise ValueError("boot_to_marker needs a headless command (interactive=False)")
     pattern = as_pattern(marker)
-    with launch(qmp_path=True) as vm:
+    with launch((CONSOLE,), qmp_path=True) as vm:
         assert vm.qmp_path is not None
         start = time.monotonic()
-        proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
-        console = _Console(proc, tail_lines, expect.require)
+        proc = _start(vm, args)
+        console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines, expect.require, start=start)
         outcome = console.pump(expect.watch(pattern), deadline=start + timeout)
         seconds = time.monotonic() - start
         tail = console.tail()
         broken = expect.failure(console) if outcome == "marker" else None
         if broken is not None:
-            return BootResult(False, seconds, tail, broken[0], refused=broken[1])
+            return BootResult(False, seconds, tail, broken[0], refused=broken[1], log=console.log())
         if outcome == "marker":
+            if inside is not None:
+                ran = run_inside(console, inside)
+                _quit(proc, console, vm.qmp_path)
+                return BootResult(True, seconds, console.tail(), f"marker seen after {seconds:.1f}s",
+                                  inside=ran, log=console.log())
             _power_off(proc, console, vm.qmp_path, grace)
-            return BootResult(True, seconds, tail, f"marker seen after {seconds:.1f}s")
+            return BootResult(True, seconds, tail, f"marker seen after {seconds:.1f}s", log=console.log())
         wanted = marker if isinstance(marker, str) else f"/{pattern.pattern}/"
         if outcome == "timeout":
             reason = f"no {wanted!r} on the console within {timeout:g}s"
         else:
             reason = f"qemu {_exited(proc)} before {wanted!r}{console.error_suffix()}"
-        return BootResult(False, seconds, tail, reason)
+        return BootResult(False, seconds, tail, reason, log=console.log())
+
+
+CONSOLE = "console"  # the socketpair that is QEMU's stdin and stdout: its serial console, read and typed on
+
+
+def _start(vm, args: list[str]) -> subprocess.Popen:
+    """QEMU with its serial console (stdio) on the launch's console socket, a QMP socket added."""
+    assert vm.qmp_path is not None
+    theirs = vm.fds[CONSOLE]
+    return vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdin=theirs, stdout=theirs)
+
+
+CHECK_PORT = "check"  # the second serial port (the guest's ttyS1) where our app init starts a shell
+
+
+def check_port_args(fd: int) -> list[str]:
+    """A second serial port on a socket QEMU inherits as `fd`: the guest's ttyS1, where our app
+    init (pipeline/guest/app-init.sh) starts a root shell beside the app when it finds the port."""
+    return ["-chardev", f"socket,id={CHECK_PORT},fd={fd}", "-serial", f"chardev:{CHECK_PORT}"]
+
+
+def run_inside(console: _Console, inside: Inside, port_fd: int | None = None) -> Ran:
+    """Get a shell (log in on the console the check read, or take the shell our init keeps on
+    the check's port, `port_fd`) and run the commands; a shell that never came: every command
+    NOT_RUN and the one line why. Every line read goes to the console's log and tail."""
+    fd = console.out_fd if port_fd is None else port_fd
+    session = ConsoleSession(fd, on_line=console.keep, env=inside.env, seen=console.seen() if port_fd is None else "")
+    if port_fd is None:  # the session reads the console on from here: its lines come through on_line
+        if strip_ansi(console.partial).strip():  # the prompt: a line of the log and the tail now
+            console.keep(strip_ansi(console.partial))
+        console.partial = ""
+    try:
+        if inside.login is None:
+            session.attach(timeout=inside.login_timeout)
+        else:
+            session.login(inside.login, timeout=inside.login_timeout)
+    except ConsoleLoginError as e:
+        return Ran(tuple(not_run(c) for c in inside.commands), e.message, e.hint or "")
+    return Ran(session.run_all(inside.commands, timeout=inside.timeout), login_seconds=session.login_seconds)
+
+
+def _quit(proc: subprocess.Popen, console: _Console, qmp_path: Path) -> None:
+    """After the in-image commands: no shutdown to wait for, QEMU quits (reap kills it if not)."""
+    if qmp.ask(qmp_path, "quit"):
+        console.drain(proc, 3.0)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What watch() saw: the whole console (cleaned lines), its seconds, whether `until` held."""
+
+    console: str
+    seconds: float
+    matched: bool
+
+
+def watch(cmd: Cmd, until: Callable[[str], bool], timeout: float) -> Watched:
+    """Boot headless until `until(console so far)` holds, QEMU exits or `timeout` passes, then
+    kill QEMU: for boots that end on a line of their own (a firmware's refusal, a kernel message)
+    rather than at a marker that passes a check (the Secure Boot and verity tests)."""
+    args = argv(cmd)
+    if "mon:stdio" in args:
+        raise ValueError("watch needs a headless command (interactive=False)")
+    with launch((CONSOLE,), qmp_path=True) as vm:
+        start = time.monotonic()
+        proc = _start(vm, args)
+        console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines=30, start=start)
+        while True:
+            text = "\n".join(line for _, line in console.log())
+            if until(text):
+                return Watched(text, time.monotonic() - start, True)
+            now = time.monotonic()
+            if now - start >= timeout or console.pump(None, deadline=min(start + timeout, now + 0.5)) == "eof":
+                text = "\n".join(line for _, line in console.log())
+                return Watched(text, time.monotonic() - start, until(text))
 
 
 class Stop(enum.StrEnum):
@@ -156,6 +270,8 @@ class CheckOutcome:
     stop_status: int | None = None
     tail: list[str] = field(default_factory=list)
     refused: bool = False  # the firmware would not start the image (Secure Boot)
+    inside: Ran | None = None  # the in-image commands, when asked for (Inside) and the check passed
+    log: tuple[tuple[float, str], ...] = ()  # every console line, stamped with seconds since qemu started
 
 
 def boot_check(
@@ -169,23 +285,26 @@ def boot_check(
     grace: float = 15.0,
     tail_lines: int = 30,
     expect: Expect = NOTHING_MORE,
+    inside: Inside | None = None,
 ) -> CheckOutcome:
     """Boot an app VM headless until the check passes: `marker` on the console, or `probe()`
     (called about four times a second; it must not block) returning what answered, or, with neither, the app's exit
     line with status 0. The app's exit line with any other status fails at once. After a pass
-    the guest is asked to stop (`stop`), and its exit line while stopping is reported too.
-    QEMU never outlives this call."""
+    the guest is asked to stop (`stop`), and its exit line while stopping is reported too;
+    `inside`: before that, its commands run in the shell our init keeps on the check's serial
+    port (qemu.VmSettings.check_port). QEMU never outlives this call."""
     args = argv(cmd)
     if "mon:stdio" in args:
         raise ValueError("boot_check needs a headless command (interactive=False)")
     watch = re.compile("|".join(f"(?:{p.pattern})" for p in (exit_line, marker, expect.refuse) if p is not None),
                        re.MULTILINE)
-    with launch(qmp_path=True) as vm:
+    port = inside is not None and inside.login is None  # our init's shell, on a second serial port
+    with launch((CONSOLE, CHECK_PORT) if port else (CONSOLE,), qmp_path=True) as vm:
         assert vm.qmp_path is not None
         start = time.monotonic()
         deadline = start + timeout
-        proc = vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdout=subprocess.PIPE)
-        console = _Console(proc, tail_lines, expect.require)
+        proc = _start(vm, [*args, *check_port_args(vm.fds[CHECK_PORT])] if port else args)
+        console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines, expect.require, start=start)
         passed_by = ""
         while not passed_by:
             now = time.monotonic()
@@ -217,6 +336,10 @@ def boot_check(
         broken = expect.failure(console)
         if broken is not None:
             return CheckOutcome(False, seconds, reason=broken[0], tail=console.tail(), refused=broken[1])
+        ran = None
+        if inside is not None and not passed_by.startswith("the app exited"):
+            ran = run_inside(console, inside, vm.ours[CHECK_PORT].fileno() if port else None)
+            _last_exit(console, exit_line)  # the commands' own lines are not the app's exit
         before = len(console.all_exits)
         if not passed_by.startswith("the app exited"):
             if stop.request(vm.qmp_path):
@@ -226,7 +349,8 @@ def boot_check(
             _last_exit(console, exit_line)  # the lines read while it stopped
         stopped = console.all_exits[before:]
         return CheckOutcome(True, seconds, passed_by, exit_status=None,
-                           stop_status=stopped[-1] if stopped else None, tail=console.tail())
+                           stop_status=stopped[-1] if stopped else None, tail=console.tail(), inside=ran,
+                           log=console.log())
 
 
 def _last_exit(console: _Console, exit_line: re.Pattern[str]) -> int | None:
@@ -246,18 +370,23 @@ def _exited(proc: subprocess.Popen) -> str:
 
 
 class _Console:
-    """Reads qemu's stdout (the serial console) and stderr without blocking, to deadlines."""
+    """Reads the serial console (`out_fd`: our end of its socket) and qemu's stderr without
+    blocking, to deadlines; keeps the last lines, and every line stamped (log) up to MAX_LOG."""
 
     MAX_LINE = 16384
+    MAX_LOG = 20000  # lines of the whole console kept for the report
 
-    def __init__(self, proc: subprocess.Popen, tail_lines: int, notice: re.Pattern[str] | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen, out_fd: int, tail_lines: int,
+                 notice: re.Pattern[str] | None = None, *, start: float | None = None) -> None:
         self.selector = selectors.DefaultSelector()
         self.decoders: dict[int, codecs.IncrementalDecoder] = {}
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            self.selector.register(stream.fileno(), selectors.EVENT_READ)
-            self.decoders[stream.fileno()] = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.out_fd = proc.stdout.fileno() if proc.stdout else -1
+        assert proc.stderr is not None
+        for fd in (out_fd, proc.stderr.fileno()):
+            self.selector.register(fd, selectors.EVENT_READ)
+            self.decoders[fd] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out_fd = out_fd
+        self.start = time.monotonic() if start is None else start
+        self.stamped: list[tuple[float, str]] = []
         self.max_lines = tail_lines
         self.lines: deque[str] = deque(maxlen=tail_lines)
         self.partial = ""  # raw text after the last newline
@@ -279,7 +408,10 @@ class _Console:
         return "eof"
 
     def _read(self, fd: int, pattern: re.Pattern[str] | None) -> bool:
-        data = os.read(fd, 65536)
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the socket reset as qemu died
+            data = b""
         if not data:
             self.selector.unregister(fd)
         text = self.decoders[fd].decode(data, final=not data)
@@ -294,7 +426,7 @@ class _Console:
         found = False
         for raw in complete:
             line = strip_ansi(raw)
-            self.lines.append(line)
+            self.keep(line)
             self.new.append(line)
             if self.notice is not None and self.noticed is None and self.notice.search(line):
                 self.noticed = line
@@ -302,6 +434,21 @@ class _Console:
             found = found or bool(pattern and pattern.search(line))
         # Prompts ("login: ") end without a newline: look at the unfinished line too.
         return found or bool(pattern and pattern.search(strip_ansi(self.partial)))
+
+    def keep(self, line: str) -> None:
+        """A clean console line, for the tail and the log (also the console session's lines)."""
+        self.lines.append(line)
+        if len(self.stamped) < self.MAX_LOG:
+            self.stamped.append((time.monotonic() - self.start, line))
+
+    def log(self) -> tuple[tuple[float, str], ...]:
+        last = strip_ansi(self.partial)
+        return (*self.stamped, (time.monotonic() - self.start, last)) if last.strip() else tuple(self.stamped)
+
+    def seen(self) -> str:
+        """The last lines and the unfinished one as read (a login prompt without its newline), for
+        a console session that starts where this reader stopped."""
+        return "\n".join([*list(self.lines)[-3:], self.partial])
 
     def take_new(self) -> list[str]:
         lines, self.new = self.new, []

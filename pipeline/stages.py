@@ -165,7 +165,7 @@ STAGE = {s.name: s for s in STAGES}
 MAKER = {a: s for s in STAGES for a in s.makes}  # which stage makes each artifact
 TASKS = tuple(dict.fromkeys(s.task for s in STAGES))  # doit tasks, in table order
 
-CHECK = Row("check", 3, "A passed boot of one mode: result.json (seconds, accel, what passed it)",
+CHECK = Row("check", 4, "A passed boot of one mode: result.json (seconds, accel, what passed it)",
             needs=("vmlinux", "boot", "ext4", "app", "bios", "uefi"), reads=("boot_marker", "http", "cmdline"),
             only_passes=True, keep=Keep.NEEDS, builder="vm.check_one")
 VIRT_SNAPSHOT = Row("virt_snapshot", 2, "virt's saved post-boot VM: vm.ram, vm.state, vm.initrd, vm.json",

@@ -13,6 +13,7 @@ for [boot] marker, an HTTP answer at [boot] http, or else the app's exit with st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -25,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import app, disk, headless, kvm, qemu, secureboot, stages
+from pipeline import app, disk, headless, kvm, qemu, report, secureboot, stages
 from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
 from pipeline.cache import Source
+from pipeline.console import CheckSettings, CommandResult
 from pipeline.errors import UserError
 from pipeline.ext4 import read_ext4_identity
 from pipeline.launch import exit_status, machine_argv, run_interactive
@@ -199,15 +201,38 @@ def runs_app(p: Project, r: Recipe) -> bool:
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One mode of the matrix: `ok` when the boot passed and every [check] command in it did;
+    `reason` the first thing that failed (the boot's, the login's, a command's) in one line."""
+
     mode: Mode
     ok: bool
-    seconds: float
+    seconds: float  # the boot, to its check
     cached: bool
     reason: str = ""
     tail: tuple[str, ...] = ()
     passed_by: str = "marker"  # which check passed: the marker, an HTTP answer, the app's exit
     stopped: str = ""  # an app: how the power-off ended it ("exit 143"), when it said
     refused: bool = False  # the firmware would not start the image (Secure Boot): `reason` says it in a line
+    commands: tuple[CommandResult, ...] = ()  # the [check] commands run inside, in order
+    login_hint: str = ""  # the check got no shell: what to change (reason says why, in one line)
+    log: tuple[tuple[float, str], ...] = ()  # the console, stamped (a boot made now; not kept in the store)
+    phases: report.Phases = report.Phases()
+
+    @property
+    def booted(self) -> bool:
+        """The boot itself passed (its commands may still have failed)."""
+        return self.ok or bool(self.commands) or bool(self.login_hint)
+
+    @property
+    def no_shell(self) -> bool:
+        return bool(self.login_hint)
+
+    def record(self, recipe: str) -> report.BootRecord:
+        """The report's row for this mode."""
+        log = "\n".join(f"{t:8.2f} {line}" for t, line in self.log)
+        reason = self.reason if not self.booted or self.no_shell else ""
+        return report.BootRecord(recipe, str(self.mode), self.booted and not self.no_shell, self.seconds, reason,
+                                 self.tail, log, self.phases, self.commands, self.cached, self.passed_by)
 
 
 def check_spec(r: Recipe, plan: Plan) -> dict[str, str | None]:
@@ -264,9 +289,10 @@ def http_probe(port: int, path: str) -> Callable[[], str | None]:
 
 
 def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
-    """Boot one variant headless to the marker (an app: to its check), unless that exact image
-    already passed: a pass is an entry of the store's check row, made by the one path (local,
-    registry, boot), and stored only when the boot passed (a failure is retried next time)."""
+    """Boot one variant headless to the marker (an app: to its check), then run the recipe's
+    [check] commands inside, unless that exact image already passed with those commands: a pass
+    is an entry of the store's check row, made by the one path (local, registry, boot), and
+    stored only when the boot and every command passed (a failure is retried next time)."""
     b = boot_inputs(p, r, mode)
     spec = check_spec(r, b.plan)
 
@@ -274,22 +300,48 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
         res = check_os(r, mode, b, accel, spec["marker"] or "") if b.plan.app is None else \
             check_app(r, mode, b, accel, spec)
         if res.ok:
-            (work / "result.json").write_text(json.dumps({"seconds": round(res.seconds, 1), "accel": str(accel),
-                                                          "passed_by": res.passed_by, "stopped": res.stopped}))
+            (work / "result.json").write_text(json.dumps({
+                "seconds": round(res.seconds, 1), "accel": str(accel), "passed_by": res.passed_by,
+                "stopped": res.stopped, "commands": [c.to_json() for c in res.commands],
+                "phases": dict(res.phases.items())}))
         return res
 
-    got = p.store.obtain(stages.CHECK, check_manifest(mode, b, spec), boot, passed=lambda res: res.ok)
+    got = p.store.obtain(stages.CHECK, check_manifest(mode, b, spec, r.checks), boot, passed=lambda res: res.ok)
     if got.source is Source.BUILT:
         return got.result
     res = json.loads((got.entry / "result.json").read_text())
     return CheckResult(mode, True, res["seconds"], cached=True, passed_by=res.get("passed_by", "login prompt"),
-                       stopped=res.get("stopped", ""))
+                       stopped=res.get("stopped", ""),
+                       commands=tuple(CommandResult.from_json(c) for c in res.get("commands", ())),
+                       phases=report.Phases(**res.get("phases", {})))
 
 
-def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None]) -> dict[str, object]:
-    """What a pass is keyed by: the mode, the entries of everything booted, what it waited for."""
+def systemd_init(plan: Plan) -> bool:
+    """Whether systemd may be the image's init: an OS image, or an app under its own systemd."""
+    return plan.init is not InitKind.LDT
+
+
+def inside_of(checks: CheckSettings, plan: Plan) -> headless.Inside | None:
+    """What runs inside after the boot check: the [check] commands (or the default), as the
+    [check] login on the serial console, or in the shell our init gives an app on the check's
+    port; None when there is nothing to run."""
+    commands = checks.commands(systemd=systemd_init(plan))
+    if not commands:
+        return None
+    login = None if plan.init is InitKind.LDT else checks.as_login
+    return headless.Inside(commands, login, timeout=checks.timeout, login_timeout=checks.login_timeout)
+
+
+NO_SETTINGS = CheckSettings()  # a recipe without [check]
+
+
+def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None],
+                   checks: CheckSettings = NO_SETTINGS) -> dict[str, object]:
+    """What a pass is keyed by: the mode, the entries of everything booted, what it waited for,
+    the commands run inside (CheckSettings.key: the password is not part of it)."""
     manifest: dict[str, object] = {**stages.CHECK.head(), "mode": str(mode), "needs": b.needs,
-                                   "marker": spec["marker"], "cmdline": b.cmdline}
+                                   "marker": spec["marker"], "cmdline": b.cmdline,
+                                   "inside": checks.key(systemd=systemd_init(b.plan))}
     if b.plan.app is not None:
         manifest["http"] = spec["http"]
     return manifest
@@ -306,19 +358,46 @@ def under(m: qemu.Machine) -> str:
 
 
 def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
+    """Boot an OS headless to its marker, then log in and run the [check] commands (inside_of)."""
+    inside = inside_of(r.checks, b.plan)
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
     m = machine(mode, b, settings)
     with machine_argv(m) as cmd:
-        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)")
+        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)"
+            + ran_note(inside))
         res = headless.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE),
-                                      expect=expect(m))
+                                      expect=expect(m), inside=inside)
     passed_by = ("marker" if r.boot_marker else "login prompt") + (SECURE_NOTE if m.secure_vars else "")
-    return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
-                       passed_by=passed_by, refused=res.refused)
+    boot = CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
+                       passed_by=passed_by, refused=res.refused, log=res.log)
+    return with_inside(boot, res.inside)
+
+
+def ran_note(inside: headless.Inside | None) -> str:
+    if inside is None:
+        return ""
+    n = len(inside.commands)
+    return f", then {n} [check] command{'s' if n != 1 else ''} inside" + (
+        f" as {inside.login.user}" if inside.login is not None else " beside the app")
+
+
+def with_inside(boot: CheckResult, ran: headless.Ran | None) -> CheckResult:
+    """A passed boot's result with what ran inside it: failed when there was no shell or a command
+    failed, its reason the login's line or the first failing command's."""
+    phases = report.phases_from_console(boot.log, ready_at=boot.seconds if boot.ok else None,
+                                        login=ran.login_seconds if ran is not None else None)
+    if not boot.ok or ran is None:
+        return dataclasses.replace(boot, phases=phases)
+    failed = next((c for c in ran.commands if not c.ok), None)
+    reason = ran.login_error or (failed.reason if failed is not None else "")
+    return dataclasses.replace(boot, ok=ran.ok, reason=reason, commands=ran.commands, login_hint=ran.login_hint,
+                               phases=phases)
 
 
 def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
-    """Boot an app headless to its check; then stop it the way a power-off does and say how it ended."""
+    """Boot an app headless to its check, run the [check] commands beside it (inside_of); then
+    stop it the way a power-off does and say how it ended."""
+    inside = inside_of(r.checks, b.plan)
     marker, path = spec["marker"], spec["http"]
     probe = forwards = None
     if path is not None:
@@ -332,43 +411,84 @@ def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str 
     stop = headless.Stop.CTRL_ALT_DEL if b.plan.init is InitKind.LDT else headless.Stop.POWER_BUTTON
     m = machine(mode, b, settings)
     with machine_argv(m) as cmd:
-        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {what} (timeout {r.boot_timeout}s)")
+        log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {what} (timeout {r.boot_timeout}s)"
+            + ran_note(inside))
         res = headless.boot_check(cmd, timeout=r.boot_timeout,
                                   marker=re.compile(marker, re.MULTILINE) if marker else None,
-                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop, expect=expect(m))
+                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop, expect=expect(m),
+                                  inside=inside)
     stopped = "" if res.stop_status is None else f"exit {res.stop_status}"
     passed_by = res.passed_by + (SECURE_NOTE if m.secure_vars else "")
-    return CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
-                       passed_by=passed_by, stopped=stopped, refused=res.refused)
+    boot = CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
+                       passed_by=passed_by, stopped=stopped, refused=res.refused, log=res.log)
+    return with_inside(boot, res.inside)
+
+
+TABLE_OUTPUT_LINES = 5  # the last lines of a failed command's output the table shows
 
 
 def check_table(name: str, results: list[CheckResult]) -> str:
+    """One row per mode, then under a mode one row per [check] command; a failed command shows its
+    status and its last output lines."""
     lines = [f"{'recipe':<16} {'mode':<5} {'result':<6} {'seconds':>8}  check"]
     for c in results:
         note = " (cached)" if c.cached else ""
-        how = c.passed_by if c.ok else ""
-        if c.ok and c.stopped:
+        how = c.passed_by if c.booted else ""
+        if c.booted and c.stopped:
             how += f"; stopped: {c.stopped}"
-        lines.append(f"{name:<16} {c.mode:<5} {'pass' if c.ok else 'FAIL':<6} {c.seconds:>8.1f}  {how}{note}".rstrip())
+        word = "pass" if c.ok else "FAIL"
+        if c.no_shell:
+            how = f"{how}; {c.reason}"
+        lines.append(f"{name:<16} {c.mode:<5} {word:<6} {c.seconds:>8.1f}  {how}{note}".rstrip())
+        if c.no_shell:
+            continue
+        for cmd in c.commands:
+            lines.append(f"{'':<16} {'':<5} {cmd.verdict.label:<6} {cmd.seconds:>8.1f}  $ {one_line(cmd.command)}"
+                         + (f"  (status {cmd.status})" if cmd.status not in (None, 0) else ""))
+            if not cmd.ok and cmd.output:
+                lines += [f"{'':<41}| {out}" for out in cmd.output.splitlines()[-TABLE_OUTPUT_LINES:]]
     return "\n".join(lines)
 
 
-def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode)) -> list[CheckResult]:
-    """The boot matrix of a recipe: each mode to its marker, headless; prints a table of the
-    results, and raises a UserError naming the failed modes with their last console lines (a
-    disk the firmware refused under Secure Boot: that one line)."""
+def one_line(command: str, width: int = 60) -> str:
+    first = command.strip().splitlines()[0] if command.strip() else command
+    return first if len(first) <= width and "\n" not in command.strip() else first[: width - 1] + "…"
+
+
+def check_boot(p: Project, r: Recipe, modes: tuple[Mode, ...] = tuple(Mode),
+               reports: report.ReportPaths | None = None) -> list[CheckResult]:
+    """The boot matrix of a recipe: each mode to its marker, headless, then the [check] commands
+    inside; prints a table of the results, writes the JUnit XML and HTML `reports` (this recipe's
+    rows beside the other recipes' last ones), and raises a UserError naming the failed modes
+    with their last console lines (a disk the firmware refused under Secure Boot, or a check that
+    could not log in: that one line)."""
     accel = kvm.select_accel(cache_dir=p.store.root).accel
     results = [check_one(p, r, mode, accel) for mode in modes]
     print(check_table(r.name, results), flush=True)
+    if reports is not None:
+        written = report.update_reports(reports, r.name, [c.record(r.name) for c in results], keep=p.recipes)
+        print(f"reports: {written.xml} (JUnit), {written.html}", flush=True)
     failed = [c for c in results if not c.ok]
     if failed and all(c.refused for c in failed):  # Secure Boot said no: its one line says everything
         raise UserError(f"{r.name}: {', '.join(f'{c.mode}: {c.reason}' for c in failed)}",
                         hint="the disk is not signed by the db key the firmware enrolled; build it again "
                              f"(doit build_efistub:{r.name})")
+    if failed and all(c.no_shell for c in failed):  # the same line for every mode: say it once
+        modes_text = ", ".join(str(c.mode) for c in failed)
+        raise UserError(f"{r.name} ({modes_text}): {failed[0].reason}", hint=failed[0].login_hint)
     if failed:
-        details = "\n".join(f"{c.mode}: {c.reason}\n  last console lines:\n" + "\n".join("    " + t for t in c.tail)
-                            for c in failed)
+        details = "\n".join(failure_details(c) for c in failed)
         raise UserError(f"{r.name}: boot check failed for {', '.join(c.mode for c in failed)}\n{details}",
                         hint=f"boot it interactively with `doit {failed[0].mode.run_task}:{r.name}`")
     print(f"boot it yourself: doit run_uefi:{r.name} (or run_bios, run_tgz); quit with Ctrl-A X", flush=True)
     return results
+
+
+def failure_details(c: CheckResult) -> str:
+    """A failed mode for the error text: its reason, a failed command's output, the console's last lines."""
+    out = [f"{c.mode}: {c.reason}"]
+    for cmd in c.commands:
+        if not cmd.ok and cmd.output:
+            out += ["  output:", *("    " + t for t in cmd.output.splitlines()[-TABLE_OUTPUT_LINES * 2:])]
+    out += ["  last console lines:", *("    " + t for t in c.tail)]
+    return "\n".join(out)
