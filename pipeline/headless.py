@@ -78,8 +78,13 @@ class Expect:
     """What else a boot must show, or must not (Secure Boot: the kernel's own line saying it is on
     before the marker; the firmware's refusal ends the boot at once, a failure of one line)."""
 
-    require: re.Pattern[str] | None = None
+    require: tuple[re.Pattern[str], ...] = ()  # lines that must each show, in any order, before the marker
     refuse: re.Pattern[str] | None = None
+
+    def __add__(self, other: Expect) -> Expect:
+        refuse = [p.pattern for p in (self.refuse, other.refuse) if p is not None]
+        return Expect(self.require + other.require,
+                      re.compile("|".join(f"(?:{p})" for p in refuse)) if refuse else None)
 
     def watch(self, marker: re.Pattern[str] | None) -> re.Pattern[str] | None:
         """The marker or the refusal, whichever shows first."""
@@ -92,8 +97,9 @@ class Expect:
             line = next((ln for ln in reversed(console.tail()) if self.refuse.search(ln)), None)
             if line is not None:
                 return f"the firmware refused the image: {line.strip()}", True
-        if self.require is not None and not console.noticed:
-            return f"no {self.require.pattern!r} on the console before the check passed", False
+        missing = [p.pattern for p in self.require if p.pattern not in console.noticed]
+        if missing:
+            return f"no {' and no '.join(map(repr, missing))} on the console before the check passed", False
         return None
 
 
@@ -377,7 +383,7 @@ class _Console:
     MAX_LOG = 20000  # lines of the whole console kept for the report
 
     def __init__(self, proc: subprocess.Popen, out_fd: int, tail_lines: int,
-                 notice: re.Pattern[str] | None = None, *, start: float | None = None) -> None:
+                 notice: tuple[re.Pattern[str], ...] = (), *, start: float | None = None) -> None:
         self.selector = selectors.DefaultSelector()
         self.decoders: dict[int, codecs.IncrementalDecoder] = {}
         assert proc.stderr is not None
@@ -393,8 +399,8 @@ class _Console:
         self.stderr: list[str] = []
         self.new: list[str] = []  # complete lines not yet taken (take_new)
         self.all_exits: list[int] = []  # statuses of exit lines seen, for boot_check
-        self.notice = notice  # a line to remember when it shows (Expect.require), however long ago
-        self.noticed: str | None = None
+        self.notice = notice  # lines to remember when they show (Expect.require), however long ago
+        self.noticed: dict[str, str] = {}  # pattern -> the line that matched it first
 
     def pump(self, pattern: re.Pattern[str] | None, deadline: float) -> str:
         """Read until the marker ("marker"), both pipes close ("eof") or the deadline ("timeout")."""
@@ -428,8 +434,9 @@ class _Console:
             line = strip_ansi(raw)
             self.keep(line)
             self.new.append(line)
-            if self.notice is not None and self.noticed is None and self.notice.search(line):
-                self.noticed = line
+            for p in self.notice:
+                if p.pattern not in self.noticed and p.search(line):
+                    self.noticed[p.pattern] = line
             del self.new[: -self.max_lines * 4]
             found = found or bool(pattern and pattern.search(line))
         # Prompts ("login: ") end without a newline: look at the unfinished line too.

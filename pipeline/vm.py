@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import app, disk, headless, kvm, qemu, report, secureboot, stages
+from pipeline import app, disk, headless, kvm, qemu, report, secureboot, stages, verity
 from pipeline.app import InitKind, Plan
 from pipeline.artifacts import Artifact
 from pipeline.cache import Source
@@ -128,12 +128,24 @@ def secure_vars(mode: Mode, b: Boot) -> Path | None:
 
 
 SECURE_BOOT = headless.Expect(  # what a boot under Secure Boot must show: the kernel's own line, no refusal
-    require=re.compile(re.escape(secureboot.KERNEL_SECURE_BOOT_LINE)),
+    require=(re.compile(re.escape(secureboot.KERNEL_SECURE_BOOT_LINE)),),
     refuse=re.compile("|".join(re.escape(m) for m in secureboot.FIRMWARE_REFUSAL_MARKERS)))
+VERITY = headless.Expect(require=(re.compile(re.escape(verity.OPENED_LINE)),))  # the initrd opened the root
 
 
-def expect(m: qemu.Machine) -> headless.Expect:
-    return SECURE_BOOT if m.secure_vars is not None else headless.NOTHING_MORE
+def verity_root(r: Recipe, mode: Mode) -> bool:
+    """The disk this mode boots has a dm-verity root ([disk] verity: the UEFI disk only)."""
+    return r.verity and mode is Mode.UEFI
+
+
+def expect(m: qemu.Machine, r: Recipe) -> headless.Expect:
+    e = SECURE_BOOT if m.secure_vars is not None else headless.NOTHING_MORE
+    return e + VERITY if verity_root(r, m.mode) else e
+
+
+def notes(m: qemu.Machine, r: Recipe) -> str:
+    """What the check column adds to how a boot passed: what the boot also showed."""
+    return (SECURE_NOTE if m.secure_vars is not None else "") + (VERITY_NOTE if verity_root(r, m.mode) else "")
 
 
 @dataclass(frozen=True)
@@ -351,6 +363,7 @@ def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None],
 
 
 SECURE_NOTE = "; secure boot"  # the check column of a pass under Secure Boot (the kernel said so)
+VERITY_NOTE = "; verity root"  # ... of a pass whose initrd opened the root through dm-verity
 
 
 def under(m: qemu.Machine) -> str:
@@ -366,8 +379,8 @@ def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> Check
         log(f"{r.name}: booting {mode}{under(m)} headless, waiting for {marker!r} (timeout {r.boot_timeout}s)"
             + ran_note(inside))
         res = headless.boot_to_marker(cmd, timeout=r.boot_timeout, marker=re.compile(marker, re.MULTILINE),
-                                      expect=expect(m), inside=inside)
-    passed_by = ("marker" if r.boot_marker else "login prompt") + (SECURE_NOTE if m.secure_vars else "")
+                                      expect=expect(m, r), inside=inside)
+    passed_by = ("marker" if r.boot_marker else "login prompt") + notes(m, r)
     boot = CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
                        passed_by=passed_by, refused=res.refused, log=res.log)
     return with_inside(boot, res.inside)
@@ -415,10 +428,10 @@ def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str 
             + ran_note(inside))
         res = headless.boot_check(cmd, timeout=r.boot_timeout,
                                   marker=re.compile(marker, re.MULTILINE) if marker else None,
-                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop, expect=expect(m),
+                                  probe=probe, exit_line=app.EXIT_MARKER_RE, stop=stop, expect=expect(m, r),
                                   inside=inside)
     stopped = "" if res.stop_status is None else f"exit {res.stop_status}"
-    passed_by = res.passed_by + (SECURE_NOTE if m.secure_vars else "")
+    passed_by = res.passed_by + notes(m, r)
     boot = CheckResult(mode, res.ok, res.seconds, cached=False, reason=res.reason, tail=tuple(res.tail),
                        passed_by=passed_by, stopped=stopped, refused=res.refused, log=res.log)
     return with_inside(boot, res.inside)

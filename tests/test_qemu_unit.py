@@ -484,7 +484,8 @@ def test_early_exit_reports_status_and_stderr(tmp_path: Path) -> None:
     assert result.tail == ["half a line"]
 
 
-SECURE = headless.Expect(require=re.compile("secureboot: Secure boot enabled"), refuse=re.compile("Access Denied"))
+SECURE = headless.Expect(require=(re.compile("secureboot: Secure boot enabled"),), refuse=re.compile("Access Denied"))
+VERITY = headless.Expect(require=(re.compile("ldt-verity: root opened: "),))
 
 
 def test_secure_boot_needs_the_kernel_line_before_the_marker(tmp_path: Path) -> None:
@@ -500,6 +501,22 @@ def test_secure_boot_needs_the_kernel_line_before_the_marker(tmp_path: Path) -> 
     result = headless.boot_to_marker(cmd, timeout=20, grace=0, expect=SECURE)
     assert not result.ok and not result.refused
     assert result.reason == "no 'secureboot: Secure boot enabled' on the console before the check passed"
+
+
+def test_every_required_line_must_show(tmp_path: Path) -> None:
+    both = SECURE + VERITY
+    assert both.refuse is not None and both.refuse.pattern == "(?:Access Denied)" and len(both.require) == 2
+    cmd, _ = fake_qemu(tmp_path, """
+        out.write("ldt-verity: root opened: /dev/mapper/root\\n[  1.0] secureboot: Secure boot enabled\\n")
+        out.write("localhost login: "); out.flush(); time.sleep(60)
+    """)  # fmt: skip
+    assert headless.boot_to_marker(cmd, timeout=20, grace=0, expect=both).ok
+    cmd, _ = fake_qemu(tmp_path, """
+        out.write("[  1.0] secureboot: Secure boot enabled\\nlocalhost login: "); out.flush(); time.sleep(60)
+    """)  # fmt: skip
+    result = headless.boot_to_marker(cmd, timeout=20, grace=0, expect=both)
+    assert not result.ok
+    assert result.reason == "no 'ldt-verity: root opened: ' on the console before the check passed"
 
 
 def test_a_firmware_refusal_ends_the_boot_at_once_in_one_line(tmp_path: Path) -> None:

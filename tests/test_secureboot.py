@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import secureboot as sb
 from pipeline.errors import UserError
+from pipeline.recipes import Recipe
 from pipeline.secureboot import KeyPair, KeySet, Role
 
 EPOCH = 1_700_000_000
@@ -327,7 +328,10 @@ def test_a_signed_disk_boots_on_the_variables_beside_it(tmp_path: Path) -> None:
     (entry / "sb-vars.fd").touch()
     m = vm.machine(qemu.Mode.UEFI, b, settings, persistent=tmp_path / "copy.img")
     assert m.secure_vars == entry / "sb-vars.fd" and m.disk == tmp_path / "copy.img"
-    assert vm.expect(m) is vm.SECURE_BOOT and vm.SECURE_BOOT.require.search(sb.KERNEL_SECURE_BOOT_LINE)
+    r = Recipe(name="x", dir=tmp_path)
+    assert vm.expect(m, r) is vm.SECURE_BOOT and vm.SECURE_BOOT.require[0].search(sb.KERNEL_SECURE_BOOT_LINE)
+    verity_recipe = Recipe(name="x", dir=tmp_path, verity=True)
+    assert len(vm.expect(m, verity_recipe).require) == 2 and vm.notes(m, verity_recipe) == "; secure boot; verity root"
     assert vm.machine(qemu.Mode.BIOS, vm.Boot(entry / "uefi.img"), settings).secure_vars is None
 
 
