@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import qmp
+from pipeline import qemu, qmp
 from pipeline.console import CommandResult, ConsoleLoginError, ConsoleSession, Login, not_run
 from pipeline.launch import exit_status, launch, qemu_error, wait
 from pipeline.qemu import qmp_listen_args
@@ -184,13 +184,7 @@ def _start(vm, args: list[str]) -> subprocess.Popen:
     return vm.start([*args, *qmp_listen_args(vm.qmp_path)], stdin=theirs, stdout=theirs)
 
 
-CHECK_PORT = "check"  # the second serial port (the guest's ttyS1) where our app init starts a shell
-
-
-def check_port_args(fd: int) -> list[str]:
-    """A second serial port on a socket QEMU inherits as `fd`: the guest's ttyS1, where our app
-    init (pipeline/guest/app-init.sh) starts a root shell beside the app when it finds the port."""
-    return ["-chardev", f"socket,id={CHECK_PORT},fd={fd}", "-serial", f"chardev:{CHECK_PORT}"]
+CHECK_PORT = qemu.CHECK_PORT  # the second serial port (the guest's ttyS1) where our app init starts a shell
 
 
 def run_inside(console: _Console, inside: Inside, port_fd: int | None = None) -> Ran:
@@ -309,7 +303,7 @@ def boot_check(
         assert vm.qmp_path is not None
         start = time.monotonic()
         deadline = start + timeout
-        proc = _start(vm, [*args, *check_port_args(vm.fds[CHECK_PORT])] if port else args)
+        proc = _start(vm, [*args, *qemu.check_port_args(vm.fds[CHECK_PORT])] if port else args)
         console = _Console(proc, vm.ours[CONSOLE].fileno(), tail_lines, expect.require, start=start)
         passed_by = ""
         while not passed_by:

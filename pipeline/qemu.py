@@ -484,6 +484,15 @@ def qmp_listen_args(path: Path) -> list[str]:
     return ["-qmp", f"unix:{path},server=on,wait=off"]
 
 
+CHECK_PORT = "check"  # the chardev id of check_boot's second serial port
+
+
+def check_port_args(fd: int) -> list[str]:
+    """A second serial port on a socket QEMU inherits as `fd`: the guest's ttyS1, where our app
+    init (pipeline/guest/app-init.sh) starts a root shell beside the app when it finds the port."""
+    return ["-chardev", f"socket,id={CHECK_PORT},fd={fd}", "-serial", f"chardev:{CHECK_PORT}"]
+
+
 def probe_cmd(firmware: Path, accel_args: Sequence[str], qemu: str = QEMU) -> list[str]:
     """The KVM probe's VM (kvm.py): the probe firmware as BIOS, its exit through isa-debug-exit."""
     return [

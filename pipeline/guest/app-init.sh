@@ -108,7 +108,7 @@ setup_system() {
 }
 
 # check_boot's [check] commands run beside the app in a root shell on the second serial port
-# (ttyS1), which only check_boot's VMs have (pipeline/headless.py check_port_args): no port, no
+# (ttyS1), which only check_boot's VMs have (pipeline/qemu.py check_port_args): no port, no
 # shell, in every boot mode alike (the command lines of bios and uefi are inside their disks).
 # Started before the app, so the `wait "$app"` below never reaps it. Our busybox's sh runs its
 # own applets first, then the image's programs (PATH), then the applets linked in /run/ldt/bin.
