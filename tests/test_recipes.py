@@ -310,3 +310,9 @@ def test_project_recipe_unknown_lists_known_recipes(fs):
     e = raises_user_error(p.recipe, "nope")
     assert "'nope'" in e.message
     assert "known recipes: app, base" in e.hint
+
+
+def test_the_trusted_example_asks_for_secure_boot_verity_and_checks():
+    r = recipes.load(Path(__file__).resolve().parent.parent / "examples" / "hello-trusted")
+    assert r.secure_boot and r.verity and r.parents == ("hello",)
+    assert r.checks.run is not None and len(r.checks.run) == 1
