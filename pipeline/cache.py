@@ -365,7 +365,7 @@ class Store:
             return None
         try:
             with self.build(stage, key, manifest) as work:
-                if not r.pull_entry(stage, key, work):
+                if not r.pull_entry(stage, key, work, blocks=self.packed.blocks):
                     raise Absent
         except RemoteUnavailable as e:
             self._remote_failed(e)
@@ -387,7 +387,7 @@ class Store:
         entry = self.entry(stage, key)
         self.tmp.mkdir(parents=True, exist_ok=True)
         try:
-            if r.push_entry(stage, key, entry, tmp_dir=self.tmp):
+            if r.push_entry(stage, key, entry, tmp_dir=self.tmp, blocks=self.packed.blocks):
                 log(f"{stage}:{key[:12]} pushed to {r}")
                 return True
         except RemoteUnavailable as e:
