@@ -91,6 +91,8 @@ CREATE TABLE IF NOT EXISTS rblocks (remote TEXT NOT NULL, digest BLOB NOT NULL, 
     offset INTEGER NOT NULL, length INTEGER NOT NULL, slot INTEGER NOT NULL, PRIMARY KEY (remote, digest))
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rblocks_pack ON rblocks (remote, pack);
+CREATE TABLE IF NOT EXISTS rpacks (remote TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (remote, name)) WITHOUT ROWID;
 """
 
 
@@ -129,9 +131,20 @@ class RemoteMap:
             con.executemany("INSERT OR IGNORE INTO rblocks VALUES (?, ?, ?, ?, ?, ?)",
                             ((self.remote, d, loc.pack, loc.offset, loc.length, loc.slot) for d, loc in located))
 
+    def add_sizes(self, sizes: Mapping[str, int]) -> None:
+        with self.db() as con, con:
+            con.executemany("INSERT OR REPLACE INTO rpacks VALUES (?, ?, ?)",
+                            ((self.remote, name, size) for name, size in sizes.items()))
+
+    def size(self, pack: str) -> int | None:
+        with self.db() as con:
+            row = con.execute("SELECT size FROM rpacks WHERE remote = ? AND name = ?", (self.remote, pack)).fetchone()
+        return row[0] if row else None
+
     def forget_pack(self, pack: str) -> None:
         with self.db() as con, con:
             con.execute("DELETE FROM rblocks WHERE remote = ? AND pack = ?", (self.remote, pack))
+            con.execute("DELETE FROM rpacks WHERE remote = ? AND name = ?", (self.remote, pack))
 
 
 # -- the index blob -------------------------------------------------------------------------------
@@ -316,6 +329,7 @@ def _push_once(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: P
         if not oci.head(c, f"/{blocks_repo}/blobs/sha256:{pack.name}"):
             oci.upload_file(c, blocks_repo, oci.Blob("sha256:" + pack.name, pack.size), bs.pack_path(pack.name))
         rmap.add(list(pack.blocks))
+        rmap.add_sizes({pack.name: pack.size})
     indexes: dict[str, tuple[bytes, Mapping[str, Any]]] = {}
     used: set[str] = set()
     for name, (root, full) in roots.items():
@@ -350,25 +364,20 @@ def _ensure_pack(c: oci.Client, repo: str, blocks_repo: str, pack: str, bs: Bloc
     """The pack in the entry's repository (HEAD, else a mount from <prefix>/blocks, else uploaded
     there from the local copy and mounted); its size. _Stale when no one has it any more."""
     digest = "sha256:" + pack
-    r = c.request("HEAD", f"/{repo}/blobs/{digest}", ok=(200, 404))
-    r.close()
-    if r.status_code == 200:
-        return int(r.headers.get("Content-Length", "0")) or _size_in(c, repo, digest)
+    local = bs.pack_path(pack)
+    size = rmap.size(pack) or (local.stat().st_size if local.is_file() else None)
+    if size is None:
+        rmap.forget_pack(pack)  # a pack whose size nobody knows: a map older than this code
+        raise _Stale
+    if oci.head(c, f"/{repo}/blobs/{digest}") or oci.mount(c, repo, digest, blocks_repo):
+        return size
+    if not local.is_file():
+        rmap.forget_pack(pack)
+        raise _Stale
+    oci.upload_file(c, blocks_repo, oci.Blob(digest, size), local)
     if not oci.mount(c, repo, digest, blocks_repo):
-        local = bs.pack_path(pack)
-        if not local.is_file():
-            rmap.forget_pack(pack)
-            raise _Stale
-        oci.upload_file(c, blocks_repo, oci.Blob(digest, local.stat().st_size), local)
-        if not oci.mount(c, repo, digest, blocks_repo):
-            raise RemoteUnavailable(f"remote store {c.remote.host} does not mount blobs across repositories")
-    return _size_in(c, repo, digest)
-
-
-def _size_in(c: oci.Client, repo: str, digest: str) -> int:
-    r = c.request("HEAD", f"/{repo}/blobs/{digest}", ok=(200,))
-    r.close()
-    return int(r.headers.get("Content-Length", "0"))
+        raise RemoteUnavailable(f"remote store {c.remote.host} does not mount blobs across repositories")
+    return size
 
 
 # -- pull -----------------------------------------------------------------------------------------
@@ -392,6 +401,7 @@ def pull(c: oci.Client, repo: str, stage: str, key: str, doc: Mapping[str, Any],
         raise EntryCorrupt(f"the remote entry {stage}:{key} indexes {sorted(parsed.indexes)}, "
                            f"its manifest.json lists {sorted(records)}")
     fetched = fetched if fetched is not None else Fetched()
+    rmap.add_sizes(parsed.packs)
     for name in sorted(records):
         data = oci.get_small(c, repo, parsed.indexes[name], f"block index of {stage}:{key} {name}", MAX_INDEX)
         fetched.bytes += len(data)
