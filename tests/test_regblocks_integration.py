@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from registry import registry  # noqa: F401 - fixture
+from registry import auth_registry, registry  # noqa: F401 - fixtures
 
 from pipeline import entries, oci, regblocks, remote
 from pipeline.entries import EntryCorrupt
+from pipeline.errors import UserError
 from pipeline.oci import Remote
 from pipeline.packs import BlockStore
 
@@ -205,3 +206,17 @@ def test_an_entry_of_the_old_layout_is_still_pulled(registry, tmp_path):  # noqa
     work.mkdir()
     assert remote.pull_entry(r, "old", "k1", work, env=NO_CREDS) is True
     same_files(e, work)
+
+
+def test_store_push_with_a_wrong_password_says_the_credentials_were_refused(auth_registry, tmp_path, capfd):  # noqa: F811
+    from pipeline.cache import Store
+    from pipeline.remote import RegistryStore
+
+    e = make_entry(tmp_path / "cache" / "store" / "thing" / "k1", {"f": b"x" * 5000})
+    env = {**NO_CREDS, "LDT_REMOTE_USER": auth_registry.user, "LDT_REMOTE_PASSWORD": "wrong-one"}
+    store = Store(tmp_path / "cache", RegistryStore(Remote.parse(auth_registry.url), env=env))
+    with pytest.raises(UserError, match="refused the credentials") as err:
+        store.push_all()
+    assert "\n" not in err.value.message and "went away" not in err.value.message
+    assert capfd.readouterr().err == ""  # that one line, no warning before it
+    assert e.is_dir()
