@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -209,7 +210,7 @@ class IndexBlob:
         try:
             if not data.startswith(INDEX_MAGIC):
                 raise ValueError("no index magic")
-            raw = zstandard.ZstdDecompressor().decompress(data[len(INDEX_MAGIC):], max_output_size=4 * MAX_INDEX)
+            raw = _bounded_decompress(data[len(INDEX_MAGIC):], 4 * MAX_INDEX)
             line, _, rest = raw.partition(b"\n")
             head = json.loads(line)
             packs = list(head["packs"])
@@ -223,6 +224,18 @@ class IndexBlob:
         except (ValueError, KeyError, TypeError, IndexError, struct.error, zstandard.ZstdError, UserError) as e:
             raise EntryCorrupt(f"a remote block index is malformed ({type(e).__name__})") from None
         return cls(root, chunks, blocks)
+
+
+def _bounded_decompress(data: bytes, limit: int) -> bytes:
+    """A zstd frame's content, read in pieces: a frame header claiming terabytes costs nothing."""
+    parts, total = [], 0
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as z:
+        while chunk := z.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise ValueError("larger than an index may be")
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 # -- the OCI manifest ----------------------------------------------------------------------------
