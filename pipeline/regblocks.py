@@ -307,14 +307,18 @@ class _Stale(Exception):
     """The map named a pack the registry no longer holds (forgotten now): push again."""
 
 
-def push(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: Path, bs: BlockStore) -> None:
-    """Upload an entry in this layout (the caller checked the tag is absent); the manifest PUT last."""
+def push(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: Path, bs: BlockStore,
+         doomed: Collection[str] = ()) -> None:
+    """Upload an entry in this layout (the caller checked the tag is absent); the manifest PUT last.
+    `doomed`: packs a registry gc is about to delete (reggc.py): their blocks are sent again."""
     config_raw = (entry / MANIFEST).read_bytes()
     records = oci.recorded_files(json.loads(config_raw), f"local entry {entry}")
     present = {p.name for p in entry.iterdir() if p.name != MANIFEST}
     if present != set(records):
         raise EntryCorrupt(f"local entry {entry} holds {sorted(present)}, its manifest.json lists {sorted(records)}")
     rmap = RemoteMap(bs, str(remote))
+    for pack in doomed:
+        rmap.forget_pack(pack)
     for attempt in range(3):
         try:
             return _push_once(c, remote, stage, key, entry, config_raw, records, bs, rmap)

@@ -4,6 +4,7 @@ change 4 KiB blocks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -220,3 +221,58 @@ def test_store_push_with_a_wrong_password_says_the_credentials_were_refused(auth
     assert "\n" not in err.value.message and "went away" not in err.value.message
     assert capfd.readouterr().err == ""  # that one line, no warning before it
     assert e.is_dir()
+
+
+def head(reg, path: str) -> int:
+    return requests.head(f"http://{reg.host}/v2/{path}", timeout=5,
+                         headers={"Accept": oci.OCI_MANIFEST}).status_code
+
+
+def packs_of(reg, repo: str, key: str) -> list[str]:
+    doc = requests.get(f"http://{reg.host}/v2/{repo}/manifests/{key}", timeout=5,
+                       headers={"Accept": oci.OCI_MANIFEST}).json()
+    return [d["digest"] for d in doc["layers"] if d["mediaType"] == regblocks.PACK_TYPE]
+
+
+def test_store_gc_remote_keeps_published_and_newly_named_packs(registry, tmp_path):  # noqa: F811
+    from pipeline import reggc
+
+    r = Remote.parse(registry.url.replace("/ldt", "/gcx"))  # a prefix of its own: the gc sees only this test
+    a, b, c = blocks(20, 40), blocks(21, 40), blocks(22, 40)
+    bs = BlockStore(tmp_path / "blocks")
+    for key, data in (("old", a), ("gone", b), ("pub", c)):
+        remote.push_entry(r, "gcrow", key, make_entry(tmp_path / key, {"f": b"".join(data)}, k=key), env=NO_CREDS,
+                          blocks=bs)
+    old_packs, gone_packs = packs_of(registry, "gcx/gcrow", "old"), packs_of(registry, "gcx/gcrow", "gone")
+    with oci.client(r, NO_CREDS) as cl:  # a published image (publish.py) made from entry "pub"
+        cfg = b"{}"
+        blob = oci.Blob("sha256:" + hashlib.sha256(cfg).hexdigest(), len(cfg))
+        oci.upload_bytes(cl, "gcx/hello", blob, cfg)
+        doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": oci.descriptor("application/json", blob),
+               "layers": [], "annotations": {"vnd.ldt.keys": json.dumps({"rootfs.tgz": "pub"})}}
+        cl.request("PUT", "/gcx/hello/manifests/latest", ok=(201,), data=json.dumps(doc).encode(),
+                   headers={"Content-Type": oci.OCI_MANIFEST}).close()
+    t0 = 1_000_000_000.0
+    first = reggc.collect(r, ["gcrow"], ["hello"], 7, now=t0, env=NO_CREDS)
+    assert first.deleted == () and first.doomed == 0  # first seen now
+    second = reggc.collect(r, ["gcrow"], ["hello"], 7, now=t0 + 8 * reggc.DAY, env=NO_CREDS)
+    assert sorted(e.key for e in second.deleted) == ["gone", "old"] and second.kept_published == 1
+    assert second.doomed == len(old_packs) + len(gone_packs) and second.packs_deleted == 0
+    assert head(registry, "gcx/gcrow/manifests/old") == 404 and head(registry, "gcx/gcrow/manifests/pub") == 200
+    # a runner pushes the blocks of "old" again after the gc doomed its packs: the same packs, named again
+    again = make_entry(tmp_path / "again", {"f": b"".join(a)}, k="again")
+    remote.push_entry(r, "gcrow", "again", again, env=NO_CREDS, blocks=bs)
+    assert sorted(packs_of(registry, "gcx/gcrow", "again")) == sorted(old_packs)
+    early = reggc.collect(r, ["gcrow"], ["hello"], 7, now=t0 + 8 * reggc.DAY + 60, env=NO_CREDS)
+    assert early.packs_deleted == 0  # within the grace period nothing goes
+    third = reggc.collect(r, ["gcrow"], ["hello"], 7, now=t0 + 9 * reggc.DAY, env=NO_CREDS)
+    assert third.packs_deleted == len(gone_packs)
+    for p in gone_packs:
+        assert head(registry, f"gcx/blocks/blobs/{p}") == 404
+    for p in old_packs:
+        assert head(registry, f"gcx/blocks/blobs/{p}") == 200
+    for key, entry in (("again", again), ("pub", tmp_path / "pub")):
+        pull(r, "gcrow", key, tmp_path / f"w-{key}", BlockStore(tmp_path / f"fresh-{key}"))
+        same_files(entry, tmp_path / f"w-{key}")
+    fp = reggc.footprint(r, ["gcrow"], env=NO_CREDS)
+    assert fp.entries == 2 and fp.logical == 2 * 40 * KIB4 and fp.stored < 1.2 * fp.logical
