@@ -16,8 +16,10 @@ snapshots, pulled images), and every row's entries come through one path, Store.
 
 obtain() is the one caller of those steps (lookup, pull, build, push_entry): the stages, boot
 passes (vm.check_one), virt snapshots (resume.prepare) and pulled images all come through it.
-The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; the
-registry side (entries as blocks in the registry) is still to come.
+The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; and at
+the registry: pull and push move blocks through the store's block store (cache/blocks/), so a
+pull fetches only the blocks this machine lacks and a push sends only what the registry lacks
+(regblocks.py).
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds

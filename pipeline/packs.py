@@ -27,7 +27,7 @@ nothing points at (reindex() adopts it), never a row naming bytes that are not t
 block read is checked against its digest before use; a damaged pack is one BlockCorrupt line
 (the caller makes the artifact again).
 
-For the store (not wired yet): `root = bs.put_index(bs.put(path))` keeps a file as blocks and
+For the store: `root = bs.put_index(bs.put(path))` keeps a file as blocks and
 returns a small Index to keep (root.to_bytes(), a few hundred KiB for a 1 GiB disk image);
 `bs.materialize(Index.from_bytes(data), dest)` makes the file again or raises BlockCorrupt (a
 UserError: one line, then build); `bs.missing(index)` and `bs.locate(digest)` say what a pull

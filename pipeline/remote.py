@@ -2,28 +2,42 @@
 project hands the store), push and pull of verified entries. The wire is oci.py's.
 
 Layout (quote this one in the README). One store entry `cache/store/<row>/<key>/` is one OCI
-image manifest, in the repository `<prefix>/<row>` of the registry, tagged with the entry key:
+image manifest, in the repository `<prefix>/<row>` of the registry, tagged with the entry key;
+its bytes are blocks (blocks.py) in packs (packs.py) that every entry shares:
 
+    <host>/<prefix>/blocks              every pack, uploaded once (a pack's blob digest is its name):
+                                        zstd frames of 16 blocks of 4 KiB, a trailer, a footer
     <host>/<prefix>/<row>:<key>
       mediaType     application/vnd.oci.image.manifest.v1+json
-      artifactType  application/vnd.ldt.entry.v1
+      artifactType  application/vnd.ldt.entry.v2
       config        application/vnd.ldt.entry.manifest.v1+json  the entry's manifest.json, byte for byte;
                     its "files" maps each output file to {"size", "sha256"} of the file itself
-      layers        application/vnd.ldt.entry.file.v1+zstd      one per output file, sorted by name:
-                    the file as one zstd frame (zeros cost next to nothing), annotated with
-                    org.opencontainers.image.title = the file name, vnd.ldt.file.size, vnd.ldt.file.sha256
+      layers        application/vnd.ldt.entry.index.v2+zstd     one per output file, sorted by name,
+                    annotated with org.opencontainers.image.title = the file name, vnd.ldt.file.size,
+                    vnd.ldt.file.sha256: the file's block index and, for every block, the pack, frame
+                    offset, frame length and slot that hold it (a pull fetches frames by HTTP Range)
+                    application/vnd.ldt.pack.v1                 every pack those indexes name, sorted,
+                    mounted from <prefix>/blocks (the registry keeps each blob once)
       annotations   vnd.ldt.stage, vnd.ldt.key
+    <host>/<prefix>/gc:state            store_gc --remote's record (reggc.py): when it first saw each
+                                        entry, which packs it doomed and when
+
+The details (index blob format, the map of what the registry holds, Range requests) are in
+regblocks.py; retention in reggc.py. Entries of the first layout (artifactType
+application/vnd.ldt.entry.v1: each file one zstd blob) are still pulled; pushes write blocks.
 
 Every manifest a client writes is a pure function of the entry, so two pushers of the same key
 write the same bytes and both succeed.
 
 Trust chain on pull: tag -> manifest (stage and key annotations must match) -> config blob
-(sha256 checked) -> manifest.json "files" -> each layer (sha256 of the compressed bytes checked
-while streaming) -> the decompressed file (size and sha256 checked against manifest.json while
-writing). Any mismatch raises EntryCorrupt and removes what was written.
+(sha256 checked) -> manifest.json "files" -> each index blob (sha256 checked; its size and
+sha256 must be the file's record) -> every block (sha256 checked before use, a whole pack
+against its name) -> the file (sha256 checked against manifest.json). Any mismatch raises
+EntryCorrupt and removes what was written.
 
-Push order: blobs first (skipping those the registry has), the manifest last: the manifest PUT
-is the commit point, so an interrupted push never leaves a tag naming missing blobs.
+Push order: packs first (those the registry lacks), then index blobs and manifest.json, the
+manifest last: the manifest PUT is the commit point, so an interrupted push never leaves a tag
+naming missing blobs.
 """
 
 from __future__ import annotations
