@@ -333,15 +333,28 @@ def _push_once(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: P
                records: Mapping[str, Mapping[str, Any]], bs: BlockStore, rmap: RemoteMap) -> None:
     repo, blocks_repo = remote.repository(stage), remote.repository(BLOCKS_REPO)
     made: list[Made] = []
+    written: set[bytes] = set()  # blocks in this push's new packs: a second file sharing them does not write them again
+
+    def have(ds: list[bytes]) -> Collection[bytes]:
+        return set(rmap.known(ds)) | written.intersection(ds)
+
+    def note(before: int) -> None:
+        for pack in made[before:]:
+            written.update(d for d, _ in pack.blocks)
+
     roots: dict[str, tuple[Index, Index]] = {}
     for name in sorted(records):
         try:
-            full = bs.put(entry / name, have=rmap.known, made=made)
+            before = len(made)
+            full = bs.put(entry / name, have=have, made=made)
+            note(before)
         except BlockCorrupt as e:
             raise EntryCorrupt(f"local file {entry / name} could not be cut into blocks ({e.message})") from None
         if (full.size, full.sha256) != (records[name]["size"], records[name]["sha256"]):
             raise EntryCorrupt(f"local file {entry / name} no longer matches its manifest.json record; not pushed")
-        roots[name] = (bs.put_index(full, have=rmap.known, made=made), full)
+        before = len(made)
+        roots[name] = (bs.put_index(full, have=have, made=made), full)
+        note(before)
     for pack in made:  # what the registry lacked, in packs of their own
         if not oci.head(c, f"/{blocks_repo}/blobs/sha256:{pack.name}"):
             oci.upload_file(c, blocks_repo, oci.Blob("sha256:" + pack.name, pack.size), bs.pack_path(pack.name))
