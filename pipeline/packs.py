@@ -419,8 +419,8 @@ class BlockStore:
 
 def _index_pack(con: sqlite3.Connection, name: str, size: int, entries: list[tuple[bytes, Location]]) -> None:
     with con:  # one transaction: every row of the pack or none
-        con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",
-                        ((d, name, loc.offset, loc.length, loc.slot) for d, loc in entries))
+        con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",  # in key order: faster
+                        ((d, name, loc.offset, loc.length, loc.slot) for d, loc in sorted(entries, key=lambda e: e[0])))
         con.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?)", (name, size, len(entries)))
 
 

@@ -58,7 +58,7 @@ import json
 import os
 import sqlite3
 import struct
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,18 +88,18 @@ RANGE_MAX = 8 << 20  # the most one Range request asks for
 # -- where the registry holds blocks ----------------------------------------------------------------
 
 MAP_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rblocks (remote TEXT NOT NULL, digest BLOB NOT NULL, pack TEXT NOT NULL,
-    offset INTEGER NOT NULL, length INTEGER NOT NULL, slot INTEGER NOT NULL, PRIMARY KEY (remote, digest))
-    WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rblocks_pack ON rblocks (remote, pack);
-CREATE TABLE IF NOT EXISTS rpacks (remote TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
-    PRIMARY KEY (remote, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS map_packs (id INTEGER PRIMARY KEY, remote TEXT NOT NULL, name TEXT NOT NULL,
+    size INTEGER NOT NULL, UNIQUE (remote, name));
+CREATE TABLE IF NOT EXISTS map_blocks (digest BLOB NOT NULL, pack INTEGER NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, slot INTEGER NOT NULL, PRIMARY KEY (digest, pack)) WITHOUT ROWID;
 """
+MAP_CACHE_KIB = 32768  # SQLite's page cache for the map: a pull records ~180k blocks per GiB
 
 
 @dataclass(frozen=True)
 class RemoteMap:
-    """What this store knows the registry `remote` holds: digest -> Location in a registry pack."""
+    """What this store knows the registry `remote` holds: digest -> Location in a registry pack.
+    A hint (a lost row costs a re-upload, a stale one a retry), so it is written without fsync."""
 
     blocks: BlockStore
     remote: str  # str(oci.Remote)
@@ -109,6 +109,8 @@ class RemoteMap:
         self.blocks.root.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.blocks.root / "remote.sqlite", timeout=60)
         try:
+            con.execute("PRAGMA synchronous=OFF")
+            con.execute(f"PRAGMA cache_size=-{MAP_CACHE_KIB}")
             con.executescript(MAP_SCHEMA)
             yield con
         finally:
@@ -119,33 +121,51 @@ class RemoteMap:
         with self.db() as con:
             for i in range(0, len(digests), BATCH):
                 part = digests[i:i + BATCH]
-                rows = con.execute("SELECT digest, pack, offset, length, slot FROM rblocks WHERE remote = ? AND "
-                                   f"digest IN ({','.join('?' * len(part))})", [self.remote, *part])
+                rows = con.execute("SELECT b.digest, p.name, b.offset, b.length, b.slot FROM map_blocks b "
+                                   "JOIN map_packs p ON p.id = b.pack WHERE p.remote = ? AND "
+                                   f"b.digest IN ({','.join('?' * len(part))})", [self.remote, *part])
                 out.update((row[0], Location(*row[1:])) for row in rows)
         return out
 
     def known(self, digests: list[bytes]) -> Collection[bytes]:
         return self.locate_many(digests).keys()
 
-    def add(self, located: Iterator[tuple[bytes, Location]] | list[tuple[bytes, Location]]) -> None:
+    def _ids(self, con: sqlite3.Connection, names: Iterable[str]) -> dict[str, int]:
+        names = sorted(set(names))
+        con.executemany("INSERT OR IGNORE INTO map_packs (remote, name, size) VALUES (?, ?, 0)",
+                        ((self.remote, n) for n in names))
+        out: dict[str, int] = {}
+        for i in range(0, len(names), BATCH):
+            part = names[i:i + BATCH]
+            out.update(con.execute(f"SELECT name, id FROM map_packs WHERE remote = ? AND name IN "
+                                   f"({','.join('?' * len(part))})", [self.remote, *part]))
+        return out
+
+    def add(self, located: Iterable[tuple[bytes, Location]]) -> None:
+        rows = sorted(located, key=lambda x: x[0])  # in key order: B-tree inserts several times faster
         with self.db() as con, con:
-            con.executemany("INSERT OR IGNORE INTO rblocks VALUES (?, ?, ?, ?, ?, ?)",
-                            ((self.remote, d, loc.pack, loc.offset, loc.length, loc.slot) for d, loc in located))
+            ids = self._ids(con, {loc.pack for _, loc in rows})
+            con.executemany("INSERT OR IGNORE INTO map_blocks VALUES (?, ?, ?, ?, ?)",
+                            ((d, ids[loc.pack], loc.offset, loc.length, loc.slot) for d, loc in rows))
 
     def add_sizes(self, sizes: Mapping[str, int]) -> None:
         with self.db() as con, con:
-            con.executemany("INSERT OR REPLACE INTO rpacks VALUES (?, ?, ?)",
-                            ((self.remote, name, size) for name, size in sizes.items()))
+            self._ids(con, sizes)
+            con.executemany("UPDATE map_packs SET size = ? WHERE remote = ? AND name = ?",
+                            ((size, self.remote, name) for name, size in sizes.items()))
 
     def size(self, pack: str) -> int | None:
         with self.db() as con:
-            row = con.execute("SELECT size FROM rpacks WHERE remote = ? AND name = ?", (self.remote, pack)).fetchone()
-        return row[0] if row else None
+            row = con.execute("SELECT size FROM map_packs WHERE remote = ? AND name = ?",
+                              (self.remote, pack)).fetchone()
+        return row[0] if row and row[0] else None
 
     def forget_pack(self, pack: str) -> None:
         with self.db() as con, con:
-            con.execute("DELETE FROM rblocks WHERE remote = ? AND pack = ?", (self.remote, pack))
-            con.execute("DELETE FROM rpacks WHERE remote = ? AND name = ?", (self.remote, pack))
+            row = con.execute("SELECT id FROM map_packs WHERE remote = ? AND name = ?", (self.remote, pack)).fetchone()
+            if row:
+                con.execute("DELETE FROM map_blocks WHERE pack = ?", row)  # a scan: rare (a lost or doomed pack)
+                con.execute("DELETE FROM map_packs WHERE id = ?", row)
 
 
 # -- the index blob -------------------------------------------------------------------------------
@@ -358,8 +378,10 @@ def _push_once(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: P
     for pack in made:  # what the registry lacked, in packs of their own
         if not oci.head(c, f"/{blocks_repo}/blobs/sha256:{pack.name}"):
             oci.upload_file(c, blocks_repo, oci.Blob("sha256:" + pack.name, pack.size), bs.pack_path(pack.name))
-        rmap.add(list(pack.blocks))
+        rmap.add(pack.blocks)
         rmap.add_sizes({pack.name: pack.size})
+    made.clear()  # what they hold is in the map now: memory for the locations below
+    written.clear()
     indexes: dict[str, tuple[bytes, Mapping[str, Any]]] = {}
     used: set[str] = set()
     for name, (root, full) in roots.items():
