@@ -75,6 +75,8 @@ PACK_MAX = 32 << 20  # a pack is closed once it holds this many compressed bytes
 LEVEL = 3  # zstd level of the frames
 FRAME_CACHE = 8  # decompressed frames a reader keeps
 BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
+CACHE_KIB = 32768  # SQLite's page cache for the index (hello's whole chain: ~20 MiB of index)
+WRITE_BUFFER = 1 << 20  # materialized bytes are hashed and written in pieces of about this
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class BlockStore:
         self.packs.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         try:
+            con.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # look-ups of random digests: keep the B-tree in memory
             con.executescript(SCHEMA)
             yield con
         finally:
@@ -361,12 +364,21 @@ class BlockStore:
         h = hashlib.sha256()
         zeros = bytes(READ)
         entries = list(index) if len(index) <= BATCH else None
+        buf = bytearray()
+
+        def flush() -> None:
+            if buf:
+                h.update(buf)
+                out.write(buf)
+                buf.clear()
+
         with self.db() as con, PackReader(self, con) as reader:
             for i in range(0, len(index), BATCH):
                 part = entries if entries is not None else index.slice(i, i + BATCH)
                 reader.prefetch([d for d, _ in part if d != HOLE])
                 for d, length in part:
                     if d == HOLE:
+                        flush()
                         left = length
                         while left:
                             n = min(left, READ)
@@ -377,9 +389,10 @@ class BlockStore:
                         if sparse:
                             out.seek(length, os.SEEK_CUR)
                         continue
-                    data = reader.get(d)[:length]
-                    h.update(data)
-                    out.write(data)
+                    buf += reader.get(d)[:length]
+                    if len(buf) >= WRITE_BUFFER:
+                        flush()
+            flush()
             if sparse:
                 out.truncate(out.tell())
         if index.gzip and h.hexdigest() != index.gzip.stream_sha256:
