@@ -16,8 +16,10 @@ snapshots, pulled images), and every row's entries come through one path, Store.
 
 obtain() is the one caller of those steps (lookup, pull, build, push_entry): the stages, boot
 passes (vm.check_one), virt snapshots (resume.prepare) and pulled images all come through it.
-The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; the
-registry side (entries as blocks in the registry) is still to come.
+The block layer (issue 17) plugs in at the local step: lookup() finds a packed entry too; and at
+the registry: pull and push move blocks through the store's block store (cache/blocks/), so a
+pull fetches only the blocks this machine lacks and a push sends only what the registry lacks
+(regblocks.py).
 
 An entry is built in cache/tmp/ and renamed into place, so an interrupted build (Ctrl-C,
 kill -9, full disk) leaves at most a work dir that lookups never see. Its manifest.json holds
@@ -143,7 +145,7 @@ class Absent(Exception):
     """Raised inside Store.build() by a body that found nothing to store (a remote miss)."""
 
 
-_remote_down: set[str] = set()  # shared stores that failed in this process: warned once, not asked again
+_remote_down: dict[str, str] = {}  # shared stores that failed in this process (-> why): warned once, not asked again
 
 
 @dataclass(frozen=True)
@@ -354,9 +356,11 @@ class Store:
             return None
         return self.remote
 
-    def _remote_failed(self, e: Exception) -> None:
-        _remote_down.add(str(self.remote))
-        log(f"warning: {e.message if isinstance(e, UserError) else e}; building locally from here on")
+    def _remote_failed(self, e: Exception, *, warn: bool = True) -> None:
+        why = e.message if isinstance(e, UserError) else str(e)
+        _remote_down[str(self.remote)] = why
+        if warn:
+            log(f"warning: {why}; building locally from here on")
 
     def pull(self, stage: str, key: str, manifest: dict[str, Any]) -> Path | None:
         """The remote entry of `key`, through the same atomic door as a build; None on a miss."""
@@ -365,7 +369,7 @@ class Store:
             return None
         try:
             with self.build(stage, key, manifest) as work:
-                if not r.pull_entry(stage, key, work):
+                if not r.pull_entry(stage, key, work, blocks=self.packed.blocks):
                     raise Absent
         except RemoteUnavailable as e:
             self._remote_failed(e)
@@ -379,19 +383,20 @@ class Store:
             return entry
         return None
 
-    def push_entry(self, stage: str, key: str) -> bool:
-        """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0); True if pushed."""
+    def push_entry(self, stage: str, key: str, *, warn: bool = True) -> bool:
+        """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0); True if pushed.
+        warn=False: a registry that fails says nothing here (push_all says it, once)."""
         r = self._shared()
         if r is None or not r.push:
             return False
         entry = self.entry(stage, key)
         self.tmp.mkdir(parents=True, exist_ok=True)
         try:
-            if r.push_entry(stage, key, entry, tmp_dir=self.tmp):
+            if r.push_entry(stage, key, entry, tmp_dir=self.tmp, blocks=self.packed.blocks):
                 log(f"{stage}:{key[:12]} pushed to {r}")
                 return True
         except RemoteUnavailable as e:
-            self._remote_failed(e)
+            self._remote_failed(e, warn=warn)
         except EntryCorrupt as e:
             log(f"not pushed: {e.message}")
             self.check(entry, deep=True)
@@ -403,15 +408,17 @@ class Store:
         if self._shared() is None:
             raise UserError("no remote store to push to", hint="set LDT_REMOTE=oci://HOST[:PORT]/PREFIX")
         local_only = set() if rows is None else {r.name for r in rows if not r.shared}
-        before = len(_remote_down)
         pushed = 0
         for e in self.entries():
             if self._shared() is None:
                 break
-            if e.parent.name not in local_only and self.push_entry(e.parent.name, e.name):
+            if e.parent.name not in local_only and self.push_entry(e.parent.name, e.name, warn=False):
                 pushed += 1
-        if len(_remote_down) > before:
-            raise UserError(f"the remote store {self.remote} went away; {pushed} entries pushed before")
+        why = _remote_down.get(str(self.remote))
+        if why is not None:  # the registry's own words: refused credentials, unreachable, a 5xx
+            raise UserError(f"{why}; {pushed} entries pushed before",
+                            hint="check LDT_REMOTE, the credentials (LDT_REMOTE_USER/LDT_REMOTE_PASSWORD or "
+                                 "`docker login`) and the registry, then `doit store_push` again")
         return pushed
 
     def remote_keys(self, stage: str) -> set[str] | None:

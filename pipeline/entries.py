@@ -14,11 +14,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.packs import BlockStore
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -90,12 +93,13 @@ class Shared(Protocol):
         """False: pull only (a pull-request runner: LDT_REMOTE_PUSH=0)."""
         ...
 
-    def pull_entry(self, row: str, key: str, work: Path) -> bool:
-        """The entry's files and manifest.json into work, every byte checked; False on a miss."""
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore) -> bool:
+        """The entry's files and manifest.json into work, every byte checked, fetching only the
+        blocks `blocks` (the store's block store) lacks; False on a miss."""
         ...
 
-    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path) -> bool:
-        """Share a finished entry; False when the registry had it already."""
+    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path, blocks: BlockStore) -> bool:
+        """Share a finished entry, its blocks kept in `blocks`; False when the registry had it already."""
         ...
 
     def keys(self, row: str) -> list[str]:

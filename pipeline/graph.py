@@ -16,7 +16,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from pipeline import ciplan, publish, report, stages, vm
+from pipeline import ciplan, publish, reggc, report, stages, vm
 from pipeline import secureboot as sb
 from pipeline.cache import human
 from pipeline.errors import UserError
@@ -99,7 +99,11 @@ def ci_plan_action(root: str, format: str = "github", output: str = "") -> None:
 
 @doit_edge
 def store_action(root: str) -> None:
-    print(Project(Path(root)).store.listing([r.name for r in stages.ROWS if r.shared]))
+    p = Project(Path(root))
+    rows = [r.name for r in stages.ROWS if r.shared]
+    print(p.store.listing(rows))
+    if p.registry is not None:
+        print(reggc.footprint_line(p.registry.remote, rows))
 
 
 @doit_edge
@@ -110,9 +114,16 @@ def sb_keys_action(root: str) -> None:
 
 
 @doit_edge
-def store_gc_action(root: str, max_size: str = "") -> None:
-    """doit passes the task's param (GC_PARAMS) by this name."""
-    store = Project(Path(root)).store
+def store_gc_action(root: str, max_size: str = "", remote: bool = False, keep_days: int = 30) -> None:
+    """doit passes the task's params (GC_PARAMS) by these names."""
+    p = Project(Path(root))
+    if remote:
+        if p.registry is None:
+            raise UserError("store_gc --remote needs a registry", hint="set LDT_REMOTE=oci://HOST[:PORT]/PREFIX")
+        done = reggc.collect(p.registry.remote, [r.name for r in stages.ROWS if r.shared], p.recipes(), keep_days)
+        print("\n".join(reggc.collected_lines(p.registry.remote, done, keep_days)))
+        return
+    store = p.store
     done = store.collect(stages.ROWS, max_size=parse_size(max_size) if max_size else None)
     packed = set(done.packed)
     for e in done.removed:
@@ -294,6 +305,11 @@ GC_PARAMS = [
     {"name": "max_size", "long": "max-size", "default": "",
      "help": "drop packed entries, oldest first, while the store (plain entries + packs) is over SIZE "
              "(e.g. 20G); default: keep every packed entry"},
+    {"name": "remote", "long": "remote", "type": bool, "default": False,
+     "help": "collect the registry ($LDT_REMOTE) instead: entries older than --keep-days that no published "
+             "image names, then the packs no entry names (docs/store.md)"},
+    {"name": "keep_days", "long": "keep-days", "type": int, "default": 30,
+     "help": "with --remote: keep entries the gc first saw less than N days ago"},
 ]
 
 

@@ -148,6 +148,19 @@ def check_name(name: str) -> str:
     return name
 
 
+def recorded_files(manifest: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The "files" record of an entry's manifest.json ({name: {"size", "sha256"}}), checked."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise EntryCorrupt(f"{where}: manifest.json has no \"files\" record of sizes and sha256 digests")
+    for name, rec in files.items():
+        check_name(name)
+        if not (isinstance(rec, dict) and isinstance(rec.get("size"), int)
+                and isinstance(rec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"])):
+            raise EntryCorrupt(f"{where}: manifest.json's record of {name!r} is not {{size, sha256}}")
+    return files
+
+
 # -- the OCI manifest: a pure function of the entry -------------------------------------------------
 
 
@@ -392,7 +405,35 @@ def upload_file(c: Client, repo: str, blob: Blob, path: Path) -> None:
     r.close()
 
 
+def mount(c: Client, repo: str, digest: str, source: str) -> bool:
+    """Make a blob of repository `source` a blob of `repo` too, without sending it (the spec's
+    cross-repository mount); False when the registry did not mount it (it lacks the blob there)."""
+    r = c.request("POST", f"/{repo}/blobs/uploads/?" + urllib.parse.urlencode({"mount": digest, "from": source}),
+                  ok=(201, 202), headers={"Content-Length": "0"})
+    r.close()
+    if r.status_code == 201:
+        return True
+    with contextlib.suppress(RemoteUnavailable):  # the upload it opened instead: not needed
+        c.request("DELETE", _location(c, r), ok=(202, 204, 404)).close()
+    return False
+
+
 # -- blobs: download ------------------------------------------------------------------------------
+
+
+def get_small(c: Client, repo: str, blob: Blob, what: str, limit: int = MAX_MANIFEST) -> bytes:
+    """A blob read whole (a config, an index), checked against its size and digest."""
+    if blob.size > limit:
+        raise EntryCorrupt(f"the remote {what} is larger than {limit} bytes")
+    with contextlib.closing(c.request("GET", f"/{repo}/blobs/{blob.digest}", ok=(200,), stream=True)) as r:
+        try:
+            data = r.raw.read(limit + 1, decode_content=True)
+        except OSError as e:
+            raise RemoteUnavailable(f"remote store {c.remote.host} broke off sending {what} "
+                                    f"({type(e).__name__})") from None
+    if len(data) != blob.size or "sha256:" + hashlib.sha256(data).hexdigest() != blob.digest:
+        raise EntryCorrupt(f"the remote {what} does not match its digest")
+    return data
 
 
 def read_limited(r: requests.Response, what: str) -> bytes:

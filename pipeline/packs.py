@@ -27,7 +27,7 @@ nothing points at (reindex() adopts it), never a row naming bytes that are not t
 block read is checked against its digest before use; a damaged pack is one BlockCorrupt line
 (the caller makes the artifact again).
 
-For the store (not wired yet): `root = bs.put_index(bs.put(path))` keeps a file as blocks and
+For the store: `root = bs.put_index(bs.put(path))` keeps a file as blocks and
 returns a small Index to keep (root.to_bytes(), a few hundred KiB for a 1 GiB disk image);
 `bs.materialize(Index.from_bytes(data), dest)` makes the file again or raises BlockCorrupt (a
 UserError: one line, then build); `bs.missing(index)` and `bs.locate(digest)` say what a pull
@@ -42,7 +42,7 @@ import os
 import sqlite3
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -75,6 +75,8 @@ PACK_MAX = 32 << 20  # a pack is closed once it holds this many compressed bytes
 LEVEL = 3  # zstd level of the frames
 FRAME_CACHE = 8  # decompressed frames a reader keeps
 BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
+CACHE_KIB = 32768  # SQLite's page cache for the index (hello's whole chain: ~20 MiB of index)
+WRITE_BUFFER = 1 << 20  # materialized bytes are hashed and written in pieces of about this
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,18 @@ class Location:
     offset: int  # of the block's frame in the pack
     length: int  # of the frame (compressed)
     slot: int  # the block's place in the frame
+
+
+@dataclass(frozen=True)
+class Made:
+    """A pack a PackWriter finished: its name, bytes and (digest, location) of its blocks."""
+
+    name: str
+    size: int
+    blocks: tuple[tuple[bytes, Location], ...]
+
+
+Have = Callable[[list[bytes]], Collection[bytes]]  # which of these blocks not to write
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,7 @@ class BlockStore:
         self.packs.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         try:
+            con.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # look-ups of random digests: keep the B-tree in memory
             con.executescript(SCHEMA)
             yield con
         finally:
@@ -195,34 +210,42 @@ class BlockStore:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def put_file(self, path: Path, layout: Layout = Layout.FIXED) -> Index:
+    def put_file(self, path: Path, layout: Layout = Layout.FIXED, *, have: Have | None = None,
+                 made: list[Made] | None = None) -> Index:
         """Store a file's blocks (the new ones); its index."""
         with open(path, "rb") as f:
-            entries, size, sha = self.put_stream(f, layout)
+            entries, size, sha = self.put_stream(f, layout, have=have, made=made)
         return Index(size, sha, layout, entries)
 
-    def put_tgz(self, path: Path) -> Index:
+    def put_tgz(self, path: Path, *, have: Have | None = None, made: list[Made] | None = None) -> Index:
         """A gzipped tar as its tar's blocks (cut per member) plus the command that compresses it
         back to the same bytes; as its compressed bytes when no known command does (regzip)."""
         cmd = regzip.probe(path)
         if cmd is not None:
             with regzip.Recompressing(path, cmd) as stream:
-                entries, tar_size, tar_sha = self.put_stream(stream, Layout.TAR)
+                entries, tar_size, tar_sha = self.put_stream(stream, Layout.TAR, have=have, made=made)
             if stream.reproduced:
                 return Index(stream.file_size, stream.file_hash.hexdigest(), Layout.TAR, entries,
                              Gzip(cmd, tar_size, tar_sha))
-        return self.put_file(path, Layout.FIXED)
+        return self.put_file(path, Layout.FIXED, have=have, made=made)
 
-    def put(self, path: Path) -> Index:
-        """Any artifact: a gzip file through put_tgz, anything else cut FIXED."""
+    def put(self, path: Path, *, have: Have | None = None, made: list[Made] | None = None) -> Index:
+        """Any artifact: a gzip file through put_tgz, anything else cut FIXED.
+
+        have: which of a batch of blocks not to write (default: those this store holds); the
+        registry's push passes the blocks the registry holds, so the packs it writes hold exactly
+        what the registry lacks. made: the packs written are appended to it."""
         with open(path, "rb") as f:
             gzipped = f.read(2) == regzip.GZIP_MAGIC
-        return self.put_tgz(path) if gzipped else self.put_file(path, Layout.FIXED)
+        if gzipped:
+            return self.put_tgz(path, have=have, made=made)
+        return self.put_file(path, Layout.FIXED, have=have, made=made)
 
     def writer(self, con: sqlite3.Connection) -> PackWriter:
         return PackWriter(self, con, frame_blocks=self.frame_blocks, pack_max=self.pack_max)
 
-    def put_stream(self, f: BinaryIO, layout: Layout) -> tuple[bytes, int, str]:
+    def put_stream(self, f: BinaryIO, layout: Layout, *, have: Have | None = None,
+                   made: list[Made] | None = None) -> tuple[bytes, int, str]:
         """Store a stream's blocks; (index entries, size, sha256 hex). Memory: the entries (36 bytes
         a piece), a pack's worth of digests, a batch of pieces and one frame."""
         builder = IndexBuilder()
@@ -231,7 +254,8 @@ class BlockStore:
         batch: list[tuple[bytes, bytes]] = []  # (digest, piece): looked up in the index together
 
         def store_batch() -> None:
-            known = self.known([d for d, _ in batch], con)
+            ds = [d for d, _ in batch]
+            known = self.known(ds, con) if have is None else have(ds)
             for d, piece in batch:
                 if d not in known:
                     writer.add(d, piece)
@@ -250,9 +274,11 @@ class BlockStore:
                 if len(batch) >= BATCH:
                     store_batch()
             store_batch()
+        if made is not None:
+            made.extend(writer.finished)
         return builder.finish(), size, h.hexdigest()
 
-    def put_index(self, index: Index) -> Index:
+    def put_index(self, index: Index, *, have: Have | None = None, made: list[Made] | None = None) -> Index:
         """An index kept as blocks too: its entries cut by blocks.index_chunks, each chunk a block;
         what is left (level 1, 36 bytes per ~64 entries) is small. An edit of an artifact stores
         the chunks around the change and a new small root, not a whole new index."""
@@ -261,11 +287,16 @@ class BlockStore:
         refs = IndexBuilder()
         with self.db() as con, self.writer(con) as writer:
             batch = [(digest(c), c) for c in index_chunks(index.entries)]
-            known = self.known([d for d, _ in batch], con)
-            for d, chunk in batch:
-                if d not in known:
-                    writer.add(d, chunk)
-                refs.add(d, len(chunk))
+            for i in range(0, len(batch), BATCH):
+                part = batch[i:i + BATCH]
+                ds = [d for d, _ in part]
+                known = self.known(ds, con) if have is None else have(ds)
+                for d, chunk in part:
+                    if d not in known:
+                        writer.add(d, chunk)
+                    refs.add(d, len(chunk))
+        if made is not None:
+            made.extend(writer.finished)
         return replace(index, entries=refs.finish(), level=1)
 
     def get_index(self, root: Index) -> Index:
@@ -333,12 +364,21 @@ class BlockStore:
         h = hashlib.sha256()
         zeros = bytes(READ)
         entries = list(index) if len(index) <= BATCH else None
+        buf = bytearray()
+
+        def flush() -> None:
+            if buf:
+                h.update(buf)
+                out.write(buf)
+                buf.clear()
+
         with self.db() as con, PackReader(self, con) as reader:
             for i in range(0, len(index), BATCH):
                 part = entries if entries is not None else index.slice(i, i + BATCH)
                 reader.prefetch([d for d, _ in part if d != HOLE])
                 for d, length in part:
                     if d == HOLE:
+                        flush()
                         left = length
                         while left:
                             n = min(left, READ)
@@ -349,9 +389,10 @@ class BlockStore:
                         if sparse:
                             out.seek(length, os.SEEK_CUR)
                         continue
-                    data = reader.get(d)[:length]
-                    h.update(data)
-                    out.write(data)
+                    buf += reader.get(d)[:length]
+                    if len(buf) >= WRITE_BUFFER:
+                        flush()
+            flush()
             if sparse:
                 out.truncate(out.tell())
         if index.gzip and h.hexdigest() != index.gzip.stream_sha256:
@@ -391,8 +432,8 @@ class BlockStore:
 
 def _index_pack(con: sqlite3.Connection, name: str, size: int, entries: list[tuple[bytes, Location]]) -> None:
     with con:  # one transaction: every row of the pack or none
-        con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",
-                        ((d, name, loc.offset, loc.length, loc.slot) for d, loc in entries))
+        con.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?)",  # in key order: faster
+                        ((d, name, loc.offset, loc.length, loc.slot) for d, loc in sorted(entries, key=lambda e: e[0])))
         con.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?)", (name, size, len(entries)))
 
 
@@ -415,6 +456,7 @@ class PackWriter:
         self.hash = hashlib.sha256()
         self.offset = 0
         self.new_blocks = 0
+        self.finished: list[Made] = []  # the packs this writer closed
 
     def __enter__(self) -> PackWriter:
         return self
@@ -483,6 +525,7 @@ class PackWriter:
         fsync_path(self.store.packs)
         entries = [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(self.trailer)]
         _index_pack(self.con, name, final.stat().st_size, entries)
+        self.finished.append(Made(name, final.stat().st_size, tuple(entries)))
         self.file, self.tmp = None, None
         self.pending.clear()
         self.trailer = bytearray()

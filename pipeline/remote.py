@@ -2,28 +2,42 @@
 project hands the store), push and pull of verified entries. The wire is oci.py's.
 
 Layout (quote this one in the README). One store entry `cache/store/<row>/<key>/` is one OCI
-image manifest, in the repository `<prefix>/<row>` of the registry, tagged with the entry key:
+image manifest, in the repository `<prefix>/<row>` of the registry, tagged with the entry key;
+its bytes are blocks (blocks.py) in packs (packs.py) that every entry shares:
 
+    <host>/<prefix>/blocks              every pack, uploaded once (a pack's blob digest is its name):
+                                        zstd frames of 16 blocks of 4 KiB, a trailer, a footer
     <host>/<prefix>/<row>:<key>
       mediaType     application/vnd.oci.image.manifest.v1+json
-      artifactType  application/vnd.ldt.entry.v1
+      artifactType  application/vnd.ldt.entry.v2
       config        application/vnd.ldt.entry.manifest.v1+json  the entry's manifest.json, byte for byte;
                     its "files" maps each output file to {"size", "sha256"} of the file itself
-      layers        application/vnd.ldt.entry.file.v1+zstd      one per output file, sorted by name:
-                    the file as one zstd frame (zeros cost next to nothing), annotated with
-                    org.opencontainers.image.title = the file name, vnd.ldt.file.size, vnd.ldt.file.sha256
+      layers        application/vnd.ldt.entry.index.v2+zstd     one per output file, sorted by name,
+                    annotated with org.opencontainers.image.title = the file name, vnd.ldt.file.size,
+                    vnd.ldt.file.sha256: the file's block index and, for every block, the pack, frame
+                    offset, frame length and slot that hold it (a pull fetches frames by HTTP Range)
+                    application/vnd.ldt.pack.v1                 every pack those indexes name, sorted,
+                    mounted from <prefix>/blocks (the registry keeps each blob once)
       annotations   vnd.ldt.stage, vnd.ldt.key
+    <host>/<prefix>/gc:state            store_gc --remote's record (reggc.py): when it first saw each
+                                        entry, which packs it doomed and when
+
+The details (index blob format, the map of what the registry holds, Range requests) are in
+regblocks.py; retention in reggc.py. Entries of the first layout (artifactType
+application/vnd.ldt.entry.v1: each file one zstd blob) are still pulled; pushes write blocks.
 
 Every manifest a client writes is a pure function of the entry, so two pushers of the same key
 write the same bytes and both succeed.
 
 Trust chain on pull: tag -> manifest (stage and key annotations must match) -> config blob
-(sha256 checked) -> manifest.json "files" -> each layer (sha256 of the compressed bytes checked
-while streaming) -> the decompressed file (size and sha256 checked against manifest.json while
-writing). Any mismatch raises EntryCorrupt and removes what was written.
+(sha256 checked) -> manifest.json "files" -> each index blob (sha256 checked; its size and
+sha256 must be the file's record) -> every block (sha256 checked before use, a whole pack
+against its name) -> the file (sha256 checked against manifest.json). Any mismatch raises
+EntryCorrupt and removes what was written.
 
-Push order: blobs first (skipping those the registry has), the manifest last: the manifest PUT
-is the commit point, so an interrupted push never leaves a tag naming missing blobs.
+Push order: packs first (those the registry lacks), then index blobs and manifest.json, the
+manifest last: the manifest PUT is the commit point, so an interrupted push never leaves a tag
+naming missing blobs.
 """
 
 from __future__ import annotations
@@ -32,15 +46,16 @@ import contextlib
 import hashlib
 import json
 import os
-import re
+import tempfile
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import oci
+from pipeline import oci, regblocks, reggc
 from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable
+from pipeline.packs import BlockStore
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
 CONFIG_TYPE = "application/vnd.ldt.entry.manifest.v1+json"
@@ -66,11 +81,11 @@ class RegistryStore:
     def push(self) -> bool:
         return self.remote.push
 
-    def pull_entry(self, row: str, key: str, work: Path) -> bool:
-        return pull_entry(self.remote, row, key, work, env=self.env)
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore) -> bool:
+        return pull_entry(self.remote, row, key, work, env=self.env, blocks=blocks)
 
-    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path) -> bool:
-        return push_entry(self.remote, row, key, entry, tmp_dir=tmp_dir, env=self.env)
+    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path, blocks: BlockStore) -> bool:
+        return push_entry(self.remote, row, key, entry, tmp_dir=tmp_dir, env=self.env, blocks=blocks)
 
     def keys(self, row: str) -> list[str]:
         return remote_keys(self.remote, row, env=self.env)
@@ -127,58 +142,53 @@ def parse_manifest(raw: bytes, stage: str, key: str) -> tuple[oci.Blob, dict[str
 
 
 def push_entry(remote: oci.Remote, stage: str, key: str, entry_dir: str | os.PathLike[str], *,
-               tmp_dir: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> bool:
-    """Publish a finished local entry as <prefix>/<stage>:<key>. False when the tag was already there.
-
-    Files are compressed one at a time into tmp_dir (bounded memory; the disk holds one compressed
-    file at a time), their sha256 checked against manifest.json on the way, then uploaded in
-    chunks unless the registry already has the blob. The manifest PUT comes last.
-    """
+               tmp_dir: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+               blocks: BlockStore | None = None) -> bool:
+    """Publish a finished local entry as <prefix>/<stage>:<key> in the block layout (regblocks.py),
+    its blocks kept in `blocks` (the store's; None: a throwaway one in tmp_dir, so the registry's
+    packs are found by HEAD only). False when the tag was already there (either layout)."""
     if not oci.TAG.fullmatch(key):
         raise ValueError(f"entry key {key!r} is not a valid OCI tag")
-    entry = Path(entry_dir)
-    config_raw = (entry / MANIFEST).read_bytes()
-    records = _recorded_files(json.loads(config_raw), f"local entry {entry}")
-    present = {p.name for p in entry.iterdir() if p.name != MANIFEST}
-    if present != set(records):
-        raise EntryCorrupt(f"local entry {entry} holds {sorted(present)}, its manifest.json lists {sorted(records)}")
     repo = remote.repository(stage)
-    with oci.client(remote, env) as c:
+    with oci.client(remote, env) as c, _block_store(blocks, tmp_dir) as bs:
         if oci.head(c, f"/{repo}/manifests/{key}", accept=oci.OCI_MANIFEST):
             return False
-        config, layers = oci.push_blobs(c, repo, config_raw, {n: (entry / n, records[n]) for n in records}, tmp_dir)
-        raw = image_manifest(stage, key, config, layers)
-        r = c.request("PUT", f"/{repo}/manifests/{key}", ok=(200, 201), data=raw,
-                      headers={"Content-Type": oci.OCI_MANIFEST})
-        r.close()
-        want = "sha256:" + hashlib.sha256(raw).hexdigest()
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got != want:
-            raise RemoteUnavailable(f"remote store {remote.host} stored {stage}:{key} as {got}, not {want}")
+        regblocks.push(c, remote, stage, key, Path(entry_dir), bs, reggc.doomed_packs(c, remote))
     return True
 
 
-def _recorded_files(manifest: Any, where: str) -> dict[str, dict[str, Any]]:
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise EntryCorrupt(f"{where}: manifest.json has no \"files\" record of sizes and sha256 digests")
-    for name, rec in files.items():
-        oci.check_name(name)
-        if not (isinstance(rec, dict) and isinstance(rec.get("size"), int)
-                and isinstance(rec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"])):
-            raise EntryCorrupt(f"{where}: manifest.json's record of {name!r} is not {{size, sha256}}")
-    return files
+@contextlib.contextmanager
+def _block_store(blocks: BlockStore | None, tmp_dir: str | os.PathLike[str] | None) -> Iterator[BlockStore]:
+    if blocks is not None:
+        yield blocks
+        return
+    with tempfile.TemporaryDirectory(prefix="ldt-blocks-", dir=tmp_dir) as tmp:
+        yield BlockStore(Path(tmp))
 
 
 # -- pull ---------------------------------------------------------------------------------------------
 
 
-def _get_manifest(c: oci.Client, repo: str, stage: str, key: str) -> tuple[oci.Blob, dict[str, oci.Blob]] | None:
+def _get_manifest(c: oci.Client, repo: str, stage: str, key: str) -> tuple[bytes, dict[str, Any]] | None:
+    """The manifest of a tag, raw and parsed; None when the tag is absent."""
     r = c.request("GET", f"/{repo}/manifests/{key}", ok=(200, 404), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
     with contextlib.closing(r):
         if r.status_code == 404:
             return None
-        return parse_manifest(oci.read_limited(r, f"manifest {stage}:{key}"), stage, key)
+        raw = oci.read_limited(r, f"manifest {stage}:{key}")
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise EntryCorrupt(f"the remote manifest {stage}:{key} is not JSON") from None
+    return raw, doc
+
+
+def _config_of(raw: bytes, doc: dict[str, Any], stage: str, key: str) -> oci.Blob:
+    if regblocks.is_blocks_manifest(doc):
+        return regblocks.parse_manifest(doc, stage, key).config
+    return parse_manifest(raw, stage, key)[0]
 
 
 def _get_config(c: oci.Client, repo: str, stage: str, key: str, config: oci.Blob) -> tuple[bytes, dict]:
@@ -205,16 +215,19 @@ def entry_manifest(remote: oci.Remote, stage: str, key: str, *, env: Mapping[str
         found = _get_manifest(c, repo, stage, key)
         if found is None:
             return None
-        return _get_config(c, repo, stage, key, found[0])[1]
+        return _get_config(c, repo, stage, key, _config_of(*found, stage, key))[1]
 
 
 def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.PathLike[str], *,
-               env: Mapping[str, str] | None = None) -> bool:
+               env: Mapping[str, str] | None = None, blocks: BlockStore | None = None,
+               fetched: regblocks.Fetched | None = None) -> bool:
     """Fetch <prefix>/<stage>:<key> into work_dir (files + manifest.json). False when the tag is absent.
 
-    Every byte is checked while it streams: the compressed blob against its digest, the file
-    against manifest.json's size and sha256. On any failure all that was written is removed
-    before the exception (EntryCorrupt, RemoteUnavailable) goes up.
+    The block layout (regblocks.py) fetches only the blocks `blocks` (the store's block store;
+    None: a throwaway one) lacks, every block checked against its digest and every file against
+    manifest.json's sha256; an entry of the old layout (one zstd file per layer) is checked while
+    it streams. On any failure all that was written is removed before the exception
+    (EntryCorrupt, RemoteUnavailable) goes up.
     """
     work = Path(work_dir)
     repo = remote.repository(stage)
@@ -224,18 +237,16 @@ def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.Path
             found = _get_manifest(c, repo, stage, key)
             if found is None:
                 return False
-            config, layers = found
-            config_raw, manifest = _get_config(c, repo, stage, key, config)
-            records = _recorded_files(manifest, f"remote entry {stage}:{key}")
-            if set(records) != set(layers):
-                raise EntryCorrupt(f"the remote entry {stage}:{key} has layers {sorted(layers)}, "
-                                   f"its manifest.json lists {sorted(records)}")
-            for name in sorted(layers):
-                part = work / f".{name}.part"
-                written.append(part)
-                oci.download_file(c, repo, layers[name], records[name], part, f"{stage}:{key} {name}")
-                part.rename(work / name)
-                written[-1] = work / name
+            raw, doc = found
+            config_raw, manifest = _get_config(c, repo, stage, key, _config_of(raw, doc, stage, key))
+            records = oci.recorded_files(manifest, f"remote entry {stage}:{key}")
+            written += [work / name for name in records]
+            if regblocks.is_blocks_manifest(doc):
+                with _block_store(blocks, work.parent) as bs:
+                    regblocks.pull(c, repo, stage, key, doc, config_raw, records, work, bs,
+                                   regblocks.RemoteMap(bs, str(remote)), fetched)
+            else:
+                _pull_files(c, repo, stage, key, parse_manifest(raw, stage, key)[1], records, work, written)
             written.append(work / MANIFEST)
             (work / MANIFEST).write_bytes(config_raw)
     except BaseException:
@@ -244,6 +255,19 @@ def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.Path
                 p.unlink()
         raise
     return True
+
+
+def _pull_files(c: oci.Client, repo: str, stage: str, key: str, layers: Mapping[str, oci.Blob],
+                records: Mapping[str, Mapping[str, Any]], work: Path, written: list[Path]) -> None:
+    """The old layout (application/vnd.ldt.entry.v1): each file one zstd blob, checked while it streams."""
+    if set(records) != set(layers):
+        raise EntryCorrupt(f"the remote entry {stage}:{key} has layers {sorted(layers)}, "
+                           f"its manifest.json lists {sorted(records)}")
+    for name in sorted(layers):
+        part = work / f".{name}.part"
+        written.append(part)
+        oci.download_file(c, repo, layers[name], records[name], part, f"{stage}:{key} {name}")
+        part.rename(work / name)
 
 
 # -- listing ------------------------------------------------------------------------------------------

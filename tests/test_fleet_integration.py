@@ -112,11 +112,19 @@ def test_a_damaged_blob_in_the_registry_is_found_and_built_locally(fleet, tmp_pa
         key = (a / "cache" / "recipes" / "hello" / "vmlinuz").resolve().parent.name
         manifest = requests.get(f"http://{own.host}/v2/ldt/boot/manifests/{key}", timeout=5,
                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
-        (layer,) = [d for d in manifest["layers"] if d["annotations"]["org.opencontainers.image.title"] == "vmlinuz"]
-        data = own.blob_data(layer["digest"])
-        blob = bytearray(data.read_bytes())
-        blob[len(blob) // 2] ^= 0xFF
-        data.write_bytes(bytes(blob))
+        tgz_key = (a / "cache" / "recipes" / "hello" / "rootfs.tgz").resolve().parent.name
+        tgz = requests.get(f"http://{own.host}/v2/ldt/tgz/manifests/{tgz_key}", timeout=5,
+                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+        # the packs only the boot entry uses (its index's blocks; its files' data is the tgz's): every
+        # byte after the magic flipped, so whichever frame a pull fetches is damaged
+        theirs = {d["digest"] for d in tgz["layers"]}
+        own_packs = [d["digest"] for d in manifest["layers"]
+                     if d["mediaType"] == "application/vnd.ldt.pack.v1" and d["digest"] not in theirs]
+        assert own_packs, manifest
+        for digest in own_packs:
+            data = own.blob_data(digest)
+            blob = data.read_bytes()
+            data.write_bytes(blob[:8] + bytes(b ^ 0xFF for b in blob[8:]))
         d = make_project(tmp_path / "d", RECIPES, seed_store=False)
         out = runner(d, own.url, "extract_boot:hello", push=False)
         text = out.stdout + out.stderr

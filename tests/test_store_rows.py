@@ -41,7 +41,7 @@ class FakeShared:
         self.entries: dict[tuple[str, str], dict[str, bytes]] = {}
         self.push, self.pulls, self.pushes = push, [], []
 
-    def pull_entry(self, row: str, key: str, work: Path) -> bool:
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: object = None) -> bool:
         self.pulls.append((row, key))
         files = self.entries.get((row, key))
         if files is None:
@@ -50,7 +50,7 @@ class FakeShared:
             (work / name).write_bytes(data)
         return True
 
-    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path) -> bool:
+    def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path, blocks: object = None) -> bool:
         self.pushes.append((row, key))
         if (row, key) in self.entries:
             return False

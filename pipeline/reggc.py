@@ -1,0 +1,294 @@
+"""The registry's entries counted and collected: `doit store` (the registry's logical and stored
+bytes) and `doit store_gc --remote --keep-days N`. The layout is regblocks.py's.
+
+Counting (footprint): every tag of every shared row's repository, its manifest read; logical =
+the sizes of the files the entries hold, stored = every distinct blob they name (packs, index
+blobs, manifest.json) plus the manifests themselves, each once: what the registry keeps.
+
+Collecting (collect), safe against runners pushing at the same time. The registry tells no push
+time, so the gc keeps its own record, in the registry (<prefix>/gc:state, a manifest whose config
+is a JSON state): when it first saw each entry, and which packs it has doomed and when. A run at
+time T:
+
+  1. reads the state; lists every entry (row tags) and the entry keys published images name
+     (`vnd.ldt.keys` of the tags of <prefix>/<recipe>): those are kept whatever their age;
+  2. an entry first seen at least keep_days before T, and not published, has its manifest
+     deleted (every tag naming it goes with it);
+  3. lists the entries again (a push that committed meanwhile counts) and dooms the packs that a
+     deleted manifest named and no remaining manifest names: marked with T in the state;
+  4. deletes the packs doomed at least GRACE before T that no manifest of step 3 names (from
+     <prefix>/blocks and from every repository they were mounted into); a doomed pack some
+     manifest names again is no longer doomed;
+  5. writes the state.
+
+Pushers read the state too (regblocks.push: doomed packs are treated as absent, their blocks
+written into new packs). So a pack is deleted only when it was doomed GRACE ago, and every push
+that could still name it started before it was doomed: such a push has committed (its manifest is
+listed in step 3 of this run, and the pack lives) unless it ran longer than GRACE (6 hours). A
+push killed mid-way leaves packs no manifest names; they are not doomed (no deleted manifest
+named them) and cost their bytes until a later push names them.
+
+Bytes: distribution's DELETE unlinks manifests and blobs; the disk space comes back when its
+offline `registry garbage-collect` runs (with the registry read-only, as its docs say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import oci, regblocks
+from pipeline.entries import RemoteUnavailable
+
+GC_REPO = "gc"
+STATE_TAG = "state"
+STATE_ARTIFACT = "application/vnd.ldt.gc.v1"
+STATE_CONFIG = "application/vnd.ldt.gc.state.v1+json"
+GRACE = 6 * 3600  # seconds a doomed pack waits before it is deleted: longer than any push
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    row: str
+    key: str
+    digest: str  # of its manifest
+    manifest_size: int
+    logical: int  # its files' bytes
+    blobs: Mapping[str, int]  # every blob it names (config, layers, packs): digest -> size
+    packs: frozenset[str]  # the pack names among them
+
+
+@dataclass(frozen=True)
+class Footprint:
+    entries: int
+    logical: int
+    stored: int
+
+    @property
+    def ratio(self) -> float:
+        return self.logical / self.stored if self.stored else 1.0
+
+
+@dataclass(frozen=True)
+class Collected:
+    deleted: tuple[RemoteEntry, ...]
+    doomed: int  # packs marked this run
+    packs_deleted: int
+    bytes_freed: int  # of the packs deleted
+    kept_published: int
+
+
+@dataclass
+class State:
+    seen: dict[str, float] = field(default_factory=dict)  # "row/key" -> first seen
+    doomed: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack -> {"at", "size", "repos"}
+
+
+# -- reading the registry -------------------------------------------------------------------------
+
+
+def tags(c: oci.Client, repo: str) -> list[str]:
+    out: list[str] = []
+    url = f"/{repo}/tags/list?n=1000"
+    while url:
+        r = c.request("GET", url, ok=(200, 404))
+        with contextlib.closing(r):
+            if r.status_code == 404:
+                return []
+            try:
+                out += r.json().get("tags") or []
+            except ValueError:
+                raise RemoteUnavailable(f"remote store {c.remote.host} sent a tag list that is not JSON") from None
+            nxt = r.links.get("next", {}).get("url")
+            url = urllib.parse.urljoin(r.url, nxt) if nxt else ""
+    return sorted(out)
+
+
+def manifest(c: oci.Client, repo: str, ref: str) -> tuple[str, bytes, dict[str, Any]] | None:
+    r = c.request("GET", f"/{repo}/manifests/{ref}", ok=(200, 404), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
+    with contextlib.closing(r):
+        if r.status_code == 404:
+            return None
+        raw = oci.read_limited(r, f"manifest {repo}:{ref}")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = {}
+    return "sha256:" + hashlib.sha256(raw).hexdigest(), raw, doc if isinstance(doc, dict) else {}
+
+
+def entries(c: oci.Client, remote: oci.Remote, rows: Iterable[str]) -> list[RemoteEntry]:
+    """Every entry the registry holds for these rows (either layout)."""
+    out = []
+    for row in rows:
+        repo = remote.repository(row)
+        for key in tags(c, repo):
+            got = manifest(c, repo, key)
+            if got is None:
+                continue  # deleted since the tag list
+            digest, raw, doc = got
+            blobs: dict[str, int] = {}
+            logical = 0
+            packs = set()
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                for d in [doc["config"], *doc.get("layers", [])]:
+                    blobs[d["digest"]] = int(d["size"])
+                    if d.get("mediaType") == regblocks.PACK_TYPE:
+                        packs.add(d["digest"].removeprefix("sha256:"))
+                    elif oci.A_SIZE in (d.get("annotations") or {}):
+                        logical += int(d["annotations"][oci.A_SIZE])
+            out.append(RemoteEntry(row, key, digest, len(raw), logical, blobs, frozenset(packs)))
+    return out
+
+
+def footprint(remote: oci.Remote, rows: Iterable[str], *, env: Mapping[str, str] | None = None) -> Footprint:
+    """The registry's logical bytes (the entries' files) and stored bytes (each blob once)."""
+    with oci.client(remote, env) as c:
+        found = entries(c, remote, rows)
+    blobs: dict[str, int] = {}
+    for e in found:
+        blobs.update(e.blobs)
+    return Footprint(len(found), sum(e.logical for e in found),
+                     sum(blobs.values()) + sum(e.manifest_size for e in found))
+
+
+def published_keys(c: oci.Client, remote: oci.Remote, recipes: Iterable[str]) -> set[str]:
+    """The entry keys that published images (publish.py: <prefix>/<recipe>) were made from."""
+    keys: set[str] = set()
+    for recipe in recipes:
+        try:
+            repo = remote.repository(recipe)
+        except ValueError:
+            continue
+        for tag in tags(c, repo):
+            got = manifest(c, repo, tag)
+            if got is None:
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                keys |= set(json.loads(got[2]["annotations"]["vnd.ldt.keys"]).values())
+    return keys
+
+
+# -- the gc's state -------------------------------------------------------------------------------
+
+
+def read_state(c: oci.Client, remote: oci.Remote) -> State:
+    repo = remote.repository(GC_REPO)
+    got = manifest(c, repo, STATE_TAG)
+    if got is None:
+        return State()
+    try:
+        config = oci.parse_blob(got[2]["config"])
+        doc = json.loads(oci.get_small(c, repo, config, "gc state"))
+        return State(dict(doc.get("seen", {})), dict(doc.get("doomed", {})))
+    except (KeyError, TypeError, ValueError):
+        return State()
+
+
+def write_state(c: oci.Client, remote: oci.Remote, state: State) -> None:
+    repo = remote.repository(GC_REPO)
+    raw = json.dumps({"seen": state.seen, "doomed": state.doomed}, sort_keys=True).encode()
+    blob = oci.Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw))
+    if not oci.head(c, f"/{repo}/blobs/{blob.digest}"):
+        oci.upload_bytes(c, repo, blob, raw)
+    doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": STATE_ARTIFACT,
+           "config": oci.descriptor(STATE_CONFIG, blob), "layers": []}
+    c.request("PUT", f"/{repo}/manifests/{STATE_TAG}", ok=(200, 201), data=json.dumps(doc).encode(),
+              headers={"Content-Type": oci.OCI_MANIFEST}).close()
+
+
+def doomed_packs(c: oci.Client, remote: oci.Remote) -> set[str]:
+    """What pushers must not name any more (regblocks.push)."""
+    return set(read_state(c, remote).doomed)
+
+
+# -- collecting -----------------------------------------------------------------------------------
+
+
+def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], keep_days: float, *,
+            now: float | None = None, grace: float = GRACE, env: Mapping[str, str] | None = None) -> Collected:
+    """One gc run (the protocol in the module's docstring)."""
+    rows = list(rows)
+    now = time.time() if now is None else now
+    with oci.client(remote, env) as c:
+        state = read_state(c, remote)
+        listed = entries(c, remote, rows)
+        published = published_keys(c, remote, recipes)
+        names = {f"{e.row}/{e.key}" for e in listed}
+        state.seen = {k: v for k, v in state.seen.items() if k in names}  # deleted by someone else: forgotten
+        for name in names:
+            state.seen.setdefault(name, now)
+        deleted = []
+        kept_published = 0
+        for e in listed:
+            if now - state.seen[f"{e.row}/{e.key}"] < keep_days * DAY:
+                continue
+            if e.key in published:
+                kept_published += 1
+                continue
+            c.request("DELETE", f"/{remote.repository(e.row)}/manifests/{e.digest}", ok=(202, 404)).close()
+            deleted.append(e)
+        gone = {f"{e.row}/{e.key}" for e in deleted}
+        state.seen = {k: v for k, v in state.seen.items() if k not in gone}
+        live_entries = entries(c, remote, rows)
+        live = set().union(*(e.packs for e in live_entries)) if live_entries else set()
+        doomed_now = 0
+        for e in deleted:
+            for pack in e.packs - live:
+                if pack not in state.doomed:
+                    state.doomed[pack] = {"at": now, "size": e.blobs.get("sha256:" + pack, 0), "repos": []}
+                    doomed_now += 1
+                repos = state.doomed[pack]["repos"]
+                if e.row not in repos:
+                    repos.append(e.row)
+        packs_deleted = freed = 0
+        for pack, info in sorted(state.doomed.items()):
+            if pack in live:
+                del state.doomed[pack]  # named again: not doomed any more
+                continue
+            if now - info["at"] < grace:
+                continue
+            for row in [regblocks.BLOCKS_REPO, *info["repos"]]:
+                c.request("DELETE", f"/{remote.repository(row)}/blobs/sha256:{pack}", ok=(202, 404)).close()
+            del state.doomed[pack]
+            packs_deleted += 1
+            freed += int(info.get("size", 0))
+        write_state(c, remote, state)
+    return Collected(tuple(deleted), doomed_now, packs_deleted, freed, kept_published)
+
+
+# -- what `doit store` and `doit store_gc --remote` print ---------------------------------------------
+
+
+def human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def footprint_line(remote: oci.Remote, rows: Iterable[str], *, env: Mapping[str, str] | None = None) -> str:
+    """One line for `doit store`: the registry's entries, logical and stored bytes, the ratio."""
+    try:
+        fp = footprint(remote, rows, env=env)
+    except RemoteUnavailable as e:
+        return f"registry {remote}: not counted ({e.message})"
+    return (f"registry {remote}: {fp.entries} entries, logical {human(fp.logical)}, stored {human(fp.stored)}, "
+            f"ratio {fp.ratio:.2f}x")
+
+
+def collected_lines(remote: oci.Remote, done: Collected, keep_days: float) -> list[str]:
+    lines = [f"deleted {e.row}:{e.key[:12]} from {remote}" for e in done.deleted]
+    lines.append(f"{len(done.deleted)} registry entries older than {keep_days:g} days deleted "
+                 f"({done.kept_published} kept: published images name them); {done.doomed} packs doomed "
+                 f"(deleted after {GRACE // 3600} hours unless an entry names them again), {done.packs_deleted} "
+                 f"doomed packs deleted ({human(done.bytes_freed)})")
+    return lines
