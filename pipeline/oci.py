@@ -354,6 +354,24 @@ class _HashingWriter:
         self.f.close()
 
 
+def tags(c: Client, repo: str) -> list[str]:
+    """Every tag of a repository, page by page; [] when the repository does not exist yet."""
+    out: list[str] = []
+    url = f"/{repo}/tags/list?n=1000"
+    while url:
+        r = c.request("GET", url, ok=(200, 404))
+        with contextlib.closing(r):
+            if r.status_code == 404:
+                return []
+            try:
+                out += r.json().get("tags") or []
+            except ValueError:
+                raise RemoteUnavailable(f"remote store {c.remote.host} sent a tag list that is not JSON") from None
+            nxt = r.links.get("next", {}).get("url")
+            url = urllib.parse.urljoin(r.url, nxt) if nxt else ""
+    return sorted(out)
+
+
 def head(c: Client, path: str, accept: str | None = None) -> bool:
     r = c.request("HEAD", path, ok=(200, 404), headers={"Accept": accept} if accept else None)
     r.close()

@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import json
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,23 +93,6 @@ class State:
 # -- reading the registry -------------------------------------------------------------------------
 
 
-def tags(c: oci.Client, repo: str) -> list[str]:
-    out: list[str] = []
-    url = f"/{repo}/tags/list?n=1000"
-    while url:
-        r = c.request("GET", url, ok=(200, 404))
-        with contextlib.closing(r):
-            if r.status_code == 404:
-                return []
-            try:
-                out += r.json().get("tags") or []
-            except ValueError:
-                raise RemoteUnavailable(f"remote store {c.remote.host} sent a tag list that is not JSON") from None
-            nxt = r.links.get("next", {}).get("url")
-            url = urllib.parse.urljoin(r.url, nxt) if nxt else ""
-    return sorted(out)
-
-
 def manifest(c: oci.Client, repo: str, ref: str) -> tuple[str, bytes, dict[str, Any]] | None:
     r = c.request("GET", f"/{repo}/manifests/{ref}", ok=(200, 404), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
     with contextlib.closing(r):
@@ -129,7 +111,7 @@ def entries(c: oci.Client, remote: oci.Remote, rows: Iterable[str]) -> list[Remo
     out = []
     for row in rows:
         repo = remote.repository(row)
-        for key in tags(c, repo):
+        for key in oci.tags(c, repo):
             got = manifest(c, repo, key)
             if got is None:
                 continue  # deleted since the tag list
@@ -167,7 +149,7 @@ def published_keys(c: oci.Client, remote: oci.Remote, recipes: Iterable[str]) ->
             repo = remote.repository(recipe)
         except ValueError:
             continue
-        for tag in tags(c, repo):
+        for tag in oci.tags(c, repo):
             got = manifest(c, repo, tag)
             if got is None:
                 continue

@@ -47,14 +47,13 @@ import hashlib
 import json
 import os
 import tempfile
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import oci, regblocks, reggc
-from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable
+from pipeline.entries import MANIFEST, EntryCorrupt
 from pipeline.packs import BlockStore
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
@@ -275,21 +274,7 @@ def _pull_files(c: oci.Client, repo: str, stage: str, key: str, layers: Mapping[
 
 def remote_keys(remote: oci.Remote, stage: str, *, env: Mapping[str, str] | None = None) -> list[str]:
     """The keys (tags) the remote holds for a stage; [] when the repository does not exist yet."""
-    repo = remote.repository(stage)
-    keys: list[str] = []
-    url = f"/{repo}/tags/list?n=1000"
     with oci.client(remote, env) as c:
-        while url:
-            r = c.request("GET", url, ok=(200, 404))
-            with contextlib.closing(r):
-                if r.status_code == 404:
-                    return []
-                try:
-                    keys += r.json().get("tags") or []
-                except ValueError:
-                    raise RemoteUnavailable(f"remote store {remote.host} sent a tag list that is not JSON") from None
-                nxt = r.links.get("next", {}).get("url")
-                url = urllib.parse.urljoin(r.url, nxt) if nxt else ""
-    return sorted(keys)
+        return oci.tags(c, remote.repository(stage))
 
 
