@@ -10,10 +10,12 @@ from pathlib import Path
 
 from pipeline import graph
 from pipeline.cache import XXHashChecker
+from pipeline.entrypoint import exit_cleanly_on_sigterm
 from pipeline.project import Project
 from pipeline.recipes import DEFAULT_RECIPE
 
 ROOT = Path(__file__).resolve().parent
+exit_cleanly_on_sigterm()  # a killed doit (CI timeout) still stops the VMs and builds it started
 P = Project(ROOT)
 RECIPES = graph.recipes_or_exit(P)
 P.store.root.mkdir(exist_ok=True)  # doit keeps its state file in cache/
