@@ -318,7 +318,8 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
                 "phases": dict(res.phases.items())}))
         return res
 
-    got = p.store.obtain(stages.CHECK, check_manifest(mode, b, spec, r.checks), boot, passed=lambda res: res.ok)
+    got = p.store.obtain(stages.CHECK, check_manifest(mode, b, spec, r.checks, r.boot_marker), boot,
+                         passed=lambda res: res.ok)
     if got.source is Source.BUILT:
         return got.result
     res = json.loads((got.entry / "result.json").read_text())
@@ -328,16 +329,21 @@ def check_one(p: Project, r: Recipe, mode: Mode, accel: Accel) -> CheckResult:
                        phases=report.Phases(**res.get("phases", {})))
 
 
-def systemd_init(plan: Plan) -> bool:
-    """Whether systemd may be the image's init: an OS image, or an app under its own systemd."""
-    return plan.init is not InitKind.LDT
+def systemd_init(plan: Plan, marker: str | None = None) -> bool:
+    """Whether the failed-units default applies: where systemd may be init and the check can log
+    in: an app under its own systemd, or an OS image whose boot check waits for its login prompt.
+    An OS image with its own [boot] marker may have no getty (a busybox init that prints a line):
+    the default would fail a boot that passes, so it runs only the [check] commands it names."""
+    if plan.init is InitKind.LDT:
+        return False
+    return plan.init is InitKind.SYSTEMD or marker is None
 
 
-def inside_of(checks: CheckSettings, plan: Plan) -> headless.Inside | None:
+def inside_of(checks: CheckSettings, plan: Plan, marker: str | None = None) -> headless.Inside | None:
     """What runs inside after the boot check: the [check] commands (or the default), as the
     [check] login on the serial console, or in the shell our init gives an app on the check's
-    port; None when there is nothing to run."""
-    commands = checks.commands(systemd=systemd_init(plan))
+    port; None when there is nothing to run. `marker`: the recipe's [boot] marker."""
+    commands = checks.commands(systemd=systemd_init(plan, marker))
     if not commands:
         return None
     login = None if plan.init is InitKind.LDT else checks.as_login
@@ -348,12 +354,12 @@ NO_SETTINGS = CheckSettings()  # a recipe without [check]
 
 
 def check_manifest(mode: Mode, b: Boot, spec: dict[str, str | None],
-                   checks: CheckSettings = NO_SETTINGS) -> dict[str, object]:
+                   checks: CheckSettings = NO_SETTINGS, marker: str | None = None) -> dict[str, object]:
     """What a pass is keyed by: the mode, the entries of everything booted, what it waited for,
     the commands run inside (CheckSettings.key: the password is not part of it)."""
     manifest: dict[str, object] = {**stages.CHECK.head(), "mode": str(mode), "needs": b.needs,
                                    "marker": spec["marker"], "cmdline": b.cmdline,
-                                   "inside": checks.key(systemd=systemd_init(b.plan))}
+                                   "inside": checks.key(systemd=systemd_init(b.plan, marker))}
     if b.plan.app is not None:
         manifest["http"] = spec["http"]
     return manifest
@@ -372,7 +378,7 @@ def under(m: qemu.Machine) -> str:
 
 def check_os(r: Recipe, mode: Mode, b: Boot, accel: Accel, marker: str) -> CheckResult:
     """Boot an OS headless to its marker, then log in and run the [check] commands (inside_of)."""
-    inside = inside_of(r.checks, b.plan)
+    inside = inside_of(r.checks, b.plan, r.boot_marker)
     settings = qemu.VmSettings(memory_mib=memory_mib(r.memory), cpus=r.cpus, accel=accel, network=False)
     m = machine(mode, b, settings)
     with machine_argv(m) as cmd:
@@ -410,7 +416,7 @@ def with_inside(boot: CheckResult, ran: headless.Ran | None) -> CheckResult:
 def check_app(r: Recipe, mode: Mode, b: Boot, accel: Accel, spec: dict[str, str | None]) -> CheckResult:
     """Boot an app headless to its check, run the [check] commands beside it (inside_of); then
     stop it the way a power-off does and say how it ended."""
-    inside = inside_of(r.checks, b.plan)
+    inside = inside_of(r.checks, b.plan, r.boot_marker)
     marker, path = spec["marker"], spec["http"]
     probe = forwards = None
     if path is not None:

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import graph, headless, report, stages, vm
 from pipeline.app import InitKind, Plan
-from pipeline.console import CheckSettings, CommandResult, Login, Verdict
+from pipeline.console import SYSTEMD_FAILED_UNITS, CheckSettings, CommandResult, Login, Verdict
 from pipeline.errors import UserError
 from pipeline.qemu import Mode
 
@@ -107,6 +107,13 @@ def test_what_runs_inside_each_kind_of_image():
     assert app_inside is not None and app_inside.login is None  # our init's shell: nothing to log in to
     assert vm.inside_of(CheckSettings(run=()), Plan()) is None
     assert vm.inside_of(CheckSettings(), Plan(init=InitKind.LDT)) is None  # no systemd: no default check
+    default = vm.inside_of(CheckSettings(), Plan())  # an OS image waiting for its login prompt: failed units
+    assert default is not None and default.commands == (SYSTEMD_FAILED_UNITS,)
+    # an OS image with its own marker may have no getty: the default stays out (the [check] commands it names run)
+    assert vm.inside_of(CheckSettings(), Plan(), marker="LDT-ARCH-BOOTED") is None
+    assert vm.inside_of(CheckSettings(run=("true",)), Plan(), marker="LDT-ARCH-BOOTED") is not None
+    systemd_app = vm.inside_of(CheckSettings(), Plan(init=InitKind.SYSTEMD), marker="sysapp: user=")
+    assert systemd_app is not None and systemd_app.commands == (SYSTEMD_FAILED_UNITS,)
 
 
 def test_a_pass_is_keyed_by_the_commands_not_the_password():
