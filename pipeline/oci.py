@@ -178,6 +178,27 @@ def descriptor(media_type: str, blob: Blob, annotations: Mapping[str, str] | Non
 
 
 
+def file_descriptor(media_type: str, blob: Blob, title: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer that stands for a file: titled, annotated with the file's size and sha256."""
+    return descriptor(media_type, blob, {TITLE: title, A_SIZE: str(record["size"]), A_SHA256: record["sha256"]})
+
+
+def image_manifest(artifact_type: str, config_type: str, config: Blob, layers: list[dict[str, Any]],
+                   annotations: Mapping[str, str]) -> bytes:
+    """An OCI image manifest's bytes, canonical (sorted keys, no spaces): the same inputs give
+    the same bytes, so two pushers of one entry write one manifest."""
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+           "config": descriptor(config_type, config), "layers": layers, "annotations": dict(annotations)}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def get_manifest(c: Client, repo: str, ref: str, what: str) -> bytes | None:
+    """A manifest's bytes (at most MAX_MANIFEST) by tag or digest; None when the registry has none."""
+    r = c.request("GET", f"/{repo}/manifests/{ref}", ok=(200, 404), headers={"Accept": OCI_MANIFEST}, stream=True)
+    with contextlib.closing(r):
+        return None if r.status_code == 404 else read_limited(r, what)
+
+
 def parse_blob(d: Mapping[str, Any]) -> Blob:
     digest, size = d["digest"], d["size"]
     if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):

@@ -147,19 +147,9 @@ class ImageRef:
 
 def image_artifact_manifest(config: oci.Blob, layers: Mapping[str, tuple[oci.Blob, Mapping[str, Any]]],
                             annotations: Mapping[str, str]) -> bytes:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": oci.OCI_MANIFEST,
-        "artifactType": IMAGE_TYPE,
-        "config": oci.descriptor(IMAGE_CONFIG_TYPE, config),
-        "layers": [
-            oci.descriptor(IMAGE_FILE_TYPE, blob,
-                           {oci.TITLE: name + ZST, oci.A_SIZE: str(rec["size"]), oci.A_SHA256: rec["sha256"]})
-            for name, (blob, rec) in sorted(layers.items())
-        ],
-        "annotations": dict(annotations),
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return oci.image_manifest(IMAGE_TYPE, IMAGE_CONFIG_TYPE, config,
+                              [oci.file_descriptor(IMAGE_FILE_TYPE, blob, name + ZST, rec)
+                               for name, (blob, rec) in sorted(layers.items())], annotations)
 
 
 def push_image(ref: ImageRef, files: Mapping[str, tuple[Path, Mapping[str, Any]]], config: Mapping[str, Any],
@@ -183,12 +173,8 @@ def push_image(ref: ImageRef, files: Mapping[str, tuple[Path, Mapping[str, Any]]
 def image_digest(ref: ImageRef, *, env: Mapping[str, str] | None = None) -> str | None:
     """The digest the tag names now (None: no such tag)."""
     with oci.client(ref.remote, env) as c:
-        r = c.request("GET", f"/{ref.repository}/manifests/{ref.tag}", ok=(200, 404),
-                      headers={"Accept": oci.OCI_MANIFEST}, stream=True)
-        with contextlib.closing(r):
-            if r.status_code == 404:
-                return None
-            return "sha256:" + hashlib.sha256(oci.read_limited(r, f"manifest {ref}")).hexdigest()
+        raw = oci.get_manifest(c, ref.repository, ref.tag, f"manifest {ref}")
+    return None if raw is None else "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def pull_image(ref: ImageRef, digest: str, work_dir: str | os.PathLike[str], *,

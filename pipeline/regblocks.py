@@ -264,20 +264,10 @@ def _bounded_decompress(data: bytes, limit: int) -> bytes:
 def image_manifest(stage: str, key: str, config: oci.Blob, indexes: Mapping[str, tuple[oci.Blob, Mapping[str, Any]]],
                    packs: Mapping[str, int]) -> bytes:
     """The manifest bytes of an entry: a pure function of it (two pushers write the same bytes)."""
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": oci.OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": oci.descriptor(CONFIG_TYPE, config),
-        "layers": [
-            *(oci.descriptor(INDEX_TYPE, blob, {oci.TITLE: name, oci.A_SIZE: str(rec["size"]),
-                                                oci.A_SHA256: rec["sha256"]})
-              for name, (blob, rec) in sorted(indexes.items())),
-            *(oci.descriptor(PACK_TYPE, oci.Blob("sha256:" + p, size)) for p, size in sorted(packs.items())),
-        ],
-        "annotations": {A_STAGE: stage, A_KEY: key},
-    }
-    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    raw = oci.image_manifest(ARTIFACT_TYPE, CONFIG_TYPE, config, [
+        *(oci.file_descriptor(INDEX_TYPE, blob, name, rec) for name, (blob, rec) in sorted(indexes.items())),
+        *(oci.descriptor(PACK_TYPE, oci.Blob("sha256:" + p, size)) for p, size in sorted(packs.items())),
+    ], {A_STAGE: stage, A_KEY: key})
     if len(raw) > oci.MAX_MANIFEST:
         raise UserError(f"{stage}:{key[:12]} would need a manifest of {len(raw)} bytes (it names {len(packs)} "
                         f"packs), more than registries take ({oci.MAX_MANIFEST})")

@@ -94,11 +94,9 @@ class State:
 
 
 def manifest(c: oci.Client, repo: str, ref: str) -> tuple[str, bytes, dict[str, Any]] | None:
-    r = c.request("GET", f"/{repo}/manifests/{ref}", ok=(200, 404), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
-    with contextlib.closing(r):
-        if r.status_code == 404:
-            return None
-        raw = oci.read_limited(r, f"manifest {repo}:{ref}")
+    raw = oci.get_manifest(c, repo, ref, f"manifest {repo}:{ref}")
+    if raw is None:
+        return None
     try:
         doc = json.loads(raw)
     except ValueError:

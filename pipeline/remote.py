@@ -99,19 +99,10 @@ class RegistryStore:
 def image_manifest(stage: str, key: str, config: oci.Blob,
                    layers: Mapping[str, tuple[oci.Blob, Mapping[str, Any]]]) -> bytes:
     """The manifest bytes for an entry; `layers` maps file name -> (compressed blob, {"size", "sha256"})."""
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": oci.OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": oci.descriptor(CONFIG_TYPE, config),
-        "layers": [
-            oci.descriptor(FILE_TYPE, blob,
-                           {oci.TITLE: name, oci.A_SIZE: str(rec["size"]), oci.A_SHA256: rec["sha256"]})
-            for name, (blob, rec) in sorted(layers.items())
-        ],
-        "annotations": {A_STAGE: stage, A_KEY: key},
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return oci.image_manifest(
+        ARTIFACT_TYPE, CONFIG_TYPE, config,
+        [oci.file_descriptor(FILE_TYPE, blob, name, rec) for name, (blob, rec) in sorted(layers.items())],
+        {A_STAGE: stage, A_KEY: key})
 
 
 def parse_manifest(raw: bytes, stage: str, key: str) -> tuple[oci.Blob, dict[str, oci.Blob]]:
@@ -170,11 +161,9 @@ def _block_store(blocks: BlockStore | None, tmp_dir: str | os.PathLike[str] | No
 
 def _get_manifest(c: oci.Client, repo: str, stage: str, key: str) -> tuple[bytes, dict[str, Any]] | None:
     """The manifest of a tag, raw and parsed; None when the tag is absent."""
-    r = c.request("GET", f"/{repo}/manifests/{key}", ok=(200, 404), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
-    with contextlib.closing(r):
-        if r.status_code == 404:
-            return None
-        raw = oci.read_limited(r, f"manifest {stage}:{key}")
+    raw = oci.get_manifest(c, repo, key, f"manifest {stage}:{key}")
+    if raw is None:
+        return None
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
