@@ -84,6 +84,15 @@ def docker_available() -> str | None:
     return None
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+
+
 def require_docker() -> None:
     reason = docker_available()
     if reason is not None:

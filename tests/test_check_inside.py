@@ -6,13 +6,13 @@ commands; graph gives check_boot its --junit and ci_plan its task."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import process_gone
 
 from pipeline import graph, headless, report, stages, vm
 from pipeline.app import InitKind, Plan
@@ -36,12 +36,7 @@ def fake_qemu(tmp_path: Path, *, password: bool = False, script: str | None = No
 
 
 def gone(pidfile: Path) -> bool:
-    pid = int(pidfile.read_text())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    return process_gone(int(pidfile.read_text()))
 
 
 def test_commands_run_after_the_login_prompt_with_status_and_output(tmp_path):

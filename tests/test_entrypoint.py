@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import process_gone
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
@@ -26,23 +28,15 @@ entry_point(main)()
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-
-
 def test_sigterm_reaps_the_children_and_exits_143():
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
-    assert alive(child)
+    assert not process_gone(child)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
     deadline = time.monotonic() + 10
-    while alive(child) and time.monotonic() < deadline:
+    while not process_gone(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(child)  # killed and reaped by spawn's with block, not orphaned
+    assert process_gone(child)  # killed and reaped by spawn's with block, not orphaned

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import process_gone
 
 from pipeline import firmware, headless, kvm, launch, qemu, qmp
 from pipeline.errors import UserError
@@ -435,12 +436,7 @@ def fake_qemu(tmp_path: Path, body: str) -> tuple[list[str], Path]:
 
 
 def gone(pidfile: Path) -> bool:
-    pid = int(pidfile.read_text())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0  # a zombie is gone too
+    return process_gone(int(pidfile.read_text()))
 
 
 def test_marker_in_an_unfinished_line_is_found(tmp_path: Path) -> None:
