@@ -403,7 +403,8 @@ ALIGNED_SECTIONS = (".linux", ".initrd")
 def _objcopy_uki(stub: Path, out: Path, payload: Sequence[tuple[str, Path]]) -> None:
     """objcopy the payload onto the stub; where .linux or .initrd would not start on a 4 KiB block
     of the file, a section of zeros goes before it (a multiple of the PE's 512-byte file
-    alignment) and the UKI is made again, until both do."""
+    alignment, both pads worked out from one pass) and the UKI is made again, until both do (a
+    second round only when the added section headers outgrew the PE header's room)."""
     sections, align = _efi_stub_layout(stub)
     pads = {name: out.with_name(f"{out.name}{name}.pad") for name in ALIGNED_SECTIONS}
     pad_sizes: dict[str, int] = {}
@@ -417,13 +418,17 @@ def _objcopy_uki(stub: Path, out: Path, payload: Sequence[tuple[str, Path]]) -> 
             run(objcopy_uki_cmd(stub, out, [(n, p, vma) for (n, p), (_, vma) in zip(items, vmas, strict=True)]),
                 capture=True)
             offsets = pe_file_offsets(run(["objdump", "-h", out], capture=True).stdout.decode())
-            off = [(n, offsets[n] % BLOCK) for n in ALIGNED_SECTIONS if offsets.get(n, 0) % BLOCK]
-            if not off:
+            if not any(offsets.get(n, 0) % BLOCK for n in ALIGNED_SECTIONS):
                 return
-            name, rest = off[0]  # one section at a time: padding one moves the ones after it
-            pad_sizes[name] = (pad_sizes.get(name, 0) + BLOCK - rest) % BLOCK
-            if not pad_sizes[name]:
-                del pad_sizes[name]
+            shift = 0  # what the pads added so far move the sections after them (ALIGNED_SECTIONS is in file order)
+            for name in ALIGNED_SECTIONS:
+                rest = (offsets[name] + shift) % BLOCK if name in offsets else 0
+                if rest:
+                    size = pad_sizes.get(name, 0) + BLOCK - rest
+                    shift += BLOCK - rest - (BLOCK if size >= BLOCK else 0)
+                    pad_sizes[name] = size % BLOCK
+                    if not pad_sizes[name]:
+                        del pad_sizes[name]
         raise UserError(f"{out.name}: could not start the UKI's kernel and initrd on 4 KiB blocks",
                         hint="a bug: please report it with the EFI stub's version")
     finally:
