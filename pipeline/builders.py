@@ -137,7 +137,21 @@ def _echo(line: str) -> None:
 
 
 def tgz_after(p: Project, r: Recipe, entry: Path) -> None:
-    ensure_image(p, None, r.name)
+    """ldt/<name>:latest follows the current entry where the engine holds its image (built here,
+    or imported before). A tgz pulled from the shared store is imported only when something needs
+    it (a child's FROM, suco: ensure_image), so a runner that only pulls pays no docker import
+    (15 s for hello) and needs no engine; a stale latest is taken off meanwhile."""
+    try:
+        client = docker.client()
+    except UserError:
+        return  # no engine: no tag to keep current
+    keyed = f"{r.image}:{entry.name}"
+    if docker.image_id(client, keyed) is not None:
+        docker.tag(client, keyed, f"{r.image}:latest")
+        return
+    stale = docker.untag(client, f"{r.image}:latest")
+    log(f"{r.name}: the engine gets {r.image} when a FROM or suco needs it"
+        + (f" ({r.image}:latest, an older image, untagged)" if stale else ""))
 
 
 def ensure_image(p: Project, client, name: str) -> str:

@@ -106,6 +106,21 @@ def tag(c, image: str, ref: str) -> None:
     c.images.get(image).tag(repo, t or "latest")
 
 
+def untag(c, ref: str) -> bool:
+    """Take tag `ref` off its image when the image keeps another tag (ours always keep their
+    keyed one); an image is never deleted. Whether a tag was taken off."""
+    from docker.errors import ImageNotFound
+
+    try:
+        image = c.images.get(ref)
+    except ImageNotFound:
+        return False
+    if len(image.tags) < 2:
+        return False
+    c.images.remove(ref, noprune=True)
+    return True
+
+
 def import_tgz(c, tgz: Path, ref: str, changes: list[str] | None = None) -> str:
     """Import a rootfs tarball as image `ref`; returns the image id."""
     repo, _, t = ref.partition(":")

@@ -241,7 +241,7 @@ def test_an_arch_bootstrap_recipe_builds_its_tgz_with_pacstrap(mirror, shared_tm
         with tarfile.open(project / "cache" / "recipes" / "arch-base" / "rootfs.tgz") as t:
             names = set(t.getnames())
             hostname = t.extractfile(next(n for n in ("./etc/hostname", "etc/hostname") if n in names)).read()
-    finally:  # a bootstrap recipe's tgz is imported into the engine as ldt/<name>
+    finally:  # (nothing imports a bootstrap tgz into the engine until a FROM needs it; tidy anyway)
         subprocess.run("docker images --format '{{.Repository}}:{{.Tag}}' ldt/arch-base | xargs -r docker rmi",
                        shell=True, capture_output=True)
     assert {"./boot/vmlinuz-linux", "./boot/initramfs-linux.img", "./usr/bin/busybox"} <= names

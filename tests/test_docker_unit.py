@@ -50,6 +50,10 @@ class FakeImage:
     def tag(self, repo, tag):
         self.images.ids[f"{repo}:{tag}"] = self.id
 
+    @property
+    def tags(self):
+        return [ref for ref, i in self.images.ids.items() if i == self.id]
+
 
 class FakeImages:
     def __init__(self, ids=None, pullable=None, configs=None) -> None:
@@ -62,6 +66,10 @@ class FakeImages:
         if ref not in self.ids:
             raise ImageNotFound(f"No such image: {ref}")
         return FakeImage(self, ref)
+
+    def remove(self, ref, noprune=False):
+        assert noprune and len(self.get(ref).tags) > 1, "only a tag may go, never an image"
+        del self.ids[ref]
 
     def pull(self, ref):
         self.pulls.append(ref)
@@ -284,6 +292,54 @@ def test_import_tgz_and_tag():
     assert c.api.imports == [("/x/rootfs.tgz", "ldt/app", "k1", changes)]
     docker.tag(c, "ldt/app:k1", "ldt/app:latest")
     assert c.images.ids["ldt/app:latest"] == "sha256:imported"
+
+
+def test_untag_takes_a_tag_off_but_never_an_image():
+    c = FakeClient(images=FakeImages({"ldt/a:k1": "sha256:1", "ldt/a:latest": "sha256:1", "ldt/b:latest": "sha256:2"}))
+    assert docker.untag(c, "ldt/a:latest")
+    assert "ldt/a:latest" not in c.images.ids and c.images.ids["ldt/a:k1"] == "sha256:1"
+    assert not docker.untag(c, "ldt/b:latest")  # its only tag: the image would go with it
+    assert c.images.ids["ldt/b:latest"] == "sha256:2"
+    assert not docker.untag(c, "ldt/c:latest")
+
+
+@pytest.fixture
+def pulled_tgz(tmp_path, monkeypatch):
+    """tgz_after on a recipe 'a' whose current entry is k2, with a fake engine."""
+    from pipeline import builders
+
+    recipe = type("R", (), {"name": "a", "image": "ldt/a"})()
+    entry = tmp_path / "store" / "tgz" / "k2"
+    entry.mkdir(parents=True)
+    c = FakeClient(images=FakeImages({"ldt/a:k1": "sha256:1", "ldt/a:latest": "sha256:1"}))
+    monkeypatch.setattr(docker, "client", lambda: c)
+    return lambda: builders.tgz_after(None, recipe, entry), c
+
+
+def test_a_pulled_tgz_is_not_imported_and_the_stale_latest_goes(pulled_tgz, capsys):
+    after, c = pulled_tgz
+    after()
+    assert c.api.imports == []  # imported when a FROM or suco needs it (ensure_image), not now
+    assert "ldt/a:latest" not in c.images.ids and "ldt/a:k1" in c.images.ids
+    assert "the engine gets ldt/a when a FROM or suco needs it (ldt/a:latest, an older image, untagged)" \
+        in capsys.readouterr().err
+
+
+def test_a_tgz_whose_image_the_engine_holds_becomes_latest(pulled_tgz):
+    after, c = pulled_tgz
+    c.images.ids["ldt/a:k2"] = "sha256:2"  # built here: docker build tagged it with its key
+    after()
+    assert c.images.ids["ldt/a:latest"] == "sha256:2" and c.api.imports == []
+
+
+def test_without_an_engine_a_pulled_tgz_needs_none(tmp_path, monkeypatch):
+    from pipeline import builders
+
+    def no_engine():
+        raise UserError("the Docker daemon is not reachable: no answer")
+
+    monkeypatch.setattr(docker, "client", no_engine)
+    builders.tgz_after(None, type("R", (), {"name": "a", "image": "ldt/a"})(), tmp_path)  # no error
 
 
 def test_import_without_result_is_a_user_error():
