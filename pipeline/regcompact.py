@@ -28,8 +28,9 @@ usual bound). A pull is not slowed by dead bytes (it reads frames by Range), so 
 to compact sooner. MIN_DEAD: a rewrite costs a new index blob per file and a manifest per entry
 naming the pack (a few KiB each) and a request per frame range: not worth it for a few blocks.
 
-Memory: one frame range at a time (at most RANGE_MAX), one pack's trailer, the live slots as one
-bitmask per frame, and the digest -> new location of the blocks copied (about 100 bytes each).
+Memory: one Range request's bytes at a time (at most RANGE_MAX) and one frame, one pack's
+trailer, the live slots as one bitmask per frame, one index blob's locations, and the
+digest -> new location of the blocks copied (about 100 bytes each).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Entry:
     row: str
     key: str
     digest: str  # of the manifest the listing read
+    packs: frozenset[str]  # the packs it names: not touched if its index blobs cannot be read
 
 
 @dataclass
@@ -181,19 +183,28 @@ def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, thres
     read: list[_Read] = []
     live: dict[str, Frames] = {}
     sizes: dict[str, int] = {}
+    untouchable: set[str] = set()  # named by an entry whose blocks are not known: used whole
     for e in listed:
         got = _read_entry(c, remote, e)
         if got is None:
+            untouchable |= e.packs
+            continue
+        try:
+            for name, blob in sorted(got.parsed.indexes.items()):
+                ib = _index_blob(c, got, name, blob)
+                mark(live, ib.chunks)
+                mark(live, ib.blocks)
+        except EntryCorrupt as why:
+            done.skipped.append(f"{e.row}:{e.key[:12]} not read, its packs left as they are: {why.message}")
+            untouchable |= e.packs | set(got.parsed.packs)
             continue
         read.append(got)
         sizes.update(got.parsed.packs)
-        for name, blob in sorted(got.parsed.indexes.items()):
-            ib = _index_blob(c, got, name, blob)
-            mark(live, ib.chunks)
-            mark(live, ib.blocks)
     blocks_repo = remote.repository(regblocks.BLOCKS_REPO)
     plans: list[PackPlan] = []
     for pack in candidates(live, sizes, threshold, min_dead):
+        if pack in untouchable:
+            continue
         try:
             trailer = _trailer(c, blocks_repo, pack, sizes[pack])
         except BlockCorrupt as e:
@@ -242,7 +253,7 @@ def _read_entry(c: oci.Client, remote: oci.Remote, e: Entry) -> _Read | None:
             return None  # the first layout names no packs
         return _Read(e, repo, doc, regblocks.parse_manifest(doc, e.row, e.key))
     except (ValueError, AttributeError, EntryCorrupt):
-        return None  # not ours to rewrite: its packs count as live by the gc's listing anyway
+        return None  # not ours to rewrite: the packs it names are left whole
 
 
 def _index_blob(c: oci.Client, r: _Read, name: str, blob: oci.Blob) -> regblocks.IndexBlob:
@@ -283,8 +294,9 @@ def _trailer(c: oci.Client, repo: str, pack: str, size: int) -> list[tuple[bytes
 def _copy(c: oci.Client, blocks_repo: str, bs: BlockStore,
           plans: list[PackPlan]) -> tuple[dict[bytes, Location], list[Made], dict[str, str]]:
     """The live blocks of every plan into new packs, each uploaded when closed: (digest -> new
-    location, the new packs, pack -> why it was left as it is). A pack's live blocks are all read
-    and checked before any is written, so a damaged pack adds nothing."""
+    location, the new packs, pack -> why it was left as it is). Streamed: one Range request's
+    bytes and one frame at a time. A pack found damaged half-way is left whole (what was copied
+    of it stays in the new pack, unnamed blocks that cost their bytes)."""
     new: dict[bytes, Location] = {}
     made: list[Made] = []
     failed: dict[str, str] = {}
@@ -293,24 +305,20 @@ def _copy(c: oci.Client, blocks_repo: str, bs: BlockStore,
             frames: dict[tuple[int, int], list[tuple[bytes, Location]]] = {}
             for d, loc in plan.moves:
                 frames.setdefault((loc.offset, loc.length), []).append((d, loc))
-            blocks: list[tuple[bytes, bytes]] = []
             try:
                 for start, end in spans(frames):
                     data = _get_range(c, blocks_repo, plan.pack, start, end)
                     for (off, length), moves in sorted(frames.items()):
                         if start <= off and off + length <= end:
                             frame = decompress_frame(data[off - start:off - start + length], moves[0][1])
-                            blocks.extend((d, block_of(frame, d, loc)) for d, loc in moves)
-                    del data
+                            for d, loc in moves:
+                                block = block_of(frame, d, loc)  # checked against its digest as it is copied
+                                if d not in new:
+                                    new[d] = PENDING
+                                    writer.add(d, block)
+                    _upload_finished(c, blocks_repo, bs, writer.finished, made, new)
             except BlockCorrupt as e:
                 failed[plan.pack] = e.message
-                continue
-            for d, block in blocks:
-                if d not in new:
-                    new[d] = PENDING
-                    writer.add(d, block)
-            blocks.clear()
-            _upload_finished(c, blocks_repo, bs, writer.finished, made, new)
         writer.finish_pack()
         _upload_finished(c, blocks_repo, bs, writer.finished, made, new)
     return new, made, failed
@@ -344,7 +352,10 @@ def _rewrite(c: oci.Client, r: _Read, moved: Mapping[tuple[str, int, int], bytes
         layer = oci.Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
         layers[name], blobs[layer.digest] = (layer, records[name]), data
         for p in ib.packs():
-            packs[p] = new_sizes.get(p) or r.parsed.packs[p]
+            size = new_sizes.get(p) or r.parsed.packs.get(p)
+            if size is None:
+                raise EntryCorrupt(f"its index of {name} names pack {p[:12]}, its manifest does not")
+            packs[p] = size
     raw = regblocks.image_manifest(e.row, e.key, r.parsed.config, layers, packs)  # UserError past 4 MiB
     for p in sorted(packs):
         digest = "sha256:" + p

@@ -138,18 +138,18 @@ def test_copy_reads_the_live_frames_by_range_and_writes_only_live_blocks(tmp_pat
         plan = plan_pack(made.name, made.size, live[made.name], trailer, min_dead=0)
         assert plan is not None
         plans.append(plan)
-    uploaded = []
-    real_head = reg.request
+    headed = []
+    serve = reg.request
 
-    def request(method, url, **kw):  # new packs are HEADed (absent) then uploaded: record, pretend done
+    def request(method, url, **kw):  # a new pack is HEADed before its upload: the fake says "present"
         if method == "HEAD" and url.rsplit(":", 1)[-1] not in reg.blobs:
-            uploaded.append(url.rsplit(":", 1)[-1])
+            headed.append(url.rsplit(":", 1)[-1])
             return FakeResponse(200)
-        return real_head(method, url, **kw)
+        return serve(method, url, **kw)
 
     reg.request = request
     new, made, failed = regcompact._copy(reg, "r/blocks", BlockStore(tmp_path / "scratch"), plans)
-    assert failed == {} and len(made) == 1 and uploaded == [made[0].name]
+    assert failed == {} and len(made) == 1 and headed == [made[0].name]
     want = [d for d, _ in a.blocks[0:3]] + [d for d, _ in b.blocks[40:48]]
     assert [d for d, _ in made[0].blocks] == want  # the live blocks, nothing else, in plan order
     assert set(new) == set(want) and all(loc.pack == made[0].name for loc in new.values())
@@ -186,3 +186,37 @@ def test_store_gc_prints_what_it_compacted_in_one_line():
     assert line == ("compacted 2 mostly unused packs (4.0M, 1.0M of it live) into 1 new packs (1.0M): "
                     "2 entries rewritten, the old packs doomed")
     assert reggc.compacted_lines(regcompact.Compacted()) == []
+
+
+def test_a_pack_an_unreadable_entry_names_is_left_whole(tmp_path, monkeypatch):
+    """Which blocks an entry uses is known only from its index blobs: when one cannot be read, no
+    pack it names is compacted, however little the others use of it."""
+    made, path, _ = one_pack(tmp_path, 128)
+    parsed = regblocks.Parsed(None, {"f": None}, {made.name: made.size})  # type: ignore[arg-type]
+    good = regcompact.Entry("row", "good", "sha256:" + "1" * 64, frozenset([made.name]))
+    bad = regcompact.Entry("row", "bad", "sha256:" + "2" * 64, frozenset([made.name]))
+
+    def read_entry(c, remote, e):
+        return regcompact._Read(e, "r/row", {}, parsed)
+
+    def index_blob(c, r, name, blob):
+        if r.entry is bad:
+            raise regcompact.EntryCorrupt("a remote block index is malformed (ValueError)")
+        return regblocks.IndexBlob(None, [], [loc for _, loc in made.blocks[:8]])  # type: ignore[arg-type]
+
+    copied = []
+
+    def copy(c, repo, bs, plans):
+        copied.extend(p.pack for p in plans)
+        return {}, [], {p.pack: "stopped here" for p in plans}
+
+    monkeypatch.setattr(regcompact, "_read_entry", read_entry)
+    monkeypatch.setattr(regcompact, "_index_blob", index_blob)
+    monkeypatch.setattr(regcompact, "_trailer", lambda c, repo, pack, size: read_trailer(path))
+    monkeypatch.setattr(regcompact, "_copy", copy)
+    r = regcompact.oci.Remote.parse("oci://127.0.0.1:1/ldt")
+    done = regcompact.compact(None, r, [good, bad], min_dead=0)  # type: ignore[arg-type]
+    assert copied == [] and done.packs == {} and "bad not read" in done.skipped[0]
+    done = regcompact.compact(None, r, [good], min_dead=0)  # type: ignore[arg-type]
+    assert copied == [made.name] and done.packs == {} and done.skipped == [
+        f"pack {made.name[:12]} not compacted: stopped here"]
