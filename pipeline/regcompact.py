@@ -48,7 +48,7 @@ import zstandard
 
 from pipeline import oci, regblocks
 from pipeline.blocks import BlockCorrupt
-from pipeline.entries import EntryCorrupt
+from pipeline.entries import EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.packs import (
     FOOTER,
@@ -223,14 +223,17 @@ def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, thres
     picked = {p.pack: p for p in plans if p.pack not in failed}
     moved = {(p.pack, loc.offset, loc.slot): d for p in picked.values() for d, loc in p.moves}
     new_sizes = {m.name: m.size for m in made}
-    still_named: set[str] = set()
-    for r in read:
-        if not set(r.parsed.packs) & set(picked):
-            continue
+    still_named: set[str] = set()  # by an entry left as it was: those packs are not doomed
+    affected = [r for r in read if set(r.parsed.packs) & set(picked)]
+    for i, r in enumerate(affected):
         try:
             _rewrite(c, r, moved, new, new_sizes, blocks_repo)
             done.entries += 1
-        except (UserError, EntryCorrupt) as e:
+        except RemoteUnavailable as e:  # the registry went away: the rest stay as they are
+            done.skipped.append(f"compaction stopped at {r.entry.row}:{r.entry.key[:12]}: {e.message}")
+            still_named.update(*(set(x.parsed.packs) for x in affected[i:]))
+            break
+        except UserError as e:  # a manifest over 4 MiB, a tag that moved, a malformed index
             done.skipped.append(f"{r.entry.row}:{r.entry.key[:12]} not rewritten: {e.message}")
             still_named |= set(r.parsed.packs)
     for p in picked.values():

@@ -248,9 +248,12 @@ def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], kee
             del state.doomed[pack]
             packs_deleted += 1
             freed += int(info.get("size", 0))
-        compacted = regcompact.compact(c, remote, [regcompact.Entry(e.row, e.key, e.digest, e.packs)
-                                                   for e in live_entries if e.packs],
-                                       threshold=threshold, min_dead=min_dead)
+        try:
+            compacted = regcompact.compact(c, remote, [regcompact.Entry(e.row, e.key, e.digest, e.packs)
+                                                       for e in live_entries if e.packs],
+                                           threshold=threshold, min_dead=min_dead)
+        except RemoteUnavailable as e:  # the deletions' dooms must still reach the state
+            compacted = regcompact.Compacted(skipped=[f"compaction stopped: {e.message}"])
         for pack, (size, repos) in compacted.packs.items():  # mounted where its entries were, deleted ones too
             repos = sorted(set(repos) | {e.row for e in deleted if pack in e.packs})
             state.doomed[pack] = {"at": now, "size": size, "repos": repos}

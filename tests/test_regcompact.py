@@ -220,3 +220,36 @@ def test_a_pack_an_unreadable_entry_names_is_left_whole(tmp_path, monkeypatch):
     done = regcompact.compact(None, r, [good], min_dead=0)  # type: ignore[arg-type]
     assert copied == [made.name] and done.packs == {} and done.skipped == [
         f"pack {made.name[:12]} not compacted: stopped here"]
+
+
+@pytest.mark.parametrize("fails", [(), ("two",), ("one", "registry down")])
+def test_an_old_pack_is_doomed_only_when_every_entry_naming_it_was_rewritten(tmp_path, monkeypatch, fails):
+    made, path, _ = one_pack(tmp_path, 128)
+    parsed = regblocks.Parsed(None, {"f": None}, {made.name: made.size})  # type: ignore[arg-type]
+    listed = [regcompact.Entry("row", k, "sha256:" + str(i) * 64, frozenset([made.name]))
+              for i, k in enumerate(("one", "two"), 1)]
+    monkeypatch.setattr(regcompact, "_read_entry", lambda c, remote, e: regcompact._Read(e, "r/row", {}, parsed))
+    monkeypatch.setattr(regcompact, "_index_blob", lambda c, r, name, blob: regblocks.IndexBlob(
+        None, [], [loc for _, loc in made.blocks[:8]]))  # type: ignore[arg-type]
+    monkeypatch.setattr(regcompact, "_trailer", lambda c, repo, pack, size: read_trailer(path))
+    q = Made("q" * 64, 1000, ())
+    monkeypatch.setattr(regcompact, "_copy", lambda c, repo, bs, plans: ({}, [q], {}))
+    rewritten = []
+
+    def rewrite(c, r, moved, new, new_sizes, blocks_repo):
+        assert set(moved.values()) == {d for d, _ in made.blocks[:8]} and new_sizes == {q.name: q.size}
+        if r.entry.key in fails:
+            raise (regcompact.RemoteUnavailable("remote store h unreachable") if "registry down" in fails
+                   else regcompact.UserError("its tag changed while the gc ran"))
+        rewritten.append(r.entry.key)
+
+    monkeypatch.setattr(regcompact, "_rewrite", rewrite)
+    done = regcompact.compact(None, regcompact.oci.Remote.parse("oci://h:1/ldt"), listed,  # type: ignore[arg-type]
+                              min_dead=0)
+    assert (done.new_packs, done.new_bytes) == (1, 1000)
+    if not fails:
+        assert rewritten == ["one", "two"] and done.packs == {made.name: (made.size, ["row"])}
+        assert done.live == round(made.blocks[0][1].length / 2)  # 8 of the first frame's 16 blocks
+    else:
+        assert done.packs == {} and len(done.skipped) == 1
+        assert rewritten == ([] if "registry down" in fails else ["one"])
