@@ -253,3 +253,21 @@ def test_an_old_pack_is_doomed_only_when_every_entry_naming_it_was_rewritten(tmp
     else:
         assert done.packs == {} and len(done.skipped) == 1
         assert rewritten == ([] if "registry down" in fails else ["one"])
+
+
+def test_doit_store_gc_remote_passes_the_recipe_names_and_prints_the_compaction(tmp_path, monkeypatch, capsys):
+    from pipeline import graph
+
+    (tmp_path / "recipes").mkdir()
+    monkeypatch.setenv("LDT_REMOTE", "oci://127.0.0.1:1/ldt")
+    seen = {}
+
+    def collect(remote, rows, recipes, keep_days):
+        seen.update(recipes=recipes, keep_days=keep_days)
+        return reggc.Collected((), 0, 0, 0, 0, regcompact.Compacted(
+            packs={"a" * 64: (2 << 20, ["row"])}, live=1 << 19, new_packs=1, new_bytes=1 << 19, entries=1))
+
+    monkeypatch.setattr(reggc, "collect", collect)
+    assert graph.store_gc_action(str(tmp_path), remote=True, keep_days=3) is None
+    assert seen == {"recipes": [], "keep_days": 3}
+    assert capsys.readouterr().out.splitlines()[-1].startswith("compacted 1 mostly unused packs (2.0M, 512.0K")
