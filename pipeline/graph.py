@@ -120,7 +120,7 @@ def store_gc_action(root: str, max_size: str = "", remote: bool = False, keep_da
     if remote:
         if p.registry is None:
             raise UserError("store_gc --remote needs a registry", hint="set LDT_REMOTE=oci://HOST[:PORT]/PREFIX")
-        done = reggc.collect(p.registry.remote, [r.name for r in stages.ROWS if r.shared], p.recipes(), keep_days)
+        done = reggc.collect(p.registry.remote, [r.name for r in stages.ROWS if r.shared], list(p.recipes), keep_days)
         print("\n".join(reggc.collected_lines(p.registry.remote, done, keep_days)))
         return
     store = p.store

@@ -19,7 +19,11 @@ time T:
   4. deletes the packs doomed at least GRACE before T that no manifest of step 3 names (from
      <prefix>/blocks and from every repository they were mounted into); a doomed pack some
      manifest names again is no longer doomed;
-  5. writes the state.
+  5. compacts the packs the remaining entries use only a little of (regcompact.py): their live
+     blocks copied into new packs, the entries naming them rewritten, and the old packs doomed;
+  6. writes the state; every pack doomed by this run is stamped with the time of this write
+     (T plus the run's duration), not T: a pusher reads the state, so the grace runs from the
+     moment a pusher can see the doom.
 
 Pushers read the state too (regblocks.push: doomed packs are treated as absent, their blocks
 written into new packs). So a pack is deleted only when it was doomed GRACE ago, and every push
@@ -42,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import oci, regblocks
+from pipeline import oci, regblocks, regcompact
 from pipeline.entries import RemoteUnavailable
 
 GC_REPO = "gc"
@@ -82,6 +86,7 @@ class Collected:
     packs_deleted: int
     bytes_freed: int  # of the packs deleted
     kept_published: int
+    compacted: regcompact.Compacted = field(default_factory=regcompact.Compacted)
 
 
 @dataclass
@@ -193,9 +198,12 @@ def doomed_packs(c: oci.Client, remote: oci.Remote) -> set[str]:
 
 
 def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], keep_days: float, *,
-            now: float | None = None, grace: float = GRACE, env: Mapping[str, str] | None = None) -> Collected:
-    """One gc run (the protocol in the module's docstring)."""
+            now: float | None = None, grace: float = GRACE, env: Mapping[str, str] | None = None,
+            threshold: float = regcompact.THRESHOLD, min_dead: int = regcompact.MIN_DEAD) -> Collected:
+    """One gc run (the protocol in the module's docstring). `now` may be a fake clock (tests): the
+    run's own duration is added to it for the doom stamps."""
     rows = list(rows)
+    started = time.monotonic()
     now = time.time() if now is None else now
     with oci.client(remote, env) as c:
         state = read_state(c, remote)
@@ -219,12 +227,12 @@ def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], kee
         state.seen = {k: v for k, v in state.seen.items() if k not in gone}
         live_entries = entries(c, remote, rows)
         live = set().union(*(e.packs for e in live_entries)) if live_entries else set()
-        doomed_now = 0
+        fresh: set[str] = set()  # doomed by this run
         for e in deleted:
             for pack in e.packs - live:
                 if pack not in state.doomed:
                     state.doomed[pack] = {"at": now, "size": e.blobs.get("sha256:" + pack, 0), "repos": []}
-                    doomed_now += 1
+                    fresh.add(pack)
                 repos = state.doomed[pack]["repos"]
                 if e.row not in repos:
                     repos.append(e.row)
@@ -240,8 +248,22 @@ def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], kee
             del state.doomed[pack]
             packs_deleted += 1
             freed += int(info.get("size", 0))
+        try:
+            compacted = regcompact.compact(c, remote, [regcompact.Entry(e.row, e.key, e.digest, e.packs)
+                                                       for e in live_entries if e.packs],
+                                           threshold=threshold, min_dead=min_dead)
+        except RemoteUnavailable as e:  # the deletions' dooms must still reach the state
+            compacted = regcompact.Compacted(skipped=[f"compaction stopped: {e.message}"])
+        for pack, (size, repos) in compacted.packs.items():  # mounted where its entries were, deleted ones too
+            repos = sorted(set(repos) | {e.row for e in deleted if pack in e.packs})
+            state.doomed[pack] = {"at": now, "size": size, "repos": repos}
+            fresh.add(pack)
+        stamp = now + (time.monotonic() - started)
+        for pack in fresh:
+            state.doomed[pack]["at"] = stamp
         write_state(c, remote, state)
-    return Collected(tuple(deleted), doomed_now, packs_deleted, freed, kept_published)
+    return Collected(tuple(deleted), len(fresh) - len(compacted.packs), packs_deleted, freed, kept_published,
+                     compacted)
 
 
 # -- what `doit store` and `doit store_gc --remote` print ---------------------------------------------
@@ -271,4 +293,16 @@ def collected_lines(remote: oci.Remote, done: Collected, keep_days: float) -> li
                  f"({done.kept_published} kept: published images name them); {done.doomed} packs doomed "
                  f"(deleted after {GRACE // 3600} hours unless an entry names them again), {done.packs_deleted} "
                  f"doomed packs deleted ({human(done.bytes_freed)})")
+    lines += compacted_lines(done.compacted)
+    return lines
+
+
+def compacted_lines(done: regcompact.Compacted) -> list[str]:
+    """One line (and one per pack or entry left as it was)."""
+    if not done.packs and not done.skipped:
+        return []
+    lines = done.skipped[:]
+    lines.append(f"compacted {len(done.packs)} mostly unused packs ({human(done.before)}, "
+                 f"{human(done.live)} of it live) into {done.new_packs} new packs ({human(done.new_bytes)}): "
+                 f"{done.entries} entries rewritten, the old packs doomed")
     return lines

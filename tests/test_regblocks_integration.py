@@ -276,3 +276,64 @@ def test_store_gc_remote_keeps_published_and_newly_named_packs(registry, tmp_pat
         same_files(entry, tmp_path / f"w-{key}")
     fp = reggc.footprint(r, ["gcrow"], env=NO_CREDS)
     assert fp.entries == 2 and fp.logical == 2 * 40 * KIB4 and fp.stored < 1.2 * fp.logical
+
+
+def test_store_gc_remote_compacts_a_mostly_dead_pack_safely(registry, tmp_path):  # noqa: F811
+    """Entry "old" (16 shared + 112 own blocks: one pack P) is deleted; "kept" names P for the 16
+    shared blocks only. The gc copies those into a new pack Q, rewrites "kept", dooms P; a runner
+    that read the state before the doom pushes "late" naming P: P lives until no manifest names it."""
+    from pipeline import reggc
+
+    r = Remote.parse(registry.url.replace("/ldt", "/gcc"))
+    shared, dead, own = blocks(30, 16), blocks(31, 112), blocks(32, 8)
+    bs = BlockStore(tmp_path / "blocks")
+    remote.push_entry(r, "crow", "old", make_entry(tmp_path / "old", {"f": b"".join(shared + dead)}), env=NO_CREDS,
+                      blocks=bs)
+    t0 = 1_000_000_000.0
+    assert reggc.collect(r, ["crow"], [], 7, now=t0, env=NO_CREDS).compacted.packs == {}
+    kept = make_entry(tmp_path / "kept", {"f": b"".join(shared + own)})
+    remote.push_entry(r, "crow", "kept", kept, env=NO_CREDS, blocks=bs)
+    big = {d.removeprefix("sha256:") for d in packs_of(registry, "gcc/crow", "old")} & {
+        d.removeprefix("sha256:") for d in packs_of(registry, "gcc/crow", "kept")}
+    assert len(big) == 1  # the pack of "old"'s data, whose first frame "kept" uses
+    (p,) = big
+    with oci.client(r, NO_CREDS) as c:
+        listed = {e.key: e for e in reggc.entries(c, r, ["crow"])}
+        before, (chunks,) = listed["kept"], listed["old"].packs - {p}  # and the pack of "old"'s index chunks
+        stale_doomed = reggc.doomed_packs(c, r)  # a runner starts a push now: P is not doomed yet
+
+    second = reggc.collect(r, ["crow"], [], 7, now=t0 + 8 * reggc.DAY, env=NO_CREDS)
+    assert [e.key for e in second.deleted] == ["old"]
+    done = second.compacted
+    assert list(done.packs) == [p] and done.entries == 1 and done.new_packs == 1
+    p_size = before.blobs["sha256:" + p]
+    assert done.before == p_size and done.new_bytes < 20 * KIB4 < 112 * KIB4 < p_size - done.new_bytes
+    after_packs = packs_of(registry, "gcc/crow", "kept")
+    assert "sha256:" + p not in after_packs and len(after_packs) == len(before.packs)
+    fp = reggc.footprint(r, ["crow"], env=NO_CREDS)
+    kept_before = sum(before.blobs.values()) + before.manifest_size
+    # stored shrinks by P minus Q; the rewritten index blob and manifest differ by a few bytes
+    assert abs((kept_before - fp.stored) - (p_size - done.new_bytes)) < 512, (kept_before, fp.stored)
+    assert fp.entries == 1 and fp.stored < 1.2 * fp.logical
+    assert any("compacted 1 mostly unused packs" in line for line in reggc.collected_lines(r, second, 7))
+    pull(r, "crow", "kept", tmp_path / "w-kept", BlockStore(tmp_path / "fresh-kept"))
+    same_files(kept, tmp_path / "w-kept")
+
+    # the runner that read the state before the doom: its map says P holds the shared blocks
+    late = make_entry(tmp_path / "late", {"f": b"".join(shared + blocks(33, 4))})
+    with oci.client(r, NO_CREDS) as c:
+        regblocks.push(c, r, "crow", "late", late, bs, stale_doomed)
+    assert "sha256:" + p in packs_of(registry, "gcc/crow", "late")
+    fresh = make_entry(tmp_path / "fresh", {"f": b"".join(shared + blocks(34, 4))})
+    remote.push_entry(r, "crow", "fresh", fresh, env=NO_CREDS, blocks=bs)  # reads the state: P is doomed
+    assert "sha256:" + p not in packs_of(registry, "gcc/crow", "fresh")
+    early = reggc.collect(r, ["crow"], [], 7, now=t0 + 8 * reggc.DAY + 60, env=NO_CREDS)
+    assert early.packs_deleted == 0 and head(registry, f"gcc/blocks/blobs/sha256:{p}") == 200
+    # "late" names P again: un-doomed, then compacted again into the same bytes as Q, and doomed
+    assert list(early.compacted.packs) == [p] and early.compacted.new_bytes == done.new_bytes
+    last = reggc.collect(r, ["crow"], [], 7, now=t0 + 9 * reggc.DAY, env=NO_CREDS)
+    assert last.packs_deleted == 2 and last.bytes_freed == p_size + listed["old"].blobs["sha256:" + chunks]
+    assert head(registry, f"gcc/blocks/blobs/sha256:{p}") == 404
+    for key, entry in (("kept", kept), ("late", late), ("fresh", fresh)):
+        pull(r, "crow", key, tmp_path / f"w2-{key}", BlockStore(tmp_path / f"fresh2-{key}"))
+        same_files(entry, tmp_path / f"w2-{key}")
