@@ -18,6 +18,7 @@ sha256. A file that no candidate reproduces is stored as its compressed bytes (L
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import threading
@@ -154,11 +155,21 @@ class Recompressing:
             self.reader.join(timeout=10)
 
 
+def on_all_cores(cmd: tuple[str, ...]) -> tuple[str, ...]:
+    """The recorded command, with pigz's threads raised to this machine's cores where that gives
+    the same bytes (two or more threads: see above); any other command as it is."""
+    cores = os.cpu_count() or 1
+    if cmd[:1] != ("pigz",) or "-p" not in cmd or cores <= 2:
+        return cmd
+    i = cmd.index("-p") + 1
+    return (*cmd[:i], str(cores), *cmd[i + 1:]) if i < len(cmd) and int(cmd[i]) >= 2 else cmd
+
+
 def compress_into(gzip: Gzip, write_stream: Callable[[BinaryIO], object], dest: Path) -> None:
     """dest = the recorded command's output for the stream write_stream() writes into it."""
     with open(dest, "wb") as out:
         try:
-            with spawn(list(gzip.cmd), stdin=subprocess.PIPE, stdout=out) as proc:
+            with spawn(list(on_all_cores(gzip.cmd)), stdin=subprocess.PIPE, stdout=out) as proc:
                 assert proc.stdin is not None
                 write_stream(proc.stdin)
                 proc.stdin.close()

@@ -138,6 +138,26 @@ def test_a_pigz_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
     assert out.read_bytes() == tgz.read_bytes()
 
 
+def test_pigz_is_made_again_on_every_core_only_where_that_gives_the_same_bytes(monkeypatch):
+    from pipeline import regzip
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert regzip.on_all_cores(("pigz", "-1", "-n", "-p", "2")) == ("pigz", "-1", "-n", "-p", "8")
+    assert regzip.on_all_cores(("pigz", "-1", "-n", "-p", "1")) == ("pigz", "-1", "-n", "-p", "1")  # one stream
+    assert regzip.on_all_cores(("gzip", "-1", "-n")) == ("gzip", "-1", "-n")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert regzip.on_all_cores(("pigz", "-1", "-n", "-p", "2")) == ("pigz", "-1", "-n", "-p", "2")
+
+
+@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+def test_pigz_with_two_threads_or_more_gives_the_same_bytes(tmp_path: Path):
+    """What on_all_cores relies on (128 KiB blocks, each ending in a sync flush, whatever the threads)."""
+    data = b"".join(rand(70000, i) + bytes(90000) for i in range(12))
+    outs = {n: subprocess.run(["pigz", "-1", "-n", "-p", str(n)], input=data, capture_output=True, check=True).stdout
+            for n in (2, 3, 8)}
+    assert outs[2] == outs[3] == outs[8]
+
+
 def test_a_gzip_no_candidate_reproduces_is_stored_as_compressed_bytes(tmp_path: Path):
     tar = tar_of({"a": rand(50000, 20)})
     tgz = write(tmp_path / "t.tgz", gzip.compress(tar, compresslevel=9, mtime=0))
