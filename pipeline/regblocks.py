@@ -59,7 +59,7 @@ import os
 import sqlite3
 import struct
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +103,13 @@ class RemoteMap:
 
     blocks: BlockStore
     remote: str  # str(oci.Remote)
+    _open: list[sqlite3.Connection] = field(default_factory=list, compare=False, repr=False)
 
     @contextlib.contextmanager
     def db(self) -> Iterator[sqlite3.Connection]:
+        if self._open:  # inside session(): its connection, and the pages it has read
+            yield self._open[-1]
+            return
         self.blocks.root.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.blocks.root / "remote.sqlite", timeout=60)
         try:
@@ -115,6 +119,17 @@ class RemoteMap:
             yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[RemoteMap]:
+        """One connection for a whole push or pull: a connection per batch of look-ups started with
+        a cold page cache each time (profiled: 9 of the 32 s pushing hello's ext4)."""
+        with self.db() as con:
+            self._open.append(con)
+            try:
+                yield self
+            finally:
+                self._open.pop()
 
     def locate_many(self, digests: list[bytes]) -> dict[bytes, Location]:
         out: dict[bytes, Location] = {}
@@ -128,7 +143,14 @@ class RemoteMap:
         return out
 
     def known(self, digests: list[bytes]) -> Collection[bytes]:
-        return self.locate_many(digests).keys()
+        out: set[bytes] = set()
+        with self.db() as con:
+            for i in range(0, len(digests), BATCH):
+                part = digests[i:i + BATCH]
+                out.update(row[0] for row in con.execute(
+                    "SELECT b.digest FROM map_blocks b JOIN map_packs p ON p.id = b.pack WHERE p.remote = ? AND "
+                    f"b.digest IN ({','.join('?' * len(part))})", [self.remote, *part]))
+        return out
 
     def _ids(self, con: sqlite3.Connection, names: Iterable[str]) -> dict[str, int]:
         names = sorted(set(names))
@@ -326,16 +348,16 @@ def push(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: Path, b
     present = {p.name for p in entry.iterdir() if p.name != MANIFEST}
     if present != set(records):
         raise EntryCorrupt(f"local entry {entry} holds {sorted(present)}, its manifest.json lists {sorted(records)}")
-    rmap = RemoteMap(bs, str(remote))
-    for pack in doomed:
-        rmap.forget_pack(pack)
-    for attempt in range(3):
-        try:
-            return _push_once(c, remote, stage, key, entry, config_raw, records, bs, rmap)
-        except _Stale:
-            if attempt == 2:
-                raise RemoteUnavailable(f"remote store {remote.host} keeps losing packs while {stage}:{key[:12]} "
-                                        "is pushed") from None
+    with RemoteMap(bs, str(remote)).session() as rmap:
+        for pack in doomed:
+            rmap.forget_pack(pack)
+        for attempt in range(3):
+            try:
+                return _push_once(c, remote, stage, key, entry, config_raw, records, bs, rmap)
+            except _Stale:
+                if attempt == 2:
+                    raise RemoteUnavailable(f"remote store {remote.host} keeps losing packs while "
+                                            f"{stage}:{key[:12]} is pushed") from None
     return None
 
 

@@ -230,9 +230,8 @@ def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.Path
             records = oci.recorded_files(manifest, f"remote entry {stage}:{key}")
             written += [work / name for name in records]
             if regblocks.is_blocks_manifest(doc):
-                with _block_store(blocks, work.parent) as bs:
-                    regblocks.pull(c, repo, stage, key, doc, config_raw, records, work, bs,
-                                   regblocks.RemoteMap(bs, str(remote)), fetched)
+                with _block_store(blocks, work.parent) as bs, regblocks.RemoteMap(bs, str(remote)).session() as rmap:
+                    regblocks.pull(c, repo, stage, key, doc, config_raw, records, work, bs, rmap, fetched)
             else:
                 _pull_files(c, repo, stage, key, parse_manifest(raw, stage, key)[1], records, work, written)
             written.append(work / MANIFEST)
