@@ -34,13 +34,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.run import log, run
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 KEY_BITS = 2048
 MAKE_KEYS = "a signed build makes them: `doit build_efistub:NAME` with [boot] secure_boot = true"
@@ -197,6 +198,8 @@ def ensure_keys(env: Mapping[str, str] | None = None, directory: Path | None = N
 
 def load_cert(path: Path) -> x509.Certificate:
     """A certificate in PEM or DER; anything else is one line."""
+    from cryptography import x509  # here: a no-op doit never pays for importing it (50 ms)
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -213,6 +216,8 @@ def load_cert(path: Path) -> x509.Certificate:
 
 
 def cert_der(path: Path) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return load_cert(path).public_bytes(serialization.Encoding.DER)
 
 
@@ -243,6 +248,8 @@ def check_pair(pair: KeyPair, now: datetime.datetime | None = None) -> None:
     if proc.returncode != 0:
         raise UserError(f"{where}: {pair.key} is not a passphrase-less PEM private key",
                         hint="convert it with `openssl pkey -in KEY -out KEY.pem` (no passphrase)")
+    from cryptography.hazmat.primitives import serialization
+
     spki = cert.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
     if proc.stdout != spki:
