@@ -62,15 +62,17 @@ def boot(p: Project, mode: Mode, inside: headless.Inside | None) -> tuple[float,
 def split(ran: headless.Ran, marker: float, gone: float) -> dict[str, float]:
     """Where the check's seconds went, from its steps (seconds since QEMU started): the login (from
     the user or password typed to the shell's answer to the setup line: login(1), PAM, the login
-    shell's start-up files), the commands (to the last end marker), the quit (to QEMU gone). The
-    shell's first prompt is no border: a line of the motd may end in '#' and look like one."""
+    shell's start-up files), the commands (to the last end marker), the quit (to QEMU gone), and of
+    the commands, the wait from READY to the first command's begin marker (a round trip unless it
+    was typed ahead). The shell's first prompt is no border: a motd line may end in '#' like one."""
     first = {}
     for t, step in ran.steps:
         first.setdefault(step, t)
     last_end = max((t for t, step in ran.steps if step is Step.END), default=marker)
     sent = max((t for t, step in ran.steps if step in (Step.USER_SENT, Step.PASSWORD_SENT)), default=marker)
     ready = first.get(Step.READY, sent)
-    return {"login": ready - sent, "commands": last_end - ready, "quit": gone - last_end}
+    return {"login": ready - sent, "commands": last_end - ready, "quit": gone - last_end,
+            "ready to begin": first.get(Step.BEGIN, ready) - ready}  # the first command typed ahead or not
 
 
 def main(modes: list[str]) -> None:
