@@ -233,7 +233,6 @@ class ConsoleSession:
     POKE_EVERY = 3.0  # seconds between newlines typed at a silent getty, and between setup lines
     FIRST_POKE = 1.0  # seconds to wait for a login prompt before typing a newline to ask for one
     WINDOW = 4096  # characters a match may reach back before the last search's end (a printk line is < 1 KiB)
-    TYPE_AHEAD_MAX = 1024  # characters typed ahead at most (well inside a tty's 4 KiB input buffer)
 
     def __init__(self, fd: int, *, on_line: Callable[[str], None] | None = None, tail_lines: int = 40,
                  env: Mapping[str, str] | None = None, seen: str = "") -> None:
@@ -251,7 +250,6 @@ class ConsoleSession:
         self.broken = False  # a command hung: the shell is busy for good
         self.login_seconds: float | None = None  # from the login prompt to a ready shell (the report's phase)
         self.steps: list[tuple[float, Step]] = []  # (time.monotonic(), step): where the seconds went
-        self._ahead: _Typed | None = None  # the first command, typed behind the setup line and read by the shell
         if seen:  # what the boot check already read from this console (its login prompt)
             self._ingest(strip_ansi(_complete_prefix(seen)[0])[-4096:])
 
@@ -361,10 +359,9 @@ class ConsoleSession:
 
     # -- logging in
 
-    def login(self, login: Login = Login(), *, timeout: float = 60.0, first: str | None = None) -> None:
+    def login(self, login: Login = Login(), *, timeout: float = 60.0) -> None:
         """Get a shell and set it up (TERM=dumb, a plain prompt, no PROMPT_COMMAND). Raises a
-        ConsoleLoginError (one line and a hint) when that cannot be done within `timeout`.
-        `first`: the command run() will be asked for first, typed with the setup line (_setup)."""
+        ConsoleLoginError (one line and a hint) when that cannot be done within `timeout`."""
         start = time.monotonic()
         deadline = start + timeout
 
@@ -406,12 +403,12 @@ class ConsoleSession:
                     if what == "prompt":
                         self._step(Step.SHELL_PROMPT)
                     break
-            self._setup(deadline, fail, prompt_seen=got is not None and got[0] == "prompt", first=first)
+            self._setup(deadline, fail, prompt_seen=got is not None and got[0] == "prompt")
             self.login_seconds = time.monotonic() - prompt_at
         except ConsoleClosed as e:
             raise fail(LoginFailure.CLOSED) from e
 
-    def attach(self, *, timeout: float = 30.0, first: str | None = None) -> None:
+    def attach(self, *, timeout: float = 30.0) -> None:
         """Take a shell that waits on this stream already (no getty, no login): the one our init
         starts beside an app on the check's own serial port."""
         start = time.monotonic()
@@ -421,60 +418,44 @@ class ConsoleSession:
                 "root", None, round(time.monotonic() - start))
 
         try:
-            self._setup(start + timeout, fail, prompt_seen=True, first=first)
+            self._setup(start + timeout, fail, prompt_seen=True)
         except ConsoleClosed as e:
             raise fail(LoginFailure.CLOSED) from e
         self.login_seconds = time.monotonic() - start
 
-    def _setup(self, deadline: float, fail: Callable[[LoginFailure], ConsoleLoginError], *, prompt_seen: bool,
-               first: str | None = None) -> None:
+    def _setup(self, deadline: float, fail: Callable[[LoginFailure], ConsoleLoginError], *, prompt_seen: bool) -> None:
         """Type the setup line until the shell answers it (typed ahead of a slow login, it waits
-        in the tty's buffer; typed again, it does no harm).
-
-        Once the shell's prompt shows (it reads its input from here on, nothing flushes it), the
-        first command's line goes in the same write, behind the setup line: the shell runs it
-        straight after, without a round trip. The setup line typed again (a poke) carries another
-        nonce, so the answer says which one the shell read: the first one's READY means the command
-        behind it runs next (run() then only reads its markers); a poke's READY first means that
-        write was lost, and run() types the command as usual."""
-        with_first = setup_line(nonce := secrets.token_hex(6))
-        again = setup_line(nonce_again := secrets.token_hex(6))
-        answers = {"ready": re.compile(rf"{MARK}READY_{nonce}\n"), "again": re.compile(rf"{MARK}READY_{nonce_again}\n"),
-                   "incorrect": LOGIN_INCORRECT, "login": LOGIN_PROMPT}
-        ahead = _typed(first) if first is not None else None
-        if ahead is not None and len(with_first) + len(ahead.line) > self.TYPE_AHEAD_MAX:
-            ahead = None
+        in the tty's buffer; typed again, it does no harm)."""
+        nonce = secrets.token_hex(6)
+        # Builtins only: under TCG the first exec of a cold binary (stty -echo) costs a second, and
+        # the markers need no echo off (the echo of a line comes before the shell runs it). bash's
+        # line editor off: the tty then echoes each line once, not readline's redraws.
+        line = ("export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
+                "[ -n \"${BASH_VERSION-}\" ] && set +o emacs +o vi; "
+                f"printf '%s%s\\n' {MARK} READY_{nonce}\n")
+        answers = {"ready": re.compile(rf"{MARK}READY_{nonce}\n"), "incorrect": LOGIN_INCORRECT,
+                   "login": LOGIN_PROMPT}
 
         def poke() -> None:
-            self._send(again)
+            self._send(line)
             self._step(Step.SETUP_SENT)
 
         # Wait briefly for the shell's prompt (or a refusal) before typing, then type and keep typing.
         got = None
         if not prompt_seen:
             got = self._expect({"prompt": SHELL_PROMPT, **answers}, min(deadline, time.monotonic() + 5.0))
-            prompt_seen = got is not None and got[0] == "prompt"
-            if prompt_seen:
+            if got is not None and got[0] == "prompt":
                 self._step(Step.SHELL_PROMPT)
         if got is None or got[0] == "prompt":
-            if not prompt_seen or ahead is None:  # no prompt recognised: the setup line alone, until it is read
-                ahead = None
-                poke()
-            else:
-                self._send(with_first + ahead.line)
-                self._step(Step.SETUP_SENT)
-                self._step(Step.COMMAND_SENT)
+            poke()
             got = self._expect(answers, deadline, poke=poke)
         if got is None:
             raise fail(LoginFailure.NO_SHELL)
-        if got[0] not in ("ready", "again"):
+        if got[0] != "ready":
             raise fail(LoginFailure.INCORRECT)
         self._step(Step.READY)
         self.ready = True
-        if got[0] == "ready" and ahead is not None:
-            self._ahead = ahead  # its markers may be in what was read already: nothing cleared
-        else:
-            self._clear()
+        self._clear()
 
     # -- commands
 
@@ -483,20 +464,19 @@ class ConsoleSession:
         finish within `timeout` gives a TIMED_OUT result and leaves the session broken."""
         if not self.ready or self.broken:
             return not_run(command)
-        typed, self._ahead = self._ahead, None
-        if typed is not None and typed.command != command:
-            raise ValueError(f"{typed.command!r} was typed ahead (first=), not {command!r}")
+        nonce = secrets.token_hex(6)
+        begin, end = f"BEGIN_{nonce}", f"END_{nonce}"
+        line = (f"printf '%s%s\\n' {MARK} {begin}; ( {command}\n) </dev/null 2>&1; "
+                f"printf '\\n%s%s:%s\\n' {MARK} {end} \"$?\"\n")
         start = time.monotonic()
         deadline = start + timeout
         try:
-            if typed is None:
-                typed = _typed(command)
-                self._send(typed.line)
-                self._step(Step.COMMAND_SENT)
-            got_begin = self._expect({"begin": typed.begin}, deadline)
+            self._send(line)
+            self._step(Step.COMMAND_SENT)
+            got_begin = self._expect({"begin": re.compile(rf"{MARK}{begin}\n")}, deadline)
             if got_begin:
                 self._step(Step.BEGIN)
-            got_end = got_begin and self._expect({"end": typed.end}, deadline)
+            got_end = got_begin and self._expect({"end": re.compile(rf"\n{MARK}{end}:(\d+)\n")}, deadline)
             if got_end:
                 self._step(Step.END)
         except ConsoleClosed:
@@ -513,34 +493,6 @@ class ConsoleSession:
     def run_all(self, commands: Sequence[str], *, timeout: float = 60.0) -> tuple[CommandResult, ...]:
         """Each command in order; after one hangs, the rest are NOT_RUN."""
         return tuple(self.run(c, timeout=timeout) for c in commands)
-
-
-def setup_line(nonce: str) -> str:
-    """The shell's set-up, answered by READY_<nonce>. Builtins only: under TCG the first exec of a
-    cold binary (stty -echo) costs a second, and the markers need no echo off (the echo of a line
-    comes before the shell runs it). bash's line editor off: the tty then echoes each line once,
-    not readline's redraws."""
-    return ("export TERM=dumb PS1='$ ' PS2=''; unset PROMPT_COMMAND; "
-            "[ -n \"${BASH_VERSION-}\" ] && set +o emacs +o vi; "
-            f"printf '%s%s\\n' {MARK} READY_{nonce}\n")
-
-
-@dataclass(frozen=True)
-class _Typed:
-    """A command as typed into the shell: its line and the markers only the shell's printf makes."""
-
-    command: str
-    line: str
-    begin: re.Pattern[str]
-    end: re.Pattern[str]
-
-
-def _typed(command: str) -> _Typed:
-    nonce = secrets.token_hex(6)
-    begin, end = f"BEGIN_{nonce}", f"END_{nonce}"
-    line = (f"printf '%s%s\\n' {MARK} {begin}; ( {command}\n) </dev/null 2>&1; "
-            f"printf '\\n%s%s:%s\\n' {MARK} {end} \"$?\"\n")
-    return _Typed(command, line, re.compile(rf"{MARK}{begin}\n"), re.compile(rf"\n{MARK}{end}:(\d+)\n"))
 
 
 # ── the [check] table ────────────────────────────────────────────────────────────────────────

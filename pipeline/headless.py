@@ -200,11 +200,10 @@ def run_inside(console: _Console, inside: Inside, port_fd: int | None = None) ->
             console.keep(strip_ansi(console.partial))
         console.partial = ""
     try:
-        first = inside.commands[0] if inside.commands else None  # typed behind the setup line
         if inside.login is None:
-            session.attach(timeout=inside.login_timeout, first=first)
+            session.attach(timeout=inside.login_timeout)
         else:
-            session.login(inside.login, timeout=inside.login_timeout, first=first)
+            session.login(inside.login, timeout=inside.login_timeout)
     except ConsoleLoginError as e:
         return Ran(tuple(not_run(c) for c in inside.commands), e.message, e.hint or "", steps=stamped(session, console))
     results = session.run_all(inside.commands, timeout=inside.timeout)

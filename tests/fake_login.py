@@ -7,8 +7,6 @@ Environment:
                   through the whole session (like printk on a serial console)
   FAKE_LOGIN_DELAY  seconds login takes after the password (a slow PAM under TCG)
   FAKE_SHELL_ONLY 1: no getty, a shell at once (our init's shell beside an app)
-  FAKE_FALSE_PROMPT 1: after the user, a line that looks like a shell prompt ("… # "), then what
-                  was typed meanwhile is flushed (like login(1)'s TCSAFLUSH), then the shell
 
 Like util-linux: `<host> login: `, then `Password: ` with echo off, "Login incorrect" and the
 prompt again on a wrong one, then a shell (/bin/sh -i) with a coloured prompt.
@@ -70,12 +68,6 @@ def main() -> None:
                 out.write("\r\nLogin incorrect\r\n")
                 out.flush()
                 continue
-        if os.environ.get("FAKE_FALSE_PROMPT") == "1":
-            out.write("Issue # ")
-            out.flush()
-            time.sleep(0.5)
-            termios.tcflush(0, termios.TCIFLUSH)
-            out.write("\r\n")
         out.write("Linux fakehost 6.1.0 #1 SMP x86_64\r\n\r\nThe programs included with Debian are free.\r\n")
         out.flush()
         shell()
