@@ -192,6 +192,21 @@ class ConsoleLoginError(UserError):
         self.failure = failure
 
 
+class Step(enum.StrEnum):
+    """A moment of a console session, stamped in ConsoleSession.steps (where a check's seconds go)."""
+
+    LOGIN_PROMPT = "login prompt"  # seen (or already read by the boot check)
+    USER_SENT = "user sent"
+    PASSWORD_PROMPT = "password prompt"
+    PASSWORD_SENT = "password sent"
+    SHELL_PROMPT = "shell prompt"  # the login shell's first prompt, recognised
+    SETUP_SENT = "setup sent"  # the setup line typed (again, when poked)
+    READY = "ready"  # the shell answered the setup line
+    COMMAND_SENT = "command sent"
+    BEGIN = "begin"  # a command's begin marker
+    END = "end"  # its end marker
+
+
 class ConsoleClosed(Exception):
     """The stream ended (the guest powered off, QEMU exited)."""
 
@@ -234,10 +249,14 @@ class ConsoleSession:
         self.ready = False  # logged in, shell set up
         self.broken = False  # a command hung: the shell is busy for good
         self.login_seconds: float | None = None  # from the login prompt to a ready shell (the report's phase)
+        self.steps: list[tuple[float, Step]] = []  # (time.monotonic(), step): where the seconds went
         if seen:  # what the boot check already read from this console (its login prompt)
             self._ingest(strip_ansi(_complete_prefix(seen)[0])[-4096:])
 
     # -- bytes in and out
+
+    def _step(self, step: Step) -> None:
+        self.steps.append((time.monotonic(), step))
 
     def _send(self, text: str) -> None:
         data = text.encode()
@@ -356,8 +375,10 @@ class ConsoleSession:
                                             poke_now=True) is None:
                 raise fail(LoginFailure.NO_GETTY)
             prompt_at = time.monotonic()
+            self._step(Step.LOGIN_PROMPT)
             self._clear()
             self._send(login.user + "\n")
+            self._step(Step.USER_SENT)
             answers = {"password": PASSWORD_PROMPT, "incorrect": LOGIN_INCORRECT, "login": LOGIN_PROMPT,
                        "prompt": SHELL_PROMPT}
             password_sent, retyped = False, 0
@@ -368,14 +389,19 @@ class ConsoleSession:
                 if what == "login":  # a second prompt, for a newline we typed to wake it: type the user again
                     retyped += 1
                     self._send(login.user + "\n")
+                    self._step(Step.USER_SENT)
                 elif what == "password" and not password_sent:
+                    self._step(Step.PASSWORD_PROMPT)
                     password = self.env.get(login.password_env or "")
                     if not password:
                         raise fail(LoginFailure.NO_PASSWORD)
                     self._secret = password
                     self._send(password + "\n")
+                    self._step(Step.PASSWORD_SENT)
                     password_sent = True
                 else:
+                    if what == "prompt":
+                        self._step(Step.SHELL_PROMPT)
                     break
             self._setup(deadline, fail, prompt_seen=got is not None and got[0] == "prompt")
             self.login_seconds = time.monotonic() - prompt_at
@@ -412,11 +438,14 @@ class ConsoleSession:
 
         def poke() -> None:
             self._send(line)
+            self._step(Step.SETUP_SENT)
 
         # Wait briefly for the shell's prompt (or a refusal) before typing, then type and keep typing.
         got = None
         if not prompt_seen:
             got = self._expect({"prompt": SHELL_PROMPT, **answers}, min(deadline, time.monotonic() + 5.0))
+            if got is not None and got[0] == "prompt":
+                self._step(Step.SHELL_PROMPT)
         if got is None or got[0] == "prompt":
             poke()
             got = self._expect(answers, deadline, poke=poke)
@@ -424,6 +453,7 @@ class ConsoleSession:
             raise fail(LoginFailure.NO_SHELL)
         if got[0] != "ready":
             raise fail(LoginFailure.INCORRECT)
+        self._step(Step.READY)
         self.ready = True
         self._clear()
 
@@ -442,8 +472,13 @@ class ConsoleSession:
         deadline = start + timeout
         try:
             self._send(line)
+            self._step(Step.COMMAND_SENT)
             got_begin = self._expect({"begin": re.compile(rf"{MARK}{begin}\n")}, deadline)
+            if got_begin:
+                self._step(Step.BEGIN)
             got_end = got_begin and self._expect({"end": re.compile(rf"\n{MARK}{end}:(\d+)\n")}, deadline)
+            if got_end:
+                self._step(Step.END)
         except ConsoleClosed:
             got_end = None
         seconds = time.monotonic() - start

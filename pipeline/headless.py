@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import qemu, qmp
-from pipeline.console import CommandResult, ConsoleLoginError, ConsoleSession, Login, not_run
+from pipeline.console import CommandResult, ConsoleLoginError, ConsoleSession, Login, Step, not_run
 from pipeline.launch import exit_status, launch, qemu_error, wait
 from pipeline.qemu import qmp_listen_args
 from pipeline.run import Cmd, argv
@@ -61,12 +61,14 @@ class Inside:
 @dataclass(frozen=True)
 class Ran:
     """What Inside gave: each command's result (all NOT_RUN when there was no shell), why there
-    was no shell (one line and its hint, from console.LoginFailure), the login's seconds."""
+    was no shell (one line and its hint, from console.LoginFailure), the login's seconds, and the
+    session's steps stamped in seconds since QEMU started (like BootResult.log: where they went)."""
 
     commands: tuple[CommandResult, ...]
     login_error: str = ""
     login_hint: str = ""
     login_seconds: float | None = None
+    steps: tuple[tuple[float, Step], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -203,8 +205,14 @@ def run_inside(console: _Console, inside: Inside, port_fd: int | None = None) ->
         else:
             session.login(inside.login, timeout=inside.login_timeout)
     except ConsoleLoginError as e:
-        return Ran(tuple(not_run(c) for c in inside.commands), e.message, e.hint or "")
-    return Ran(session.run_all(inside.commands, timeout=inside.timeout), login_seconds=session.login_seconds)
+        return Ran(tuple(not_run(c) for c in inside.commands), e.message, e.hint or "", steps=stamped(session, console))
+    results = session.run_all(inside.commands, timeout=inside.timeout)
+    return Ran(results, login_seconds=session.login_seconds, steps=stamped(session, console))
+
+
+def stamped(session: ConsoleSession, console: _Console) -> tuple[tuple[float, Step], ...]:
+    """The session's steps in seconds since QEMU started, like the console's log."""
+    return tuple((t - console.start, step) for t, step in session.steps)
 
 
 def _quit(proc: subprocess.Popen, console: _Console, qmp_path: Path) -> None:

@@ -89,11 +89,15 @@ def qemus_of(project: Path) -> list[int]:
 
 
 def test_check_commands_pass_fail_and_hang_show_in_the_junit_xml(boot_project, tmp_path):
-    """hello with [check] commands in tgz mode: one passes, one fails (status, output), one hangs
-    (the command timeout ends it, the VM is stopped); the JUnit XML says so in the shape CI reads."""
+    """hello with [check] commands in tgz mode: the README's example and one more pass, one fails
+    (status, output), one hangs (the command timeout ends it, the VM is stopped); the JUnit XML
+    says so in the shape CI reads."""
     doit("build_rootfs:hello", "extract_boot:hello", "build_app:hello", cwd=boot_project)  # store hits
     p = Project(boot_project)
-    checks = CheckSettings(run=("echo inside-ok; uname -s", "echo oops-from-inside; exit 3", "sleep 600"), timeout=20)
+    readme = "systemctl is-system-running --wait"  # the README's [check] example, as written there
+    assert f'run = ["{readme}"]' in (ROOT / "README.md").read_text()
+    checks = CheckSettings(run=(readme, "echo inside-ok; uname -s", "echo oops-from-inside; exit 3", "sleep 600"),
+                           timeout=20)
     r = dataclasses.replace(p.recipe("hello"), checks=checks)
     paths = ReportPaths.beside(tmp_path / "junit" / "check.xml")
     t = time.monotonic()
@@ -109,10 +113,12 @@ def test_check_commands_pass_fail_and_hang_show_in_the_junit_xml(boot_project, t
     assert root.tag == "testsuites"
     suite = root.find("testsuite")
     assert suite is not None and suite.get("name") == "check_boot.hello"
-    assert {k: suite.get(k) for k in ("tests", "failures", "errors")} == {"tests": "4", "failures": "1", "errors": "1"}
+    assert {k: suite.get(k) for k in ("tests", "failures", "errors")} == {"tests": "5", "failures": "1", "errors": "1"}
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert all(c.get("classname") == "check_boot.hello" and float(c.get("time")) >= 0 for c in cases.values())
     assert cases["tgz: boot"].find("failure") is None
+    example = cases[f"tgz: {readme}"]
+    assert example.find("failure") is None and example.findtext("system-out").strip() == "running"
     passed = cases["tgz: echo inside-ok; uname -s"]
     assert passed.find("failure") is None and "Linux" in passed.findtext("system-out")
     failed = cases["tgz: echo oops-from-inside; exit 3"].find("failure")

@@ -16,7 +16,7 @@ from conftest import process_gone
 
 from pipeline import graph, headless, report, stages, vm
 from pipeline.app import InitKind, Plan
-from pipeline.console import SYSTEMD_FAILED_UNITS, CheckSettings, CommandResult, Login, Verdict
+from pipeline.console import SYSTEMD_FAILED_UNITS, CheckSettings, CommandResult, Login, Step, Verdict
 from pipeline.errors import UserError
 from pipeline.qemu import Mode
 
@@ -50,6 +50,9 @@ def test_commands_run_after_the_login_prompt_with_status_and_output(tmp_path):
     assert (bad.status, bad.output, bad.verdict) == (3, "bad", Verdict.FAILED)
     assert not res.inside.ok and not res.inside.login_error
     assert any("host login:" in line for _, line in res.log)  # the whole console, stamped, for the report
+    steps = res.inside.steps  # where the seconds went, on the console log's clock
+    assert [s for _, s in steps][:2] == [Step.LOGIN_PROMPT, Step.USER_SENT] and Step.READY in {s for _, s in steps}
+    assert all(0 < t <= res.log[-1][0] + 1 for t, _ in steps) and [t for t, _ in steps] == sorted(t for t, _ in steps)
     assert gone(pid)
 
 

@@ -22,6 +22,7 @@ from pipeline.console import (
     ConsoleSession,
     Login,
     LoginFailure,
+    Step,
     Verdict,
     strip_ansi,
     without_kernel_lines,
@@ -104,6 +105,9 @@ def test_password_from_the_environment_is_never_kept(tmp_path):
         s.login(Login("root", "MY_PW"), timeout=20)
         r = s.run("echo typed s3cret-pw here")
         assert r.output == f"typed {REDACTED} here"
+    assert [step for _, step in s.steps] == [  # stamped, for the bench's account of where the seconds go
+        Step.LOGIN_PROMPT, Step.USER_SENT, Step.PASSWORD_PROMPT, Step.PASSWORD_SENT, Step.SHELL_PROMPT,
+        Step.SETUP_SENT, Step.READY, Step.COMMAND_SENT, Step.BEGIN, Step.END]
     assert lines and not any("s3cret-pw" in line for line in lines)
     assert not any("s3cret-pw" in line for line in s.tail())
 
