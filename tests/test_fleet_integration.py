@@ -76,6 +76,8 @@ def test_runner_b_pulls_everything_without_building(fleet, tmp_path):
     text = out.stdout + out.stderr
     assert ": docker build " not in text and "ldt: bootstrap " not in text, text[-3000:]  # no build, no mmdebstrap
     assert text.count("pulled from") >= 6, text[-3000:]  # both tgz, boot, ext4, bios, uefi
+    pulled = re.findall(r"^ldt: (\w+:[0-9a-f]{12}) pulled from ", text, re.M)
+    assert len(pulled) == len(set(pulled)), pulled  # a run fetches each entry at most once
     assert digests(b) == digests(a)  # byte-identical artifacts
     check = doit("check_boot:hello", cwd=b, env={"LDT_REMOTE": reg.url, "LDT_REMOTE_PUSH": "0"})
     rows = [line.split() for line in check.stdout.splitlines() if line.startswith("hello ")]
