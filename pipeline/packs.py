@@ -333,7 +333,13 @@ class BlockStore:
         return out
 
     def known(self, digests: list[bytes], con: sqlite3.Connection) -> set[bytes]:
-        return set(self.locate_many(digests, con))
+        """Which of these blocks the store has (membership only: no Location built per row)."""
+        out: set[bytes] = set()
+        for i in range(0, len(digests), BATCH):
+            part = digests[i:i + BATCH]
+            out.update(row[0] for row in con.execute(
+                f"SELECT digest FROM blocks WHERE digest IN ({','.join('?' * len(part))})", part))
+        return out
 
     def missing(self, index: Index) -> set[bytes]:
         """The blocks of an index this store lacks (what a pull would fetch)."""
