@@ -162,6 +162,7 @@ class Compacted:
     new_bytes: int = 0
     entries: int = 0  # manifests rewritten
     skipped: list[str] = field(default_factory=list)  # one line each: what was left as it was, and why
+    into: dict[str, dict[str, int]] = field(default_factory=dict)  # old pack -> {new pack: its bytes}
 
     @property
     def before(self) -> int:
@@ -241,8 +242,33 @@ def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, thres
             continue
         rows = sorted({r.entry.row for r in read if p.pack in r.parsed.packs})
         done.packs[p.pack] = (p.size, rows)
+        done.into[p.pack] = {new[d].pack: new_sizes[new[d].pack] for d, _ in p.moves if d in new}
         done.live += p.live
     return done
+
+
+def teach(c: oci.Client, remote: oci.Remote, rmap: regblocks.RemoteMap,
+          doomed: Mapping[str, Mapping[str, int]]) -> int:
+    """Before a push: where the live blocks of compacted packs this store's map knows went (the gc
+    state names each doomed pack's new packs; their trailers, two Range requests each, say where
+    every block is), so the push finds them there instead of sending them again. How many packs
+    were learned; a replacement that cannot be read is skipped (its blocks are sent again)."""
+    learned = 0
+    blocks_repo = remote.repository(regblocks.BLOCKS_REPO)
+    for old, into in sorted(doomed.items()):
+        if not into or rmap.size(old) is None:
+            continue
+        for pack, size in sorted(into.items()):
+            if rmap.size(pack) is not None:
+                continue
+            try:
+                trailer = _trailer(c, blocks_repo, pack, size)
+            except BlockCorrupt:
+                continue
+            rmap.add(trailer)
+            rmap.add_sizes({pack: size})
+            learned += 1
+    return learned
 
 
 def _read_entry(c: oci.Client, remote: oci.Remote, e: Entry) -> _Read | None:

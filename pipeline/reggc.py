@@ -189,9 +189,11 @@ def write_state(c: oci.Client, remote: oci.Remote, state: State) -> None:
               headers={"Content-Type": oci.OCI_MANIFEST}).close()
 
 
-def doomed_packs(c: oci.Client, remote: oci.Remote) -> set[str]:
-    """What pushers must not name any more (regblocks.push)."""
-    return set(read_state(c, remote).doomed)
+def doomed_packs(c: oci.Client, remote: oci.Remote) -> dict[str, dict[str, int]]:
+    """What pushers must not name any more (regblocks.push), each with the new packs a compaction
+    copied its live blocks into ({} when it was doomed by a deletion; regcompact.teach)."""
+    return {pack: {str(k): int(v) for k, v in dict(info.get("into") or {}).items()}
+            for pack, info in read_state(c, remote).doomed.items()}
 
 
 # -- collecting -----------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], kee
             compacted = regcompact.Compacted(skipped=[f"compaction stopped: {e.message}"])
         for pack, (size, repos) in compacted.packs.items():  # mounted where its entries were, deleted ones too
             repos = sorted(set(repos) | {e.row for e in deleted if pack in e.packs})
-            state.doomed[pack] = {"at": now, "size": size, "repos": repos}
+            state.doomed[pack] = {"at": now, "size": size, "repos": repos, "into": compacted.into.get(pack, {})}
             fresh.add(pack)
         stamp = now + (time.monotonic() - started)
         for pack in fresh:

@@ -326,7 +326,10 @@ def test_store_gc_remote_compacts_a_mostly_dead_pack_safely(registry, tmp_path):
     assert "sha256:" + p in packs_of(registry, "gcc/crow", "late")
     fresh = make_entry(tmp_path / "fresh", {"f": b"".join(shared + blocks(34, 4))})
     remote.push_entry(r, "crow", "fresh", fresh, env=NO_CREDS, blocks=bs)  # reads the state: P is doomed
-    assert "sha256:" + p not in packs_of(registry, "gcc/crow", "fresh")
+    fresh_packs = packs_of(registry, "gcc/crow", "fresh")
+    assert "sha256:" + p not in fresh_packs
+    (q,) = done.into[p]  # the shared blocks went to Q: this runner's map learned it from the state, none sent again
+    assert "sha256:" + q in fresh_packs
     early = reggc.collect(r, ["crow"], [], 7, now=t0 + 8 * reggc.DAY + 60, env=NO_CREDS)
     assert early.packs_deleted == 0 and head(registry, f"gcc/blocks/blobs/sha256:{p}") == 200
     # "late" names P again: un-doomed, then compacted again into the same bytes as Q, and doomed
