@@ -37,7 +37,10 @@ def run_init(tmp_path: Path, a: App, *, stdin: str = "", timeout: float = 30,
     conf = tmp_path / "app.conf"
     conf.write_text(app.app_init_config(a))
     env = {"LDT_INIT_NO_SYSTEM": "1", "LDT_BUSYBOX": BUSYBOX, "LDT_APP_CONFIG": str(conf), "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", BUSYBOX, "sh", str(script)],
+    # a VM's init starts with every signal at its default; a pytest started in the background (`&`)
+    # has SIGINT ignored, and a shell cannot trap a signal ignored on its entry
+    return subprocess.run(["env", "--default-signal=INT,QUIT", "unshare", "--pid", "--fork", "--mount-proc",
+                           BUSYBOX, "sh", str(script)],
                           env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
