@@ -175,6 +175,32 @@ def test_a_push_cut_off_leaves_no_tag_and_the_next_completes_it(registry, tmp_pa
     same_files(e, tmp_path / "w")
 
 
+def test_a_manifest_put_refused_for_a_blob_a_concurrent_pusher_is_linking_is_tried_again(
+        registry, tmp_path, monkeypatch):  # noqa: F811
+    """Distribution writes a blob's link file in place: a second pusher of the same blob can make a
+    manifest PUT read it empty (DIGEST_INVALID,MANIFEST_BLOB_UNKNOWN). The push checks its blobs
+    again and puts the manifest once more."""
+    from pipeline.entries import RemoteUnavailable
+
+    r = Remote.parse(registry.url)
+    e = make_entry(tmp_path / "e", {"f": b"".join(blocks(12, 16))})
+    real, refused = oci.Client.request, []
+
+    def request(self, method, url, **kwargs):
+        if method == "PUT" and "/manifests/" in url and not refused:
+            refused.append(url)
+            raise RemoteUnavailable(f"remote store {registry.host} answered 400 to PUT {url} "
+                                    "DIGEST_INVALID,MANIFEST_BLOB_UNKNOWN")
+        return real(self, method, url, **kwargs)
+
+    monkeypatch.setattr(oci.Client, "request", request)
+    assert remote.push_entry(r, "again", "k1", e, env=NO_CREDS, blocks=BlockStore(tmp_path / "blocks")) is True
+    assert refused
+    monkeypatch.setattr(oci.Client, "request", real)
+    pull(r, "again", "k1", tmp_path / "w", BlockStore(tmp_path / "fresh"))
+    same_files(e, tmp_path / "w")
+
+
 def test_a_pack_the_map_names_but_the_registry_lost_is_sent_again(registry, tmp_path):  # noqa: F811
     r = Remote.parse(registry.url)
     data = blocks(10, 32)
