@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -393,10 +394,20 @@ def tags(c: Client, repo: str) -> list[str]:
     return sorted(out)
 
 
+MOMENTARY = (400, 500)  # what distribution can answer while a concurrent pusher writes the link file read
+
+
 def head(c: Client, path: str, accept: str | None = None) -> bool:
-    r = c.request("HEAD", path, ok=(200, 404), headers={"Accept": accept} if accept else None)
-    r.close()
-    return r.status_code == 200
+    """Whether the registry has it. Distribution writes a blob's link file in place, so while
+    another pusher links the same blob a HEAD can fail for a moment: asked once more, later."""
+    for wait in (0.5, None):
+        r = c.request("HEAD", path, ok=(200, 404, *MOMENTARY), headers={"Accept": accept} if accept else None)
+        r.close()
+        if r.status_code not in MOMENTARY:
+            return r.status_code == 200
+        if wait is not None:
+            time.sleep(wait)
+    raise RemoteUnavailable(c._describe("HEAD", path, r))
 
 
 def _start_upload(c: Client, repo: str) -> tuple[str, int]:

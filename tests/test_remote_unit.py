@@ -211,3 +211,31 @@ def test_write_sparse_odd_lengths(tmp_path):
         oci.write_sparse(f, b"\0" * 7)
         f.truncate(5018)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5000 + b"x" + b"\0" * 17
+
+
+class _Answers:
+    """A client whose HEADs answer the given statuses in turn (oci.head's view of a registry)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses, self.asked = list(statuses), 0
+        self.remote = Remote.parse("oci://reg.example:5000/ldt")
+
+    def request(self, method, url, *, ok, headers=None):
+        status = self.statuses[self.asked]
+        self.asked += 1
+        assert status in ok
+        return type("R", (), {"status_code": status, "close": lambda self: None})()
+
+    def _describe(self, method, url, resp):
+        return f"remote store {self.remote.host} answered {resp.status_code} to {method} {url}"
+
+
+def test_head_asks_once_more_when_a_concurrent_pusher_makes_a_blob_fail_for_a_moment(monkeypatch):
+    monkeypatch.setattr(oci.time, "sleep", lambda s: None)
+    c = _Answers(500, 200)
+    assert oci.head(c, "/ldt/blocks/blobs/sha256:ab") is True and c.asked == 2
+    c = _Answers(400, 404)
+    assert oci.head(c, "/ldt/blocks/blobs/sha256:ab") is False and c.asked == 2
+    assert oci.head(_Answers(404), "/x") is False
+    with pytest.raises(entries.RemoteUnavailable, match="answered 500 to HEAD /x"):
+        oci.head(_Answers(500, 500), "/x")
