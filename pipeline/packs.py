@@ -72,6 +72,7 @@ FOOTER = struct.Struct(">8sQI32s")  # magic, trailer offset, trailer length, sha
 TRAILER_ENTRY = struct.Struct(">32sQIH")  # block digest, frame offset, frame length, slot in the frame
 FRAME_BLOCKS = 16  # blocks per zstd frame: 64 KiB before compression
 PACK_MAX = 32 << 20  # a pack is closed once it holds this many compressed bytes
+MAX_TRAILER = 64 << 20  # a pack trailer larger than this is not one of ours
 LEVEL = 3  # zstd level of the frames
 FRAME_CACHE = 8  # decompressed frames a reader keeps
 BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
@@ -106,25 +107,33 @@ class Stats:
 
 
 def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
-    """A pack's own index, checked against the footer's digest."""
+    """A local pack's own index, checked against the footer's digest."""
     name = path.name.removesuffix(".pack")
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < len(PACK_MAGIC) + FOOTER.size:
-                raise BlockCorrupt(f"pack {name[:12]} is damaged (too short: {size} bytes)")
-            f.seek(size - FOOTER.size)
-            magic, offset, length, want = FOOTER.unpack(f.read(FOOTER.size))
-            if magic != PACK_MAGIC or offset + length > size - FOOTER.size:
-                raise BlockCorrupt(f"pack {name[:12]} is damaged (no valid footer)")
-            f.seek(offset)
-            raw = f.read(length)
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(end - start)
+
+            return trailer_of(name, f.seek(0, os.SEEK_END), read)
     except OSError as e:
         raise BlockCorrupt(f"pack {name[:12]} is unreadable ({e.strerror})") from None
+
+
+def trailer_of(name: str, size: int, read: Callable[[int, int], bytes]) -> list[tuple[bytes, Location]]:
+    """A pack's own index, checked against the footer's digest, whatever holds its `size` bytes:
+    read(start, end) gives bytes [start, end) of it (a local file, or Range requests to a registry)."""
+    if size < len(PACK_MAGIC) + FOOTER.size:
+        raise BlockCorrupt(f"pack {name[:12]} is damaged (too short: {size} bytes)")
+    magic, offset, length, want = FOOTER.unpack(read(size - FOOTER.size, size))
+    if magic != PACK_MAGIC or offset + length > size - FOOTER.size or length > MAX_TRAILER:
+        raise BlockCorrupt(f"pack {name[:12]} is damaged (no valid footer)")
+    raw = read(offset, offset + length)
     if hashlib.sha256(raw).digest() != want:
         raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not match the footer's digest)")
     try:
-        entries = zstandard.ZstdDecompressor().decompress(raw)
+        entries = zstandard.ZstdDecompressor().decompress(raw, max_output_size=16 * MAX_TRAILER)
     except zstandard.ZstdError:
         raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not decompress)") from None
     return [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(entries)]

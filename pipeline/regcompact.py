@@ -44,27 +44,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from pipeline import oci, regblocks
 from pipeline.blocks import BlockCorrupt
 from pipeline.entries import EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.packs import (
-    FOOTER,
     FRAME_BLOCKS,
-    PACK_MAGIC,
-    TRAILER_ENTRY,
     BlockStore,
     Location,
     Made,
     block_of,
     decompress_frame,
+    trailer_of,
 )
 
 THRESHOLD = 0.5  # a pack whose live blocks are less than this share of its bytes is rewritten
 MIN_DEAD = 256 << 10  # ... if that frees at least this many bytes
-MAX_TRAILER = 64 << 20  # a pack trailer larger than this is not one of ours
 PENDING = Location("", 0, 0, 0)  # a copied block whose new pack is not closed yet
 
 Frames = dict[tuple[int, int], int]  # (frame offset, frame length) -> bitmask of the live slots
@@ -304,20 +299,8 @@ def _get_range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> byt
 
 
 def _trailer(c: oci.Client, repo: str, pack: str, size: int) -> list[tuple[bytes, Location]]:
-    """A registry pack's own index (packs.read_trailer over Range), checked against the footer."""
-    if size < len(PACK_MAGIC) + FOOTER.size:
-        raise BlockCorrupt(f"pack {pack[:12]} is damaged (too short: {size} bytes)")
-    magic, offset, length, want = FOOTER.unpack(_get_range(c, repo, pack, size - FOOTER.size, size))
-    if magic != PACK_MAGIC or offset + length > size - FOOTER.size or length > MAX_TRAILER:
-        raise BlockCorrupt(f"pack {pack[:12]} is damaged (no valid footer)")
-    raw = _get_range(c, repo, pack, offset, offset + length)
-    if hashlib.sha256(raw).digest() != want:
-        raise BlockCorrupt(f"pack {pack[:12]} is damaged (its trailer does not match the footer's digest)")
-    try:
-        entries = zstandard.ZstdDecompressor().decompress(raw, max_output_size=16 * MAX_TRAILER)
-    except zstandard.ZstdError:
-        raise BlockCorrupt(f"pack {pack[:12]} is damaged (its trailer does not decompress)") from None
-    return [(d, Location(pack, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(entries)]
+    """A registry pack's own index (packs.trailer_of over Range), checked against the footer."""
+    return trailer_of(pack, size, lambda start, end: _get_range(c, repo, pack, start, end))
 
 
 def _copy(c: oci.Client, blocks_repo: str, bs: BlockStore,
