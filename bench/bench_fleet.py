@@ -31,6 +31,7 @@ The machine may be small and shared: times are noisy, and nothing here asserts t
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
 import re
@@ -332,7 +333,8 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     print(f"   B: {'ran ' + ' and '.join(built) + ' (!)' if built else 'no docker build, no mmdebstrap'}; "
           f"{len(pulls(run_b))} entries pulled; artifacts {'byte-identical to' if same else 'DIFFERENT from'} "
           f"A's ({', '.join(DISKS)}, sha256)")
-    twice = sorted({f"{s}:{k}" for s, k, _ in pulls(run_b) if sum(1 for x in pulls(run_b) if x[:2] == (s, k)) > 1})
+    counted = collections.Counter(f"{stage}:{key}" for stage, key, _ in pulls(run_b))
+    twice = sorted(entry for entry, n in counted.items() if n > 1)
     print(f"   entries B pulled more than once: {', '.join(twice) if twice else 'none'}")
     summary.append(("B (fresh runner, pulls) / A (cold build)", f"{run_b.seconds:.1f}s", f"{run_a.seconds:.1f}s",
                     f"{ratio:.3f}x", "<= 0.15"))
