@@ -18,7 +18,7 @@ import pytest
 from pipeline import regzip
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
-from pipeline.packs import BlockStore, block_of, decompress_frame, verify_pack
+from pipeline.packs import BlockStore, block_of, decompress_frame, read_trailer, verify_pack
 
 MiB = 1 << 20
 
@@ -189,6 +189,39 @@ def test_a_flipped_byte_in_a_pack_is_one_line_and_nothing_written(tmp_path: Path
     assert [m for m in store.verify() if pack.name[:12] in m]
     with pytest.raises(BlockCorrupt):
         verify_pack(pack)
+
+
+def test_blocks_out_of_their_pack_order_are_found_and_checked(tmp_path: Path):
+    """The reader tries the block after the one before in its frame first; any other order, a
+    block twice in a row and a damaged block in the middle of a frame still come out right."""
+    blocks = [rand(BLOCK, 100 + i) for i in range(40)]
+    store = BlockStore(tmp_path / "store")
+    store.put_file(write(tmp_path / "a", b"".join(blocks)))
+    mixed = blocks[::-1] + blocks[5:9] + [blocks[7]] * 3 + blocks[20:] + blocks[:3]
+    index = store.put_file(write(tmp_path / "b", b"".join(mixed)))
+    assert store.materialize(index, tmp_path / "out").read_bytes() == b"".join(mixed)
+    (pack,) = packs(store)
+    frames = sorted({loc.offset for _, loc in read_trailer(pack)})
+    flip(pack, frames[1] + 40)  # inside the second frame: blocks the reader reaches as "the next one"
+    with pytest.raises(BlockCorrupt):
+        store.materialize(index, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_write_that_fails_on_the_writing_thread_is_raised_not_lost(tmp_path: Path):
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", rand(3 * MiB, 13)))
+
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        store.write_stream(store.get_index(index), Full(), sparse=False)
+    assert e.value.errno == 28
 
 
 def test_a_pack_verifies_alone_and_its_name_is_its_digest(tmp_path: Path):
