@@ -353,6 +353,9 @@ class BlockStore:
                 f"SELECT digest FROM blocks WHERE digest IN ({','.join('?' * len(part))})", part))
         return out
 
+    def pack_names(self, con: sqlite3.Connection) -> set[str]:
+        return {n for (n,) in con.execute("SELECT name FROM packs")}
+
     def missing(self, index: Index) -> set[bytes]:
         """The blocks of an index this store lacks (what a pull would fetch)."""
         with self.db() as con:

@@ -260,7 +260,7 @@ def teach(c: oci.Client, remote: oci.Remote, rmap: regblocks.RemoteMap,
                 trailer = _trailer(c, blocks_repo, pack, size)
             except BlockCorrupt:
                 continue
-            rmap.add(trailer)
+            rmap.add(trailer, complete=[pack])
             rmap.add_sizes({pack: size})
             learned += 1
     return learned

@@ -103,6 +103,26 @@ def test_remote_map_is_per_registry_and_forgets_a_pack(tmp_path):
     assert set(one.known([d1, d2])) == {d2} and one.size(pack_name(1)) is None
 
 
+def test_remote_map_skips_the_blocks_of_a_pack_it_knows_whole(tmp_path):
+    """A pull tells the map every block of an entry; the blocks of a pack it learned whole (its
+    trailer, or a pack this store wrote) are not written again, and forgetting the pack undoes it."""
+    bs = BlockStore(tmp_path / "b")
+    rmap = RemoteMap(bs, "oci://a/x")
+    p = pack_name(1)
+    trailer = [(bytes([i]) * 32, Location(p, 8, 10, i)) for i in range(1, 5)]
+    rmap.add(trailer, complete=[p])
+    with rmap.db() as con:
+        rows = lambda: con.execute("SELECT count(*) FROM map_blocks").fetchone()[0]  # noqa: E731
+        assert rows() == 4
+        moved = [(bytes([1]) * 32, Location(p, 999, 10, 0))]  # a wrong row for a pack known whole: ignored
+        rmap.add(moved + [(b"\x09" * 32, Location(pack_name(2), 8, 10, 0))])
+        assert rows() == 5
+        assert rmap.locate_many([bytes([1]) * 32])[bytes([1]) * 32].offset == 8
+        rmap.forget_pack(p)
+        rmap.add(moved)
+        assert rows() == 2 and rmap.locate_many([bytes([1]) * 32])[bytes([1]) * 32].offset == 999
+
+
 def test_put_with_have_writes_only_what_the_registry_lacks(tmp_path):
     bs = BlockStore(tmp_path / "b")
     f = tmp_path / "f"
