@@ -75,6 +75,7 @@ from pipeline.files import atomic_path, fsync_path
 from pipeline.packed import Budget, Packed, PackedEntry
 from pipeline.rows import Keep, Row, live_entries
 from pipeline.run import log
+from pipeline.seeds import Seed
 
 __all__ = ["MANIFEST", "Collected", "Footprint", "Keep", "Obtained", "Row", "Source", "Store", "XXHashChecker",
            "hash_file", "key_of", "live_entries", "tree_manifest"]
@@ -254,7 +255,7 @@ class Store:
             writable = packed.writable(stage, key)
             with self.build(stage, key, {k: v for k, v in manifest.items() if k != "files"},
                             writable=writable) as work:
-                size = packed.restore_into(stage, key, work)
+                size = packed.restore_into(stage, key, work, self.seeds(manifest))
         except (BlockCorrupt, OSError, ValueError) as e:
             log(f"warning: packed entry {stage}:{key[:12]} is damaged ({getattr(e, 'message', e)}); "
                 "dropped, it will be made again")
@@ -369,7 +370,7 @@ class Store:
             return None
         try:
             with self.build(stage, key, manifest) as work:
-                if not r.pull_entry(stage, key, work, blocks=self.packed.blocks):
+                if not r.pull_entry(stage, key, work, blocks=self.packed.blocks, seeds=self.seeds(manifest)):
                     raise Absent
         except RemoteUnavailable as e:
             self._remote_failed(e)
@@ -382,6 +383,19 @@ class Store:
             log(f"{stage}:{key[:12]} pulled from {r}")
             return entry
         return None
+
+    def seeds(self, manifest: dict[str, Any]) -> list[Seed]:
+        """The files of the plain entries an entry is made from (its "needs"): a disk's ext4 holds
+        most of the disk's blocks (seeds.py)."""
+        out = []
+        for row, key in sorted((manifest.get("needs") or {}).items()):
+            entry = self.entry(row, key)
+            try:
+                records = json.loads((entry / MANIFEST).read_text())["files"]
+                out += [Seed(entry / name, rec["sha256"]) for name, rec in sorted(records.items())]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # not here plain (or not readable): no seed
+        return out
 
     def push_entry(self, stage: str, key: str, *, warn: bool = True) -> bool:
         """Share a finished entry (no-op without a remote, or with LDT_REMOTE_PUSH=0); True if pushed.

@@ -21,7 +21,10 @@ import xxhash
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from pipeline.packs import BlockStore
+    from pipeline.seeds import Seed
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -93,9 +96,10 @@ class Shared(Protocol):
         """False: pull only (a pull-request runner: LDT_REMOTE_PUSH=0)."""
         ...
 
-    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore) -> bool:
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore, seeds: Collection[Seed] = ()) -> bool:
         """The entry's files and manifest.json into work, every byte checked, fetching only the
-        blocks `blocks` (the store's block store) lacks; False on a miss."""
+        blocks `blocks` (the store's block store) lacks, copying those local seed files hold; False
+        on a miss."""
         ...
 
     def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path, blocks: BlockStore) -> bool:

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from pipeline.entries import MANIFEST, manifest_json
 from pipeline.errors import UserError
 from pipeline.files import fsync_path
 from pipeline.packs import BlockStore
+from pipeline.seeds import Seed
 
 INFO = "packed.json"
 IDX = ".idx"
@@ -154,7 +156,7 @@ class Packed:
     def writable(self, row: str, key: str) -> list[str]:
         return list(json.loads((self.path(row, key) / INFO).read_text()).get("writable", []))
 
-    def restore_into(self, row: str, key: str, work: Path) -> int:
+    def restore_into(self, row: str, key: str, work: Path, seeds: Collection[Seed] = ()) -> int:
         """The entry's files and manifest.json into an empty work dir, every block and file
         checked; their bytes. BlockCorrupt when the packed entry cannot make them."""
         d = self.path(row, key)
@@ -170,7 +172,7 @@ class Packed:
             root = roots[name]
             if (root.size, root.sha256) != (rec.get("size"), rec.get("sha256")):
                 raise BlockCorrupt(f"the index of {name} does not match its manifest.json")
-            bs.materialize(root, work / name)
+            bs.materialize(root, work / name, seeds)
             total += root.size
         (work / MANIFEST).write_text(manifest_json(manifest))
         return total

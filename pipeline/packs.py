@@ -39,10 +39,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
 import sqlite3
 import struct
-import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
@@ -68,6 +67,7 @@ from pipeline.blocks import (
 )
 from pipeline.entries import file_record
 from pipeline.files import atomic_path, fsync_path
+from pipeline.seeds import Seed, Sink, Source, offsets
 
 PACK_MAGIC = b"LDTPACK1"
 FOOTER = struct.Struct(">8sQI32s")  # magic, trailer offset, trailer length, sha256 of the trailer bytes
@@ -79,8 +79,7 @@ LEVEL = 3  # zstd level of the frames
 FRAME_CACHE = 8  # decompressed frames a reader keeps
 BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
 CACHE_KIB = 32768  # SQLite's page cache for the index (hello's whole chain: ~20 MiB of index)
-WRITE_BUFFER = 1 << 20  # materialized bytes are hashed and written in pieces of about this
-SINK_QUEUE = 8  # pieces queued for the writing thread (memory: about this many MiB)
+FILES_KEPT = 64  # block indexes of whole files kept for seeds (record_file), the newest
 
 
 class Location(NamedTuple):  # a tuple: made per block by the hundred thousand (a frozen dataclass cost 2 s a pull)
@@ -186,6 +185,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (digest BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,
                                    length INTEGER NOT NULL, slot INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, size INTEGER NOT NULL, blocks INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS files (sha256 TEXT PRIMARY KEY, root BLOB NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -308,7 +308,9 @@ class BlockStore:
                     refs.add(d, len(chunk))
         if made is not None:
             made.extend(writer.finished)
-        return replace(index, entries=refs.finish(), level=1)
+        root = replace(index, entries=refs.finish(), level=1)
+        self.record_file(root)  # a seed (its chunks may be only in the registry: then it is skipped)
+        return root
 
     def get_index(self, root: Index) -> Index:
         """The full index of a root put_index made, every chunk checked against its digest."""
@@ -362,55 +364,106 @@ class BlockStore:
             needed = list(self.get_index(index).digests())
             return set(needed) - self.known(needed, con)
 
-    def materialize(self, index: Index, dest: Path) -> Path:
+    def materialize(self, index: Index, dest: Path, seeds: Collection[Seed] = ()) -> Path:
         """Write the artifact to dest atomically (sparse where it has holes), every block checked
-        against its digest and the whole against the index's sha256; BlockCorrupt if not."""
-        index = self.get_index(index)
+        against its digest and the whole against the index's sha256; BlockCorrupt if not.
+
+        seeds: local files that may hold many of its blocks (seeds.py); those are copied from
+        them, checked by the whole file's sha256. If that does not match (a seed changed), the
+        file is made again from the packs alone."""
+        root, index = index, self.get_index(index)
         with atomic_path(dest) as tmp:
             if index.gzip:
                 regzip.compress_into(index.gzip, lambda out: self.write_stream(index, out, sparse=False), tmp)
                 sha = file_record(tmp)["sha256"]
             else:
-                with open(tmp, "wb") as out:
-                    sha = self.write_stream(index, out, sparse=True)
+                sha = None
+                with contextlib.ExitStack() as opened:
+                    have = self._seeded(index, seeds, opened)
+                    if have:
+                        with contextlib.suppress(BlockCorrupt), open(tmp, "w+b") as out:  # read back
+                            sha = self.write_stream(index, out, sparse=True, have=have)
+                if sha != index.sha256:
+                    with open(tmp, "wb") as out:
+                        sha = self.write_stream(index, out, sparse=True)
             if sha != index.sha256:
                 raise BlockCorrupt(f"{dest.name} made from blocks does not match its recorded sha256")
             fsync_path(tmp)
         fsync_path(dest.parent)
+        self.record_file(root)
         return dest
 
-    def write_stream(self, index: Index, out: BinaryIO, *, sparse: bool) -> str:
+    def write_stream(self, index: Index, out: BinaryIO, *, sparse: bool,
+                     have: dict[bytes, Source] | None = None) -> str:
         """The entries' bytes into out (seeking over holes when sparse); their sha256 hex.
 
         Per block only what checking it needs: one frame decompressed for its run of blocks, one
-        sha256, one append to a 1 MiB buffer (ext4 of hello: 180,000 blocks). The buffers are
-        hashed whole and written by a _Sink on its own thread, beside the next ones' blocks."""
-        buf: list[bytes] = []
-        buffered = 0
-        with _Sink(out, sparse=sparse) as sink, self.db() as con, PackReader(self, con) as reader:
+        sha256, one append to a 1 MiB piece (ext4 of hello: 180,000 blocks); a Sink hashes and
+        writes the pieces on its own thread. have: blocks to copy from seeds instead."""
+        have = have or {}
+        with Sink(out, sparse=sparse) as sink, self.db() as con, PackReader(self, con) as reader:
             entries = list(index) if len(index) <= BATCH else None
             for i in range(0, len(index), BATCH):
                 part = entries if entries is not None else index.slice(i, i + BATCH)
-                for length, block in reader.run(part):
-                    if block is None:  # a hole
-                        if buf:
-                            sink.put(b"".join(buf))
-                            buf.clear()
-                            buffered = 0
-                        sink.put(length)
+                todo: list[tuple[bytes, int]] = []  # for the reader, in order, before the next copy
+                for d, length in part:
+                    src = have.get(d) if have else None
+                    if src is None or length != BLOCK:
+                        todo.append((d, length))
                         continue
-                    buf.append(block if length == BLOCK else block[:length])
-                    buffered += length
-                    if buffered >= WRITE_BUFFER:
-                        sink.put(b"".join(buf))
-                        buf.clear()
-                        buffered = 0
-            if buf:
-                sink.put(b"".join(buf))
+                    if todo:
+                        self._emit(reader.run(todo), sink)
+                        todo = []
+                    sink.copy(src, BLOCK)
+                if todo:
+                    self._emit(reader.run(todo), sink)
         sha = sink.hexdigest()
         if index.gzip and sha != index.gzip.stream_sha256:
             raise BlockCorrupt("the stream made from blocks does not match its recorded sha256")
         return sha
+
+    @staticmethod
+    def _emit(run: Iterator[tuple[int, bytes | None]], sink: Sink) -> None:
+        for length, block in run:
+            if block is None:
+                sink.hole(length)
+            else:
+                sink.block(block if length == BLOCK else block[:length])
+
+    def _seeded(self, index: Index, seeds: Collection[Seed], opened: contextlib.ExitStack) -> dict[bytes, Source]:
+        """Where the seeds hold blocks of a FIXED file (their recorded block indexes), the seeds opened."""
+        have: dict[bytes, Source] = {}
+        if index.layout is not Layout.FIXED:
+            return have
+        for seed in seeds:
+            root = self.file_root(seed.sha256)
+            if root is None or root.layout is not Layout.FIXED or root.gzip:
+                continue
+            try:
+                full = self.get_index(root)
+                f = opened.enter_context(open(seed.path, "rb"))  # noqa: SIM115
+            except (BlockCorrupt, OSError):
+                continue
+            if os.fstat(f.fileno()).st_size == full.size:
+                offsets(list(full), f.fileno(), have)
+        return have
+
+    def record_file(self, root: Index) -> None:
+        """Remember a whole file's block index (a root put_index made) by its sha256: a seed."""
+        if root.level != 1:
+            return
+        with self.db() as con, con:
+            con.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (root.sha256, root.to_bytes(), time.time()))
+            con.execute("DELETE FROM files WHERE sha256 NOT IN (SELECT sha256 FROM files ORDER BY at DESC LIMIT ?)",
+                        (FILES_KEPT,))
+
+    def file_root(self, sha256: str) -> Index | None:
+        with self.db() as con:
+            row = con.execute("SELECT root FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+        try:
+            return Index.from_bytes(row[0]) if row else None
+        except BlockCorrupt:
+            return None
 
     # -- inspection -------------------------------------------------------------------------------
 
@@ -544,65 +597,6 @@ class PackWriter:
         self.trailer = bytearray()
         self.hash = hashlib.sha256()
         self.offset = 0
-
-
-class _Sink:
-    """Bytes (or an int: a run of zeros) hashed and written in order on a thread of their own:
-    sha256 and write() let go of the GIL, so on two cores they cost the reader nothing (hello's
-    ext4: 6.6 s made on one thread). An error of the thread (a full disk) is raised by the next
-    put() or on leaving the block, never lost; the thread drains what is queued after one."""
-
-    def __init__(self, out: BinaryIO, *, sparse: bool) -> None:
-        self.out, self.sparse = out, sparse
-        self.hash = hashlib.sha256()
-        self.queue: queue.Queue[bytes | int | None] = queue.Queue(maxsize=SINK_QUEUE)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="ldt-sink", daemon=True)
-
-    def __enter__(self) -> _Sink:
-        self.thread.start()
-        return self
-
-    def put(self, item: bytes | int) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def _work(self) -> None:
-        zeros = bytes(READ)
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                if isinstance(item, int):
-                    left = item
-                    while left:
-                        n = min(left, READ)
-                        self.hash.update(zeros[:n] if n < READ else zeros)
-                        if not self.sparse:
-                            self.out.write(zeros[:n] if n < READ else zeros)
-                        left -= n
-                    if self.sparse:
-                        self.out.seek(item, os.SEEK_CUR)
-                else:
-                    self.hash.update(item)
-                    self.out.write(item)
-            except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
-                self.error = e
-        if self.error is None and self.sparse:
-            try:
-                self.out.truncate(self.out.tell())
-            except OSError as e:
-                self.error = e
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None and exc_type is None:
-            raise self.error
-
-    def hexdigest(self) -> str:
-        return self.hash.hexdigest()
 
 
 class PackReader:

@@ -72,6 +72,7 @@ from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.files import fsync_path
 from pipeline.packs import BATCH, BlockStore, Location, Made, _index_pack, block_of, decompress_frame, read_trailer
+from pipeline.seeds import Seed
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v2"
 CONFIG_TYPE = "application/vnd.ldt.entry.manifest.v1+json"
@@ -483,8 +484,9 @@ class Fetched:
 
 def pull(c: oci.Client, repo: str, stage: str, key: str, doc: Mapping[str, Any], config_raw: bytes,
          records: Mapping[str, Mapping[str, Any]], work: Path, bs: BlockStore, rmap: RemoteMap,
-         fetched: Fetched | None = None) -> None:
-    """The entry's files into work (manifest.json is the caller's), fetching only missing blocks."""
+         fetched: Fetched | None = None, seeds: Collection[Seed] = ()) -> None:
+    """The entry's files into work (manifest.json is the caller's), fetching only missing blocks;
+    blocks that seeds (local files, seeds.py) hold are copied from them."""
     parsed = parse_manifest(doc, stage, key)
     if set(parsed.indexes) != set(records):
         raise EntryCorrupt(f"the remote entry {stage}:{key} indexes {sorted(parsed.indexes)}, "
@@ -511,7 +513,7 @@ def pull(c: oci.Client, repo: str, stage: str, key: str, doc: Mapping[str, Any],
             where = dict(zip(block_ds, blob.blocks, strict=True))
             _fetch_missing(c, repo, bs, rmap, where, parsed.packs, fetched)
             rmap.add(list(where.items()) + list(zip(chunk_ds, blob.chunks, strict=True)))
-            bs.materialize(blob.root, work / name)
+            bs.materialize(blob.root, work / name, seeds)
         except BlockCorrupt as e:
             raise EntryCorrupt(f"{stage}:{key[:12]} {name} from the registry: {e.message}") from None
 

@@ -47,7 +47,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from typing import Any
 from pipeline import oci, regblocks, regcompact, reggc
 from pipeline.entries import MANIFEST, EntryCorrupt
 from pipeline.packs import BlockStore
+from pipeline.seeds import Seed
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
 CONFIG_TYPE = "application/vnd.ldt.entry.manifest.v1+json"
@@ -80,8 +81,8 @@ class RegistryStore:
     def push(self) -> bool:
         return self.remote.push
 
-    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore) -> bool:
-        return pull_entry(self.remote, row, key, work, env=self.env, blocks=blocks)
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: BlockStore, seeds: Collection[Seed] = ()) -> bool:
+        return pull_entry(self.remote, row, key, work, env=self.env, blocks=blocks, seeds=seeds)
 
     def push_entry(self, row: str, key: str, entry: Path, *, tmp_dir: Path, blocks: BlockStore) -> bool:
         return push_entry(self.remote, row, key, entry, tmp_dir=tmp_dir, env=self.env, blocks=blocks)
@@ -210,7 +211,7 @@ def entry_manifest(remote: oci.Remote, stage: str, key: str, *, env: Mapping[str
 
 def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.PathLike[str], *,
                env: Mapping[str, str] | None = None, blocks: BlockStore | None = None,
-               fetched: regblocks.Fetched | None = None) -> bool:
+               fetched: regblocks.Fetched | None = None, seeds: Collection[Seed] = ()) -> bool:
     """Fetch <prefix>/<stage>:<key> into work_dir (files + manifest.json). False when the tag is absent.
 
     The block layout (regblocks.py) fetches only the blocks `blocks` (the store's block store;
@@ -233,7 +234,7 @@ def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.Path
             written += [work / name for name in records]
             if regblocks.is_blocks_manifest(doc):
                 with _block_store(blocks, work.parent) as bs, regblocks.RemoteMap(bs, str(remote)).session() as rmap:
-                    regblocks.pull(c, repo, stage, key, doc, config_raw, records, work, bs, rmap, fetched)
+                    regblocks.pull(c, repo, stage, key, doc, config_raw, records, work, bs, rmap, fetched, seeds)
             else:
                 _pull_files(c, repo, stage, key, parse_manifest(raw, stage, key)[1], records, work, written)
             written.append(work / MANIFEST)

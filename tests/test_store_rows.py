@@ -41,7 +41,7 @@ class FakeShared:
         self.entries: dict[tuple[str, str], dict[str, bytes]] = {}
         self.push, self.pulls, self.pushes = push, [], []
 
-    def pull_entry(self, row: str, key: str, work: Path, *, blocks: object = None) -> bool:
+    def pull_entry(self, row: str, key: str, work: Path, *, blocks: object = None, seeds: object = ()) -> bool:
         self.pulls.append((row, key))
         files = self.entries.get((row, key))
         if files is None:

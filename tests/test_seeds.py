@@ -1,0 +1,82 @@
+"""pipeline.seeds: a disk made from the blocks plus runs copied from a local file that holds most of
+them (its ext4), checked whole; a seed that changed or is short is not trusted."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.blocks import BLOCK, BlockCorrupt
+from pipeline.packs import BlockStore
+from pipeline.seeds import Seed
+
+MiB = 1 << 20
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def made(store: BlockStore, path: Path, data: bytes):
+    """A file of the store: written, cut into blocks, its index kept as blocks (put_index records it)."""
+    path.write_bytes(data)
+    return store.put_index(store.put(path))
+
+
+@pytest.fixture
+def disk(tmp_path: Path):
+    """An "ext4" (data, a hole, data) and a "disk": a boot area, the ext4 at 1 MiB, a tail."""
+    store = BlockStore(tmp_path / "store")
+    ext4 = rand(2 * MiB, 1) + bytes(MiB) + rand(MiB + 5 * BLOCK, 2)
+    ext4_root = made(store, tmp_path / "rootfs.ext4", ext4)
+    image = rand(MiB, 3) + ext4 + rand(3 * BLOCK, 4) + bytes(2 * MiB)
+    image_root = made(store, tmp_path / "disk.img", image)
+    (tmp_path / "disk.img").unlink()
+    return store, Seed(tmp_path / "rootfs.ext4", ext4_root.sha256), image_root, image
+
+
+def data_packs(store: BlockStore) -> list[Path]:
+    return sorted(store.packs.glob("*.pack"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_a_disk_is_made_from_its_seed_without_the_blocks_it_shares(disk, tmp_path):
+    store, seed, root, image = disk
+    shared = data_packs(store)[0]  # the ext4's blocks (the first pack written)
+    shared.chmod(0o644)
+    shared.write_bytes(b"gone")
+    out = store.materialize(root, tmp_path / "out.img", [seed])
+    assert out.read_bytes() == image
+    assert os.stat(out).st_blocks * 512 < len(image) - 2 * MiB  # the holes stay holes
+    with pytest.raises(BlockCorrupt):  # the seed was the only place those blocks came from
+        store.materialize(root, tmp_path / "out2.img")
+
+
+def test_a_seed_changed_since_it_was_recorded_is_not_trusted(disk, tmp_path):
+    store, seed, root, image = disk
+    with open(seed.path, "r+b") as f:
+        f.seek(100)
+        f.write(b"changed")
+    assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+
+
+def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path):
+    store, seed, root, image = disk
+    short = tmp_path / "short"
+    short.write_bytes(seed.path.read_bytes()[:MiB])
+    seeds = [Seed(short, seed.sha256), Seed(tmp_path / "nowhere", seed.sha256), Seed(seed.path, "0" * 64)]
+    assert store.materialize(root, tmp_path / "out.img", seeds).read_bytes() == image
+
+
+def test_a_full_disk_while_copying_is_raised(disk, tmp_path, monkeypatch):
+    store, seed, root, _ = disk
+
+    def full(*_: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(OSError) as e:
+        store.materialize(root, tmp_path / "out.img", [seed])
+    assert e.value.errno == 28 and not (tmp_path / "out.img").exists()
