@@ -72,7 +72,17 @@ from pipeline.blocks import HOLE, BlockCorrupt, Index
 from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.files import fsync_path
-from pipeline.packs import BATCH, BlockStore, Location, Made, _index_pack, block_of, decompress_frame, read_trailer
+from pipeline.packs import (
+    BATCH,
+    BlockStore,
+    Location,
+    Made,
+    _index_pack,
+    block_of,
+    decompress_frame,
+    read_trailer,
+    trailer_of,
+)
 from pipeline.seeds import Seed
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v2"
@@ -355,15 +365,19 @@ class _Stale(Exception):
 
 
 def push(c: oci.Client, remote: oci.Remote, stage: str, key: str, entry: Path, bs: BlockStore,
-         doomed: Collection[str] = ()) -> None:
+         doomed: Mapping[str, Mapping[str, int]] | None = None) -> None:
     """Upload an entry in this layout (the caller checked the tag is absent); the manifest PUT last.
-    `doomed`: packs a registry gc is about to delete (reggc.py): their blocks are sent again."""
+    `doomed`: packs a registry gc is about to delete (reggc.doomed_packs), each with the new packs a
+    compaction copied its live blocks into: the map learns those (learn_moved) and forgets the
+    doomed ones, so their blocks are found in the new packs or sent again, never named there."""
+    doomed = doomed or {}
     config_raw = (entry / MANIFEST).read_bytes()
     records = oci.recorded_files(json.loads(config_raw), f"local entry {entry}")
     present = {p.name for p in entry.iterdir() if p.name != MANIFEST}
     if present != set(records):
         raise EntryCorrupt(f"local entry {entry} holds {sorted(present)}, its manifest.json lists {sorted(records)}")
     with RemoteMap(bs, str(remote)).session() as rmap:
+        learn_moved(c, remote, rmap, doomed)
         for pack in doomed:
             rmap.forget_pack(pack)
         for attempt in range(3):
@@ -467,6 +481,50 @@ def _ensure_pack(c: oci.Client, repo: str, blocks_repo: str, pack: str, bs: Bloc
     if not oci.mount(c, repo, digest, blocks_repo):
         raise RemoteUnavailable(f"remote store {c.remote.host} does not mount blobs across repositories")
     return size
+
+
+def learn_moved(c: oci.Client, remote: oci.Remote, rmap: RemoteMap, doomed: Mapping[str, Mapping[str, int]]) -> int:
+    """Before a push: where the live blocks of compacted packs this store's map knows went (the gc
+    state names each doomed pack's new packs; their trailers, two Range requests each, say where
+    every block is), so the push finds them there instead of sending them again. How many packs
+    were learned; a replacement that cannot be read is skipped (its blocks are sent again)."""
+    learned = 0
+    blocks_repo = remote.repository(BLOCKS_REPO)
+    for old, into in sorted(doomed.items()):
+        if not into or rmap.size(old) is None:
+            continue
+        for pack, size in sorted(into.items()):
+            if rmap.size(pack) is not None:
+                continue
+            try:
+                trailer = remote_trailer(c, blocks_repo, pack, size)
+            except BlockCorrupt:
+                continue
+            rmap.add(trailer, complete=[pack])
+            rmap.add_sizes({pack: size})
+            learned += 1
+    return learned
+
+
+# -- reading a registry pack ----------------------------------------------------------------------
+
+
+def get_range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a pack blob; BlockCorrupt when the server ignores Range or sends short."""
+    r = c.request("GET", f"/{repo}/blobs/sha256:{pack}", ok=(200, 206), stream=True,
+                  headers={"Range": f"bytes={start}-{end - 1}"})
+    with contextlib.closing(r):
+        if r.status_code != 206:
+            raise BlockCorrupt(f"the registry ignores Range requests on pack {pack[:12]}")
+        data = _read(r, end - start, c.remote.host, f"pack {pack[:12]}")
+    if len(data) != end - start:
+        raise BlockCorrupt(f"pack {pack[:12]} in the registry is damaged (a range of it is short)")
+    return data
+
+
+def remote_trailer(c: oci.Client, repo: str, pack: str, size: int) -> list[tuple[bytes, Location]]:
+    """A registry pack's own index (packs.trailer_of over Range), checked against the footer."""
+    return trailer_of(pack, size, lambda start, end: get_range(c, repo, pack, start, end))
 
 
 # -- pull -----------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ digest -> new location of the blocks copied (about 100 bytes each).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import tempfile
@@ -55,7 +54,6 @@ from pipeline.packs import (
     Made,
     block_of,
     decompress_frame,
-    trailer_of,
 )
 
 THRESHOLD = 0.5  # a pack whose live blocks are less than this share of its bytes is rewritten
@@ -202,7 +200,7 @@ def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, thres
         if pack in untouchable:
             continue
         try:
-            trailer = _trailer(c, blocks_repo, pack, sizes[pack])
+            trailer = regblocks.remote_trailer(c, blocks_repo, pack, sizes[pack])
         except BlockCorrupt as e:
             done.skipped.append(f"pack {pack[:12]} not compacted: {e.message}")
             continue
@@ -242,30 +240,6 @@ def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, thres
     return done
 
 
-def teach(c: oci.Client, remote: oci.Remote, rmap: regblocks.RemoteMap,
-          doomed: Mapping[str, Mapping[str, int]]) -> int:
-    """Before a push: where the live blocks of compacted packs this store's map knows went (the gc
-    state names each doomed pack's new packs; their trailers, two Range requests each, say where
-    every block is), so the push finds them there instead of sending them again. How many packs
-    were learned; a replacement that cannot be read is skipped (its blocks are sent again)."""
-    learned = 0
-    blocks_repo = remote.repository(regblocks.BLOCKS_REPO)
-    for old, into in sorted(doomed.items()):
-        if not into or rmap.size(old) is None:
-            continue
-        for pack, size in sorted(into.items()):
-            if rmap.size(pack) is not None:
-                continue
-            try:
-                trailer = _trailer(c, blocks_repo, pack, size)
-            except BlockCorrupt:
-                continue
-            rmap.add(trailer, complete=[pack])
-            rmap.add_sizes({pack: size})
-            learned += 1
-    return learned
-
-
 def _read_entry(c: oci.Client, remote: oci.Remote, e: Entry) -> _Read | None:
     repo = remote.repository(e.row)
     raw = oci.get_manifest(c, repo, e.digest, f"manifest {repo}@{e.digest}")
@@ -285,24 +259,6 @@ def _index_blob(c: oci.Client, r: _Read, name: str, blob: oci.Blob) -> regblocks
     return regblocks.IndexBlob.from_bytes(data)
 
 
-def _get_range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a pack blob; BlockCorrupt when the server ignores Range or sends short."""
-    r = c.request("GET", f"/{repo}/blobs/sha256:{pack}", ok=(200, 206), stream=True,
-                  headers={"Range": f"bytes={start}-{end - 1}"})
-    with contextlib.closing(r):
-        if r.status_code != 206:
-            raise BlockCorrupt(f"the registry ignores Range requests on pack {pack[:12]}")
-        data = r.raw.read(end - start + 1, decode_content=True)
-    if len(data) != end - start:
-        raise BlockCorrupt(f"pack {pack[:12]} in the registry is damaged (a range of it is short)")
-    return data
-
-
-def _trailer(c: oci.Client, repo: str, pack: str, size: int) -> list[tuple[bytes, Location]]:
-    """A registry pack's own index (packs.trailer_of over Range), checked against the footer."""
-    return trailer_of(pack, size, lambda start, end: _get_range(c, repo, pack, start, end))
-
-
 def _copy(c: oci.Client, blocks_repo: str, bs: BlockStore,
           plans: list[PackPlan]) -> tuple[dict[bytes, Location], list[Made], dict[str, str]]:
     """The live blocks of every plan into new packs, each uploaded when closed: (digest -> new
@@ -319,7 +275,7 @@ def _copy(c: oci.Client, blocks_repo: str, bs: BlockStore,
                 frames.setdefault((loc.offset, loc.length), []).append((d, loc))
             try:
                 for start, end in spans(frames):
-                    data = _get_range(c, blocks_repo, plan.pack, start, end)
+                    data = regblocks.get_range(c, blocks_repo, plan.pack, start, end)
                     for (off, length), moves in sorted(frames.items()):
                         if start <= off and off + length <= end:
                             frame = decompress_frame(data[off - start:off - start + length], moves[0][1])

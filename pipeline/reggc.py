@@ -191,7 +191,7 @@ def write_state(c: oci.Client, remote: oci.Remote, state: State) -> None:
 
 def doomed_packs(c: oci.Client, remote: oci.Remote) -> dict[str, dict[str, int]]:
     """What pushers must not name any more (regblocks.push), each with the new packs a compaction
-    copied its live blocks into ({} when it was doomed by a deletion; regcompact.teach)."""
+    copied its live blocks into ({} when it was doomed by a deletion; regblocks.learn_moved)."""
     return {pack: {str(k): int(v) for k, v in dict(info.get("into") or {}).items()}
             for pack, info in read_state(c, remote).doomed.items()}
 

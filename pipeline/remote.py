@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import oci, regblocks, regcompact, reggc
+from pipeline import oci, regblocks, reggc
 from pipeline.entries import MANIFEST, EntryCorrupt
 from pipeline.packs import BlockStore
 from pipeline.seeds import Seed
@@ -144,9 +144,7 @@ def push_entry(remote: oci.Remote, stage: str, key: str, entry_dir: str | os.Pat
     with oci.client(remote, env) as c, _block_store(blocks, tmp_dir) as bs:
         if oci.head(c, f"/{repo}/manifests/{key}", accept=oci.OCI_MANIFEST):
             return False
-        doomed = reggc.doomed_packs(c, remote)
-        regcompact.teach(c, remote, regblocks.RemoteMap(bs, str(remote)), doomed)
-        regblocks.push(c, remote, stage, key, Path(entry_dir), bs, doomed)
+        regblocks.push(c, remote, stage, key, Path(entry_dir), bs, reggc.doomed_packs(c, remote))
     return True
 
 

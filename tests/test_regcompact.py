@@ -109,6 +109,8 @@ class FakeResponse:
 class FakeRegistry:
     """The blobs of one repository, served whole or by Range (or never by Range: a 200)."""
 
+    remote = regcompact.oci.Remote.parse("oci://fake:1/ldt")
+
     def __init__(self, blobs: dict[str, bytes], ranges: bool = True) -> None:
         self.blobs, self.ranges, self.calls = blobs, ranges, []
 
@@ -133,7 +135,7 @@ def test_copy_reads_the_live_frames_by_range_and_writes_only_live_blocks(tmp_pat
     plans = []
     for made, path, picked in ((a, a_path, range(0, 3)), (b, b_path, range(40, 48))):
         live = live_of(made, picked)
-        trailer = regcompact._trailer(reg, "r/blocks", made.name, made.size)
+        trailer = regblocks.remote_trailer(reg, "r/blocks", made.name, made.size)
         assert trailer == read_trailer(path)
         plan = plan_pack(made.name, made.size, live[made.name], trailer, min_dead=0)
         assert plan is not None
@@ -168,12 +170,12 @@ def test_a_damaged_or_range_less_pack_is_left_as_it_is(tmp_path):
                                          BlockStore(tmp_path / "scratch"), [plan])
     assert new == {} and done == [] and "damaged" in failed[made.name]
     with pytest.raises(BlockCorrupt, match="ignores Range"):
-        regcompact._trailer(FakeRegistry({made.name: path.read_bytes()}, ranges=False), "r/blocks", made.name,
+        regblocks.remote_trailer(FakeRegistry({made.name: path.read_bytes()}, ranges=False), "r/blocks", made.name,
                             made.size)
     raw = bytearray(path.read_bytes())
     raw[-FOOTER_AT] ^= 0xFF  # in the trailer
     with pytest.raises(BlockCorrupt, match="trailer"):
-        regcompact._trailer(FakeRegistry({made.name: bytes(raw)}), "r/blocks", made.name, made.size)
+        regblocks.remote_trailer(FakeRegistry({made.name: bytes(raw)}), "r/blocks", made.name, made.size)
 
 
 FOOTER_AT = 60  # bytes from a pack's end: inside its trailer (the footer is 52)
@@ -212,7 +214,7 @@ def test_a_pack_an_unreadable_entry_names_is_left_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(regcompact, "_read_entry", read_entry)
     monkeypatch.setattr(regcompact, "_index_blob", index_blob)
-    monkeypatch.setattr(regcompact, "_trailer", lambda c, repo, pack, size: read_trailer(path))
+    monkeypatch.setattr(regblocks, "remote_trailer", lambda c, repo, pack, size: read_trailer(path))
     monkeypatch.setattr(regcompact, "_copy", copy)
     r = regcompact.oci.Remote.parse("oci://127.0.0.1:1/ldt")
     done = regcompact.compact(None, r, [good, bad], min_dead=0)  # type: ignore[arg-type]
@@ -231,7 +233,7 @@ def test_an_old_pack_is_doomed_only_when_every_entry_naming_it_was_rewritten(tmp
     monkeypatch.setattr(regcompact, "_read_entry", lambda c, remote, e: regcompact._Read(e, "r/row", {}, parsed))
     monkeypatch.setattr(regcompact, "_index_blob", lambda c, r, name, blob: regblocks.IndexBlob(
         None, [], [loc for _, loc in made.blocks[:8]]))  # type: ignore[arg-type]
-    monkeypatch.setattr(regcompact, "_trailer", lambda c, repo, pack, size: read_trailer(path))
+    monkeypatch.setattr(regblocks, "remote_trailer", lambda c, repo, pack, size: read_trailer(path))
     q = Made("q" * 64, 1000, ())
     monkeypatch.setattr(regcompact, "_copy", lambda c, repo, bs, plans: ({}, [q], {}))
     rewritten = []
