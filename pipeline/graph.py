@@ -2,7 +2,9 @@
 
 Actions are `(module_level_function, [root, recipe name, …])`: picklable for `doit -n N`. Each
 looks the names up once and turns a UserError into doit's TaskFailed (one line and a hint),
-the only place that conversion happens for the graph.
+the only place that conversion happens for the graph. The modules only actions use (vm, report,
+ciplan, reggc, secureboot) are imported inside them, when they run: a no-op `doit` (every task
+up to date) does not load them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from pipeline import ciplan, publish, reggc, report, stages, vm
-from pipeline import secureboot as sb
+from pipeline import publish, stages
 from pipeline.cache import human
 from pipeline.errors import UserError
 from pipeline.packed import parse_size
@@ -63,6 +64,7 @@ def build_action(root: str, name: str, stage: str) -> None:
 def run_action(root: str, name: str, mode: str, memory: str = "", cpus: int = 0, cmdline: str = "",
                forward: str = "", net: bool = True, persist: str = "", accel: str = "") -> TaskFailed | None:
     """doit passes the task's params (RUN_PARAMS) by these names."""
+    from pipeline import vm
     p = Project(Path(root))
     options = vm.RunOptions(memory=memory, cpus=cpus, cmdline=cmdline, forward=forward, net=net, persist=persist,
                             accel=accel)
@@ -77,6 +79,7 @@ def run_action(root: str, name: str, mode: str, memory: str = "", cpus: int = 0,
 def check_action(root: str, name: str, junit: str = "") -> None:
     """doit passes the task's param (CHECK_PARAMS) by this name: the JUnit file's path (the HTML
     page beside it); default cache/reports/check_boot.xml."""
+    from pipeline import report, vm
     p = Project(Path(root))
     paths = report.ReportPaths.beside(Path(junit).resolve()) if junit else report.ReportPaths.default(p.store.root)
     vm.check_boot(p, p.recipe(name), reports=paths)
@@ -85,6 +88,8 @@ def check_action(root: str, name: str, junit: str = "") -> None:
 @doit_edge
 def ci_plan_action(root: str, format: str = "github", output: str = "") -> None:  # noqa: A002 (doit's param name)
     """doit passes the task's params (CI_PLAN_PARAMS) by these names."""
+    from pipeline import ciplan
+
     try:
         fmt = ciplan.CiFormat(format)
     except ValueError:
@@ -99,6 +104,7 @@ def ci_plan_action(root: str, format: str = "github", output: str = "") -> None:
 
 @doit_edge
 def store_action(root: str) -> None:
+    from pipeline import reggc
     p = Project(Path(root))
     rows = [r.name for r in stages.ROWS if r.shared]
     print(p.store.listing(rows))
@@ -110,12 +116,14 @@ def store_action(root: str) -> None:
 def sb_keys_action(root: str) -> None:
     """The Secure Boot keys, made if missing (per-user folder or LDT_SB_* files): where they are and
     the db certificate's fingerprint, never a private key."""
+    from pipeline import secureboot as sb
     print(sb.summary(sb.ensure_keys()))
 
 
 @doit_edge
 def store_gc_action(root: str, max_size: str = "", remote: bool = False, keep_days: int = 30) -> None:
     """doit passes the task's params (GC_PARAMS) by these names."""
+    from pipeline import reggc
     p = Project(Path(root))
     if remote:
         if p.registry is None:
