@@ -100,14 +100,19 @@ def run_doit(project: Path, *args: str, remote: str | None) -> Run:
 
 def timed(cases: dict[str, tuple[Path, str | None]], repeat: int = 5) -> dict[str, tuple[float, str]]:
     """Median wall time of a bare `doit` per case (project, LDT_REMOTE), the cases interleaved so a
-    load change on the machine hits them alike; with the output of each case's last run."""
+    load change on the machine hits them alike; with the output of each case's last run. Python
+    may cache its bytecode, as it does on a user's machine (a PYTHONDONTWRITEBYTECODE=1 in this
+    environment would have every run compile the whole of pipeline/ again: about 0.25 s here); a
+    first run of each case, not counted, writes the caches."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     out: dict[str, str] = {}
-    for _ in range(repeat):
+    for i in range(repeat + 1):
         for name, (project, remote) in cases.items():
+            env = {k: v for k, v in env_for(remote).items() if k != "PYTHONDONTWRITEBYTECODE"}
             t = time.perf_counter()
-            proc = subprocess.run(DOIT, cwd=project, env=env_for(remote), capture_output=True, text=True, check=True)
-            times[name].append(time.perf_counter() - t)
+            proc = subprocess.run(DOIT, cwd=project, env=env, capture_output=True, text=True, check=True)
+            if i:
+                times[name].append(time.perf_counter() - t)
             out[name] = proc.stdout + proc.stderr
     return {name: (statistics.median(times[name]), out[name]) for name in cases}
 
