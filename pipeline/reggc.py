@@ -32,6 +32,15 @@ listed in step 3 of this run, and the pack lives) unless it ran longer than GRAC
 push killed mid-way leaves packs no manifest names; they are not doomed (no deleted manifest
 named them) and cost their bytes until a later push names them.
 
+One run at a time: a run marks <prefix>/gc:running (when, which host) before step 1 and removes
+the mark when it ends; a run that finds a mark younger than STALE stops with one line. The mark
+is best effort (a registry has no compare-and-swap: two runs starting in the same second may both
+go on), and it is not what keeps pushers safe: each run deletes a pack only under step 4's rule,
+against its own listing, which holds whatever another run does. Two runs at once would waste
+work and lose each other's state records (last write wins): a lost doom leaves a pack nothing
+names, which distribution's offline garbage-collect frees, and a lost "first seen" delays a
+deletion.
+
 Bytes: distribution's DELETE unlinks manifests and blobs; the disk space comes back when its
 offline `registry garbage-collect` runs (with the registry read-only, as its docs say).
 """
@@ -41,18 +50,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import oci, regblocks, regcompact
 from pipeline.entries import RemoteUnavailable
+from pipeline.errors import UserError
 
 GC_REPO = "gc"
 STATE_TAG = "state"
 STATE_ARTIFACT = "application/vnd.ldt.gc.v1"
 STATE_CONFIG = "application/vnd.ldt.gc.state.v1+json"
+RUNNING_TAG = "running"
+RUNNING_CONFIG = "application/vnd.ldt.gc.running.v1+json"
+STALE = 3 * 3600  # a running mark older than this was left by a run that died
 GRACE = 6 * 3600  # seconds a doomed pack waits before it is deleted: longer than any push
 DAY = 86400
 
@@ -164,29 +179,72 @@ def published_keys(c: oci.Client, remote: oci.Remote, recipes: Iterable[str]) ->
 # -- the gc's state -------------------------------------------------------------------------------
 
 
-def read_state(c: oci.Client, remote: oci.Remote) -> State:
-    repo = remote.repository(GC_REPO)
-    got = manifest(c, repo, STATE_TAG)
+def _get_doc(c: oci.Client, repo: str, tag: str) -> tuple[str, dict[str, Any]] | None:
+    """A JSON document kept as the config of the manifest `tag` (the state, the running mark):
+    (the manifest's digest, the document); None when the tag is absent or unreadable."""
+    got = manifest(c, repo, tag)
     if got is None:
-        return State()
+        return None
     try:
-        config = oci.parse_blob(got[2]["config"])
-        doc = json.loads(oci.get_small(c, repo, config, "gc state"))
-        return State(dict(doc.get("seen", {})), dict(doc.get("doomed", {})))
+        doc = json.loads(oci.get_small(c, repo, oci.parse_blob(got[2]["config"]), f"gc {tag}"))
     except (KeyError, TypeError, ValueError):
-        return State()
+        return None
+    return (got[0], doc) if isinstance(doc, dict) else None
 
 
-def write_state(c: oci.Client, remote: oci.Remote, state: State) -> None:
-    repo = remote.repository(GC_REPO)
-    raw = json.dumps({"seen": state.seen, "doomed": state.doomed}, sort_keys=True).encode()
+def _put_doc(c: oci.Client, repo: str, tag: str, media_type: str, doc: Mapping[str, Any]) -> str:
+    """Keep a JSON document as the config of the manifest `tag`; the manifest's digest."""
+    raw = json.dumps(doc, sort_keys=True).encode()
     blob = oci.Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw))
     if not oci.head(c, f"/{repo}/blobs/{blob.digest}"):
         oci.upload_bytes(c, repo, blob, raw)
-    doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": STATE_ARTIFACT,
-           "config": oci.descriptor(STATE_CONFIG, blob), "layers": []}
-    c.request("PUT", f"/{repo}/manifests/{STATE_TAG}", ok=(200, 201), data=json.dumps(doc).encode(),
+    body = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": STATE_ARTIFACT,
+                       "config": oci.descriptor(media_type, blob), "layers": []}).encode()
+    c.request("PUT", f"/{repo}/manifests/{tag}", ok=(200, 201), data=body,
               headers={"Content-Type": oci.OCI_MANIFEST}).close()
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def read_state(c: oci.Client, remote: oci.Remote) -> State:
+    got = _get_doc(c, remote.repository(GC_REPO), STATE_TAG)
+    if got is None:
+        return State()
+    return State(dict(got[1].get("seen", {})), dict(got[1].get("doomed", {})))
+
+
+def write_state(c: oci.Client, remote: oci.Remote, state: State) -> None:
+    _put_doc(c, remote.repository(GC_REPO), STATE_TAG, STATE_CONFIG, {"seen": state.seen, "doomed": state.doomed})
+
+
+@contextlib.contextmanager
+def running(c: oci.Client, remote: oci.Remote) -> Iterator[None]:
+    """The block runs as the registry's one store_gc --remote (the mark in the module's docstring);
+    UserError when another run's mark is younger than STALE."""
+    repo = remote.repository(GC_REPO)
+    mine = {"since": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+
+    def refuse_if_other() -> None:
+        got = _get_doc(c, repo, RUNNING_TAG)
+        if got is None or got[1].get("token") == mine["token"]:
+            return
+        other = got[1]
+        age = time.time() - float(other.get("since", 0))
+        if age < STALE:
+            raise UserError(f"another `doit store_gc --remote` is running on {remote.host} (started "
+                            f"{max(age, 0) / 60:.0f} min ago on {other.get('host', '?')}, pid {other.get('pid', '?')})",
+                            hint=f"let it finish; a mark older than {STALE // 3600} hours is taken for a run "
+                                 "that died, and ignored")
+
+    refuse_if_other()
+    digest = _put_doc(c, repo, RUNNING_TAG, RUNNING_CONFIG, mine)
+    try:
+        refuse_if_other()  # two runs marked at once: the later write won, the other one stops
+        yield
+    finally:
+        with contextlib.suppress(RemoteUnavailable):
+            got = _get_doc(c, repo, RUNNING_TAG)
+            if got is not None and got[0] == digest:
+                c.request("DELETE", f"/{repo}/manifests/{digest}", ok=(202, 404)).close()
 
 
 def doomed_packs(c: oci.Client, remote: oci.Remote) -> dict[str, dict[str, int]]:
@@ -207,7 +265,7 @@ def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], kee
     rows = list(rows)
     started = time.monotonic()
     now = time.time() if now is None else now
-    with oci.client(remote, env) as c:
+    with oci.client(remote, env) as c, running(c, remote):
         state = read_state(c, remote)
         listed = entries(c, remote, rows)
         published = published_keys(c, remote, recipes)

@@ -304,6 +304,26 @@ def test_store_gc_remote_keeps_published_and_newly_named_packs(registry, tmp_pat
     assert fp.entries == 2 and fp.logical == 2 * 40 * KIB4 and fp.stored < 1.2 * fp.logical
 
 
+def test_one_store_gc_remote_at_a_time_and_a_dead_runs_mark_is_ignored(registry, tmp_path):  # noqa: F811
+    import time
+
+    from pipeline import reggc
+
+    r = Remote.parse(registry.url.replace("/ldt", "/gcy"))
+    with oci.client(r, NO_CREDS) as c, reggc.running(c, r):
+        with pytest.raises(UserError) as e:
+            reggc.collect(r, ["gcrow"], [], 7, env=NO_CREDS)
+        assert "another `doit store_gc --remote` is running" in e.value.message and "\n" not in e.value.message
+    reggc.collect(r, ["gcrow"], [], 7, env=NO_CREDS)  # the first run ended: its mark went with it
+    with oci.client(r, NO_CREDS) as c:
+        assert reggc._get_doc(c, "gcy/gc", reggc.RUNNING_TAG) is None
+        reggc._put_doc(c, "gcy/gc", reggc.RUNNING_TAG, reggc.RUNNING_CONFIG,
+                       {"since": time.time() - reggc.STALE - 60, "host": "gone", "pid": 1, "token": "dead"})
+    reggc.collect(r, ["gcrow"], [], 7, env=NO_CREDS)
+    with oci.client(r, NO_CREDS) as c:
+        assert reggc._get_doc(c, "gcy/gc", reggc.RUNNING_TAG) is None
+
+
 def test_store_gc_remote_compacts_a_mostly_dead_pack_safely(registry, tmp_path):  # noqa: F811
     """Entry "old" (16 shared + 112 own blocks: one pack P) is deleted; "kept" names P for the 16
     shared blocks only. The gc copies those into a new pack Q, rewrites "kept", dooms P; a runner
