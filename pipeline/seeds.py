@@ -73,10 +73,12 @@ class Sink:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None and self.error is None:
-            self._flush()
-        self.queue.put(None)
-        self.thread.join()
+        try:
+            if exc_type is None:
+                self._flush()  # may raise the thread's error: the thread is still told to end
+        finally:
+            self.queue.put(None)
+            self.thread.join()
         if self.error is not None and exc_type is None:
             raise self.error
 

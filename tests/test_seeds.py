@@ -3,6 +3,7 @@ them (its ext4), checked whole; a seed that changed or is short is not trusted."
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.blocks import BLOCK, BlockCorrupt
 from pipeline.packs import BlockStore
-from pipeline.seeds import Seed
+from pipeline.seeds import Seed, Sink
 
 MiB = 1 << 20
 
@@ -80,3 +81,19 @@ def test_a_full_disk_while_copying_is_raised(disk, tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         store.materialize(root, tmp_path / "out.img", [seed])
     assert e.value.errno == 28 and not (tmp_path / "out.img").exists()
+
+
+def test_an_error_of_the_last_piece_is_raised_and_the_thread_ends():
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            raise OSError(28, "No space left on device")
+
+    sink = Sink(Full(), sparse=False)
+    with pytest.raises(OSError), sink:
+        sink.block(b"x" * BLOCK)  # buffered: written when the block ends
+        sink.hole(BLOCK)  # the buffered piece fails on the thread; this or the exit raises it
+        sink.block(b"y" * BLOCK)
+    assert not sink.thread.is_alive()
