@@ -445,7 +445,7 @@ class BlockStore:
             except (BlockCorrupt, OSError):
                 continue
             if os.fstat(f.fileno()).st_size == full.size:
-                offsets(list(full), f.fileno(), have)
+                offsets(full, f.fileno(), have)
         return have
 
     def record_file(self, root: Index) -> None:

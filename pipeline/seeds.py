@@ -19,6 +19,7 @@ import hashlib
 import os
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -41,7 +42,7 @@ class Seed:
 Source = tuple[int, int]  # (an open seed's fd, the offset of a block in it)
 
 
-def offsets(entries: list[tuple[bytes, int]], fd: int, into: dict[bytes, Source]) -> None:
+def offsets(entries: Iterable[tuple[bytes, int]], fd: int, into: dict[bytes, Source]) -> None:
     """Where each full block of a file with these index entries starts (the first of equal ones)."""
     at = 0
     for d, n in entries:
