@@ -24,6 +24,12 @@ zstd), the next one 2.8 MiB. Revert 42.8s / rebuild 100.2s = 0.43x (first run 48
 `zcat | pigz`), ext4, BIOS and UEFI about 7s each (a plain copy of each: about 5s); without the
 tgz, 0.22x. store_gc takes 66-106s to pack a revision (2.5G read, cut, hashed, compressed).
 
+Again on 2026-12-01 (load 1-2, N = 3), after the faster materializing (next-slot reads, a writing
+thread, disks seeded by their ext4): kept 2.7G = 1.10x; revert 22.6s / rebuild 54.4s = 0.42x.
+The revert halved (tgz 9.9s, ext4 4.4s, BIOS 2.5s and UEFI 2.7s, both copied from the restored
+ext4), and so did the rebuild at this lower load; the tgz's pigz is now most of what is left
+(without it, about 0.23x). store_gc 46s a revision.
+
 The machine may be small and shared: times are noisy, sizes are not.
 """
 
