@@ -509,16 +509,25 @@ def learn_moved(c: oci.Client, remote: oci.Remote, rmap: RemoteMap, doomed: Mapp
 # -- reading a registry pack ----------------------------------------------------------------------
 
 
-def get_range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a pack blob; BlockCorrupt when the server ignores Range or sends short."""
+def _range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> bytes | None:
+    """Bytes [start, end) of a pack blob by a Range request; None when the server ignores Range
+    (a 200: the whole blob would come), BlockCorrupt when it sends more or less."""
     r = c.request("GET", f"/{repo}/blobs/sha256:{pack}", ok=(200, 206), stream=True,
                   headers={"Range": f"bytes={start}-{end - 1}"})
     with contextlib.closing(r):
         if r.status_code != 206:
-            raise BlockCorrupt(f"the registry ignores Range requests on pack {pack[:12]}")
+            return None
         data = _read(r, end - start, c.remote.host, f"pack {pack[:12]}")
     if len(data) != end - start:
         raise BlockCorrupt(f"pack {pack[:12]} in the registry is damaged (a range of it is short)")
+    return data
+
+
+def get_range(c: oci.Client, repo: str, pack: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a pack blob; BlockCorrupt when the server ignores Range or sends short."""
+    data = _range(c, repo, pack, start, end)
+    if data is None:
+        raise BlockCorrupt(f"the registry ignores Range requests on pack {pack[:12]}")
     return data
 
 
@@ -613,16 +622,11 @@ def _fetch_frames(c: oci.Client, repo: str, bs: BlockStore, pack: str,
     """The frames by Range requests into a new local pack; False when the server ignores Range."""
     with bs.db() as con, bs.writer(con) as writer:
         for start, end in _ranges(list(frames)):
-            r = c.request("GET", f"/{repo}/blobs/sha256:{pack}", ok=(200, 206), stream=True,
-                          headers={"Range": f"bytes={start}-{end - 1}"})
-            with contextlib.closing(r):
-                fetched.requests += 1
-                if r.status_code == 200:
-                    return False  # the whole blob is coming: take it whole instead
-                data = _read(r, end - start, c.remote.host, f"pack {pack[:12]}")
+            data = _range(c, repo, pack, start, end)
+            fetched.requests += 1
+            if data is None:
+                return False  # the whole blob is coming: take it whole instead
             fetched.bytes += len(data)
-            if len(data) != end - start:
-                raise BlockCorrupt(f"pack {pack[:12]} in the registry is damaged (a range of it is short)")
             for (off, length), blocks in frames.items():
                 if start <= off and off + length <= end:
                     frame = decompress_frame(data[off - start:off - start + length], blocks[0][1])
