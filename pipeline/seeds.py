@@ -89,9 +89,8 @@ class Sink:
     # -- the caller's side ----------------------------------------------------------------------
 
     def block(self, data: bytes) -> None:
-        if self.run is not None:
-            self._put(tuple(self.run))
-            self.run = None
+        if self.run is not None:  # (the buffer is empty while a run is open: this sends the run)
+            self._flush()
         self.buf.append(data)
         self.buffered += len(data)
         if self.buffered >= WRITE_BUFFER:
