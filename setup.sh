@@ -7,7 +7,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 say() { echo "setup: $*" >&2; }
 
-PACKAGES="python3 python3-venv docker.io mmdebstrap pigz qemu-system-x86 qemu-utils ovmf \
+PACKAGES="python3 python3-venv docker.io mmdebstrap isal pigz qemu-system-x86 qemu-utils ovmf \
  syslinux syslinux-common mtools dosfstools e2fsprogs fdisk systemd-boot-efi fakeroot binutils \
  cpio shellcheck docker-registry apache2-utils busybox-static sbsigntool cryptsetup-bin dmsetup openssl faketime \
  arch-install-scripts pacman-package-manager makepkg archlinux-keyring uidmap zstd libarchive-tools"

@@ -45,9 +45,17 @@ class Fixups:
         return True
 
 
+COMPRESSORS: tuple[tuple[str, ...], ...] = (
+    ("igzip", "-1", "-n", "-c"),  # ISA-L: 676 MB of hello's tar in 1.6 s of CPU (pigz -1: 10.4 s), 2.8 % larger
+    ("pigz", "-1", "-n"),  # on its own cores beside the filter
+    ("gzip", "-1", "-n"),
+)
+
+
 def compressor_cmd() -> list[str]:
-    """pigz when available (it runs on its own cores beside the filter), else gzip."""
-    return ["pigz", "-1", "-n"] if shutil.which("pigz") else ["gzip", "-1", "-n"]
+    """The first of COMPRESSORS this machine has. A store remakes a tgz by the command that made it
+    (regzip), so the compressor's speed is paid again on every restore and pull of a tgz."""
+    return list(next((c for c in COMPRESSORS if shutil.which(c[0])), COMPRESSORS[-1]))
 
 
 def filter_tar(chunks: Iterable[bytes], write: Callable[[bytes], object], fixups: Fixups) -> int:

@@ -138,6 +138,40 @@ def test_a_pigz_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
     assert out.read_bytes() == tgz.read_bytes()
 
 
+@pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
+def test_an_igzip_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
+    """What a tgz build makes (tgz.compressor_cmd) is what a restore makes again: the probe names
+    igzip, the tgz adds no block to its tar's, and the materialized tgz is the file."""
+    files = {f"f{i}": rand(20000 + i, 10 + i) for i in range(40)}
+    tar = write(tmp_path / "t.tar", tar_of(files))
+    tgz = tmp_path / "t.tgz"
+    with open(tar, "rb") as i, open(tgz, "wb") as o:
+        subprocess.run(["igzip", "-1", "-n", "-c"], stdin=i, stdout=o, check=True)
+    store = BlockStore(tmp_path / "store")
+    store.put_file(tar, Layout.TAR)
+    before = store.stats()
+    index = store.put(tgz)
+    assert index.layout is Layout.TAR and index.gzip is not None
+    assert index.gzip.cmd == ("igzip", "-1", "-n", "-c")
+    assert store.stats() == before
+    assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
+
+
+@pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
+def test_igzip_gives_the_same_bytes_however_its_input_arrives(tmp_path: Path):
+    """What remaking a tgz relies on: one pipe write or many small ones, one thread or two."""
+    data = b"".join(rand(70000, i) + bytes(90000) for i in range(12))
+    whole = subprocess.run(["igzip", "-1", "-n", "-c"], input=data, capture_output=True, check=True).stdout
+    with subprocess.Popen(["igzip", "-1", "-n", "-c", "-T", "2"], stdin=subprocess.PIPE,
+                          stdout=open(tmp_path / "pieces.gz", "wb")) as proc:
+        assert proc.stdin is not None
+        for i in range(0, len(data), 777):
+            proc.stdin.write(data[i:i + 777])
+        proc.stdin.close()
+    assert proc.returncode == 0 and (tmp_path / "pieces.gz").read_bytes() == whole
+    assert gzip.decompress(whole) == data
+
+
 def test_pigz_is_made_again_on_every_core_only_where_that_gives_the_same_bytes(monkeypatch):
     from pipeline import regzip
 

@@ -248,11 +248,18 @@ def test_progress_updates_a_terminal_line(capsys, monkeypatch):
 # -- command lines ------------------------------------------------------------------------------------
 
 
-def test_compressor_prefers_pigz(monkeypatch):
-    monkeypatch.setattr(tgz.shutil, "which", lambda name: f"/usr/bin/{name}")
+def test_compressor_prefers_igzip_then_pigz_then_gzip(monkeypatch):
+    def having(*names: str):
+        monkeypatch.setattr(tgz.shutil, "which", lambda name: f"/usr/bin/{name}" if name in names else None)
+
+    having("igzip", "pigz", "gzip")
+    assert tgz.compressor_cmd() == ["igzip", "-1", "-n", "-c"]
+    having("pigz", "gzip")
     assert tgz.compressor_cmd() == ["pigz", "-1", "-n"]
-    monkeypatch.setattr(tgz.shutil, "which", lambda name: None if name == "pigz" else f"/usr/bin/{name}")
+    having("gzip")
     assert tgz.compressor_cmd() == ["gzip", "-1", "-n"]
+    having()
+    assert tgz.compressor_cmd() == ["gzip", "-1", "-n"]  # its missing-tool error comes from run()
 
 
 def test_mmdebstrap_cmd_defaults():
