@@ -73,6 +73,8 @@ def tgz_inputs(p: Project, r: Recipe) -> dict[str, Any]:
     engine's ids of external base images (asked only when the recipe has any)."""
     m: dict[str, Any] = {"hostname": r.name}
     if r.bootstrap is not None:
+        if r.bootstrap.key is not None:  # its name is a setting; what it says (which mirror it trusts) is here
+            m["key"] = tree_manifest(r.dir, [r.bootstrap.key])
         return m
 
     m["context"] = tree_manifest(r.dir, docker.context_files(r.dir))

@@ -189,6 +189,18 @@ def test_an_arch_bootstrap_recipe_defaults_to_base_linux_from_archs_mirror(tmp_p
     assert r.bootstrap.key == "m.asc" and not r.bootable  # no kernel: a base image, like Debian's
 
 
+def test_the_mirrors_key_file_is_an_input_of_the_tgz(tmp_path):
+    """A new key (another mirror trusted) is a new tgz, not the old one restored from the store."""
+    from pipeline import builders
+    from pipeline.project import Project
+
+    r = _recipe(tmp_path, '[bootstrap]\ndistro = "arch"\nmirror = "file:///m/$repo"\nkey = "m.asc"\n', **{"m.asc": "A"})
+    p = Project(tmp_path)
+    before = builders.tgz_inputs(p, r)
+    (r.dir / "m.asc").write_text("B")
+    assert builders.tgz_inputs(p, r) != before and builders.tgz_inputs(p, r)["key"][0]["path"] == "m.asc"
+
+
 def test_a_debian_bootstrap_keeps_its_settings_and_so_its_key(tmp_path):
     r = _recipe(tmp_path, '[bootstrap]\nsuite = "bookworm"\n')
     assert r.bootstrap.distro == "debian" and set(r.settings()["bootstrap"]) == {"suite", "variant", "packages",
