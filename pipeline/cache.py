@@ -611,8 +611,7 @@ class Store:
             plain = sum(du(e)[1] for e in self.entries())
             budget = self.packed.trim(max_size, plain)
         else:
-            n, freed = self.packed.sweep()
-            budget = Budget((), n, freed)
+            budget = self.packed.sweep()
         return Collected(removed, packed, kept, budget)
 
 

@@ -141,7 +141,7 @@ def store_gc_action(root: str, max_size: str = "", remote: bool = False, keep_da
     print(f"{len(done.removed)} removed ({len(done.packed)} of them kept packed"
           + (f", {len(done.kept)} left plain: packing failed" if done.kept else "") + "); "
           f"{len(done.budget.dropped)} packed entries dropped past --max-size, {done.budget.packs_deleted} unused "
-          f"packs deleted ({human(done.budget.bytes_freed)})")
+          f"packs deleted, {done.budget.packs_compacted} compacted ({human(done.budget.bytes_freed)} freed)")
     _remove_leftover_containers()
 
 

@@ -18,8 +18,12 @@ and the stored manifest.json; a damaged pack is BlockCorrupt: the caller drops t
 and builds.
 
 trim() drops packed entries past a size budget, oldest first, and sweep() deletes the packs none
-of the remaining packed entries use. A pack some of whose blocks are still used is kept whole:
-compacting partly-used packs is left for later (issue 17's remote half compacts too).
+of the remaining packed entries use, and compacts those mostly unused (PackUse: under half their
+blocks live, at least 256 KiB dead; regcompact.py says why, for the registry's packs): their live blocks copied
+into new packs, every block checked, the old packs deleted. Without it the oldest revision's own
+blocks, packed beside blocks every later revision shares, would free nothing when it is dropped,
+and trim() would drop every entry before the budget was met. trim() counts what sweep() will
+leave: a compacted pack as its live share.
 
 This module never imports cache.py (cache.Store uses it).
 """
@@ -33,7 +37,7 @@ import os
 import shutil
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,8 @@ from pipeline.blocks import BlockCorrupt, Index
 from pipeline.entries import MANIFEST, manifest_json
 from pipeline.errors import UserError
 from pipeline.files import fsync_path
-from pipeline.packs import BlockStore
+from pipeline.packs import COMPACT_MIN_DEAD, COMPACT_THRESHOLD, BlockStore
+from pipeline.run import log
 from pipeline.seeds import Seed
 
 INFO = "packed.json"
@@ -66,11 +71,35 @@ class PackedEntry:
 
 @dataclass(frozen=True)
 class Budget:
-    """What trim() dropped and what sweep() deleted."""
+    """What trim() dropped and what sweep() did: packs deleted unused, packs compacted (bytes
+    freed: the unused packs' and the compacted ones' less what their copies took)."""
 
     dropped: tuple[PackedEntry, ...]
     packs_deleted: int
     bytes_freed: int
+    packs_compacted: int = 0
+
+
+
+
+@dataclass(frozen=True)
+class PackUse:
+    """A pack as sweep() sees it: its bytes, its blocks, and how many of those a packed entry uses."""
+
+    size: int
+    blocks: int
+    live: int
+
+    @property
+    def compacted(self) -> bool:
+        dead = self.size * (self.blocks - self.live) // max(self.blocks, 1)
+        return 0 < self.live < COMPACT_THRESHOLD * self.blocks and dead >= COMPACT_MIN_DEAD
+
+    def kept(self) -> int:
+        """The bytes it costs once sweep() ran: none unused, its live share compacted, else whole."""
+        if self.live == 0:
+            return 0
+        return self.size * self.live // self.blocks if self.compacted else self.size
 
 
 @dataclass(frozen=True)
@@ -215,28 +244,40 @@ class Packed:
         """Bytes on disk of the packed form: the packs and the packed entries' own files."""
         return self.blocks.stats().stored + sum(e.own for e in self.entries())
 
-    def trim(self, max_size: int, plain: int) -> Budget:
-        """Drop packed entries, oldest first, until plain + packs + packed entries ≤ max_size
-        (or none is left), then delete the packs no remaining one uses."""
-        entries = self.entries()
+    def _uses(self, entries: list[PackedEntry]) -> dict[Path, set[bytes]]:
+        """The blocks each packed entry uses (none for a damaged one: no use keeping its blocks)."""
         uses: dict[Path, set[bytes]] = {}
         for e in entries:
             try:
                 uses[e.path] = self._digests(e)
-            except UserError:  # damaged: no use keeping it
+            except UserError:
                 uses[e.path] = set()
+        return uses
+
+    def _packs(self) -> tuple[dict[bytes, str], dict[str, PackUse]]:
+        """Which pack each block is in, and every pack with no block counted live yet."""
         with self.blocks.db() as con:
             where = dict(con.execute("SELECT digest, pack FROM blocks"))
-            sizes = dict(con.execute("SELECT name, size FROM packs"))
+            rows = con.execute("SELECT name, size, blocks FROM packs")
+            packs = {n: PackUse(size, blocks, 0) for n, size, blocks in rows}
+        return where, packs
+
+    def trim(self, max_size: int, plain: int) -> Budget:
+        """Drop packed entries, oldest first, until plain + packs (as sweep() leaves them) + packed
+        entries ≤ max_size (or none is left), then sweep()."""
+        entries = self.entries()
+        uses = self._uses(entries)
+        where, packs = self._packs()
         count: dict[bytes, int] = {}
         for ds in uses.values():
             for d in ds:
                 count[d] = count.get(d, 0) + 1
-        pack_live: dict[str, int] = dict.fromkeys(sizes, 0)
+        live: dict[str, int] = dict.fromkeys(packs, 0)
         for d in count:
             if d in where:
-                pack_live[where[d]] += 1
-        total = plain + sum(sizes[p] for p, n in pack_live.items() if n) + sum(e.own for e in entries)
+                live[where[d]] += 1
+        use = {n: replace(u, live=live[n]) for n, u in packs.items()}
+        total = plain + sum(u.kept() for u in use.values()) + sum(e.own for e in entries)
         dropped = []
         for e in entries:
             if total <= max_size:
@@ -246,40 +287,41 @@ class Packed:
             for d in uses[e.path]:
                 count[d] -= 1
                 if count[d] == 0 and d in where:
-                    pack = where[d]
-                    pack_live[pack] -= 1
-                    if pack_live[pack] == 0:
-                        total -= sizes[pack]
+                    before = use[where[d]]
+                    use[where[d]] = after = replace(before, live=before.live - 1)
+                    total -= before.kept() - after.kept()
         for e in dropped:
             self.drop(e.row, e.key)
-        n, freed = self.sweep()
-        return Budget(tuple(dropped), n, freed + sum(e.own for e in dropped))
+        return replace(self.sweep(), dropped=tuple(dropped))
 
-    def sweep(self) -> tuple[int, int]:
-        """Delete the packs whose blocks no packed entry uses; (how many, their bytes)."""
-        used: set[bytes] = set()
-        for e in self.entries():
-            try:
-                used |= self._digests(e)
-            except UserError:
-                continue
-        deleted = freed = 0
+    def sweep(self) -> Budget:
+        """Delete the packs whose blocks no packed entry uses, and compact the mostly unused ones
+        (PackUse.compacted). A damaged pack is one line and stays as it is."""
         bs = self.blocks
         if not (bs.root / "index.sqlite").exists():
-            return 0, 0
+            return Budget((), 0, 0)
+        used: set[bytes] = set().union(*self._uses(self.entries()).values())
+        where, packs = self._packs()
+        live: dict[str, int] = dict.fromkeys(packs, 0)
+        for d, pack in where.items():
+            if d in used:
+                live[pack] += 1
+        unused = [n for n in packs if live[n] == 0]
         with bs.db() as con:
-            live_packs = {p for d, p in con.execute("SELECT digest, pack FROM blocks") if d in used}
-            for name, size in con.execute("SELECT name, size FROM packs").fetchall():
-                if name in live_packs:
-                    continue
+            for name in unused:
                 with con:
                     con.execute("DELETE FROM blocks WHERE pack = ?", (name,))
                     con.execute("DELETE FROM packs WHERE name = ?", (name,))
                 with contextlib.suppress(FileNotFoundError):
                     bs.pack_path(name).unlink()
-                deleted += 1
-                freed += size
-        return deleted, freed
+        freed = sum(packs[n].size for n in unused)
+        sparse = [n for n, u in packs.items() if replace(u, live=live[n]).compacted]
+        try:
+            old, written = bs.compact(sparse, used)
+        except BlockCorrupt as e:
+            log(f"store_gc: packs not compacted: {e.message} (they stay as they are)")
+            sparse, old, written = [], 0, 0
+        return Budget((), len(unused), freed + old - written, len(sparse))
 
 
 def parse_size(text: str) -> int:

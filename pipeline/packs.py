@@ -76,6 +76,8 @@ FRAME_BLOCKS = 16  # blocks per zstd frame: 64 KiB before compression
 PACK_MAX = 32 << 20  # a pack is closed once it holds this many compressed bytes
 MAX_TRAILER = 64 << 20  # a pack trailer larger than this is not one of ours
 LEVEL = 3  # zstd level of the frames
+COMPACT_THRESHOLD = 0.5  # a pack whose live share is under this is compacted, locally and in the registry ...
+COMPACT_MIN_DEAD = 256 << 10  # ... when that frees at least this many bytes (why both: regcompact.py)
 FRAME_CACHE = 32  # decompressed frames a reader keeps (2 MiB): blocks read out of their pack's order
 BATCH = 256  # blocks looked up in the index with one query (SQLite allows 999 parameters at least)
 CACHE_KIB = 32768  # SQLite's page cache for the index (hello's whole chain: ~20 MiB of index)
@@ -467,6 +469,33 @@ class BlockStore:
 
     # -- inspection -------------------------------------------------------------------------------
 
+    def compact(self, names: Collection[str], live: Collection[bytes]) -> tuple[int, int]:
+        """Copy the `live` blocks of the packs `names` into new packs, point the index at the
+        copies, delete those packs: (bytes freed, bytes written). Every block is checked as it is
+        read. A crash before the index moves leaves the new packs unused, one after it the old
+        ones: either way the next sweep deletes what no block row names."""
+        names = sorted(set(names))
+        if not names:
+            return 0, 0
+        marks = ", ".join("?" * len(names))
+        with self.db() as con:
+            old = con.execute(f"SELECT coalesce(sum(size), 0) FROM packs WHERE name IN ({marks})", names).fetchone()[0]
+            moving = sorted((Location(p, off, n, slot), d) for d, p, off, n, slot in con.execute(
+                f"SELECT digest, pack, offset, length, slot FROM blocks WHERE pack IN ({marks})", names) if d in live)
+            with PackReader(self, con) as reader, self.writer(con) as writer:
+                for loc, d in moving:  # in pack order: each frame decompressed once
+                    writer.add(d, reader.block(d, loc))
+            copies = [(d, loc) for made in writer.finished for d, loc in made.blocks]
+            with con:  # the block rows move to the copies at once (finish_pack left them as they were)
+                con.executemany("UPDATE blocks SET pack = ?, offset = ?, length = ?, slot = ? WHERE digest = ?",
+                                ((loc.pack, loc.offset, loc.length, loc.slot, d) for d, loc in copies))
+                con.executemany("DELETE FROM blocks WHERE pack = ?", ((n,) for n in names))
+                con.executemany("DELETE FROM packs WHERE name = ?", ((n,) for n in names))
+        for n in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.pack_path(n).unlink()
+        return old, sum(made.size for made in writer.finished)
+
     def stats(self) -> Stats:
         with self.db() as con:
             packs, stored, blocks = con.execute("SELECT count(*), coalesce(sum(size), 0), "
@@ -651,12 +680,13 @@ class PackReader:
         loc = self.where.get(d) or self.store.locate(d, self.con)
         if loc is None:
             raise BlockCorrupt(f"block {d.hex()[:12]} is in no pack of {self.store.root}")
-        return self._block(d, loc), loc
+        return self.block(d, loc), loc
 
     def get(self, d: bytes) -> bytes:
         return self.located(d)[0]
 
-    def _block(self, d: bytes, loc: Location) -> bytes:
+    def block(self, d: bytes, loc: Location) -> bytes:
+        """The block at a location the caller knows, checked."""
         key = (loc.pack, loc.offset)
         frame = self.frames.get(key)
         if frame is None:

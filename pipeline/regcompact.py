@@ -48,6 +48,8 @@ from pipeline.blocks import BlockCorrupt
 from pipeline.entries import EntryCorrupt, RemoteUnavailable
 from pipeline.errors import UserError
 from pipeline.packs import (
+    COMPACT_MIN_DEAD,
+    COMPACT_THRESHOLD,
     FRAME_BLOCKS,
     BlockStore,
     Location,
@@ -56,8 +58,8 @@ from pipeline.packs import (
     decompress_frame,
 )
 
-THRESHOLD = 0.5  # a pack whose live blocks are less than this share of its bytes is rewritten
-MIN_DEAD = 256 << 10  # ... if that frees at least this many bytes
+THRESHOLD = COMPACT_THRESHOLD  # a pack whose live blocks are less than this share of its bytes is rewritten
+MIN_DEAD = COMPACT_MIN_DEAD  # ... if that frees at least this many bytes
 PENDING = Location("", 0, 0, 0)  # a copied block whose new pack is not closed yet
 
 Frames = dict[tuple[int, int], int]  # (frame offset, frame length) -> bitmask of the live slots

@@ -162,6 +162,58 @@ def test_shared_blocks_outlive_the_entry_dropped(tmp_path):
     assert got.entry == e2 and (e2 / "disk.img").read_bytes() == base + data(21, 8192)
 
 
+def two_revisions_sharing_a_quarter(store: Store) -> tuple[Path, Path, bytes]:
+    """Revision 1 is X + Y, revision 2 is X + Z (X 1 MiB, Y and Z 3 MiB, random): both packed, so
+    revision 1's pack holds X, which revision 2 uses, beside its own Y."""
+    x = data(40, MIB)
+    e1 = make(store, STAGE, 1, {"disk.img": x + data(41, 3 * MIB)})
+    store.collect(ROWS)
+    e2 = make(store, STAGE, 2, {"disk.img": x + data(42, 3 * MIB)})
+    store.collect(ROWS)
+    return e1, e2, x + data(42, 3 * MIB)
+
+
+def test_dropping_the_oldest_revision_frees_its_own_blocks_packed_beside_shared_ones(tmp_path):
+    """Its pack is 1/4 live: compacted (the shared quarter copied, the rest freed), so the budget is
+    met by dropping revision 1 alone, not revision 2 too."""
+    store = Store(tmp_path / "cache")
+    e1, e2, two = two_revisions_sharing_a_quarter(store)
+    stored = store.footprint().stored
+    assert 7 * MIB < stored < 7.2 * MIB  # X, Y and Z once
+    done = store.collect(ROWS, max_size=stored - 2 * MIB)
+    assert [d.key for d in done.budget.dropped] == [e1.name]
+    assert done.budget.packs_compacted == 1 and 2.9 * MIB < done.budget.bytes_freed < 3.2 * MIB
+    assert 3.9 * MIB < store.footprint().stored < 4.2 * MIB  # X and Z
+    assert store.packed.blocks.verify() == [] and not list(store.packed.blocks.tmp.iterdir())
+    got = store.obtain(STAGE, {**STAGE.head(), "n": 2}, lambda work, key: pytest.fail("rebuilt"))
+    assert got.entry == e2 and (e2 / "disk.img").read_bytes() == two
+
+
+def test_a_compaction_that_fails_midway_loses_nothing(tmp_path, monkeypatch, capsys):
+    store = Store(tmp_path / "cache")
+    e1, e2, two = two_revisions_sharing_a_quarter(store)
+    store.packed.drop("img", e1.name)
+    real, calls = packs.PackReader.block, []
+
+    def failing(self, d, loc):
+        calls.append(d)
+        if len(calls) == 100:
+            raise packs.BlockCorrupt(f"pack {loc.pack[:12]} is damaged (a test)")
+        return real(self, d, loc)
+
+    monkeypatch.setattr(packs.PackReader, "block", failing)
+    data_pack = max(store.packed.blocks.packs.glob("*.pack"), key=lambda p: p.stat().st_size)
+    done = store.collect(ROWS)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "not compacted" in ln]
+    assert len(lines) == 1 and "a test" in lines[0] and done.budget.packs_compacted == 0
+    assert data_pack.exists() and not list(store.packed.blocks.tmp.iterdir())  # the copy's unfinished pack went
+    monkeypatch.setattr(packs.PackReader, "block", real)
+    assert store.collect(ROWS).budget.packs_compacted == 1  # the next store_gc does it
+    assert not data_pack.exists()
+    got = store.obtain(STAGE, {**STAGE.head(), "n": 2}, lambda work, key: pytest.fail("rebuilt"))
+    assert got.entry == e2 and (e2 / "disk.img").read_bytes() == two
+
+
 def test_entries_of_files_rows_and_unknown_rows_are_deleted_not_packed(tmp_path):
     store = Store(tmp_path / "cache")
     snap = make(store, SNAP, 1, {"vm.ram": data(6, 64 << 10)})
