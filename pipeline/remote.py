@@ -50,12 +50,15 @@ import tempfile
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline import oci, regblocks, reggc
+from pipeline import oci
 from pipeline.entries import MANIFEST, EntryCorrupt
 from pipeline.packs import BlockStore
 from pipeline.seeds import Seed
+
+if TYPE_CHECKING:  # the block layout's modules are imported where an entry moves: a no-op doit needs neither
+    from pipeline.regblocks import Fetched
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
 CONFIG_TYPE = "application/vnd.ldt.entry.manifest.v1+json"
@@ -138,6 +141,8 @@ def push_entry(remote: oci.Remote, stage: str, key: str, entry_dir: str | os.Pat
     """Publish a finished local entry as <prefix>/<stage>:<key> in the block layout (regblocks.py),
     its blocks kept in `blocks` (the store's; None: a throwaway one in tmp_dir, so the registry's
     packs are found by HEAD only). False when the tag was already there (either layout)."""
+    from pipeline import regblocks, reggc
+
     if not oci.TAG.fullmatch(key):
         raise ValueError(f"entry key {key!r} is not a valid OCI tag")
     repo = remote.repository(stage)
@@ -175,6 +180,8 @@ def _get_manifest(c: oci.Client, repo: str, stage: str, key: str) -> tuple[bytes
 
 
 def _config_of(raw: bytes, doc: dict[str, Any], stage: str, key: str) -> oci.Blob:
+    from pipeline import regblocks
+
     if regblocks.is_blocks_manifest(doc):
         return regblocks.parse_manifest(doc, stage, key).config
     return parse_manifest(raw, stage, key)[0]
@@ -209,7 +216,7 @@ def entry_manifest(remote: oci.Remote, stage: str, key: str, *, env: Mapping[str
 
 def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.PathLike[str], *,
                env: Mapping[str, str] | None = None, blocks: BlockStore | None = None,
-               fetched: regblocks.Fetched | None = None, seeds: Collection[Seed] = ()) -> bool:
+               fetched: Fetched | None = None, seeds: Collection[Seed] = ()) -> bool:
     """Fetch <prefix>/<stage>:<key> into work_dir (files + manifest.json). False when the tag is absent.
 
     The block layout (regblocks.py) fetches only the blocks `blocks` (the store's block store;
@@ -218,6 +225,8 @@ def pull_entry(remote: oci.Remote, stage: str, key: str, work_dir: str | os.Path
     it streams. On any failure all that was written is removed before the exception
     (EntryCorrupt, RemoteUnavailable) goes up.
     """
+    from pipeline import regblocks
+
     work = Path(work_dir)
     repo = remote.repository(stage)
     written: list[Path] = []
