@@ -112,6 +112,15 @@ class Stats:
 
 def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
     """A local pack's own index, checked against the footer's digest."""
+    return _locations(path.name.removesuffix(".pack"), _local_trailer(path))
+
+
+def frame_lengths(path: Path) -> dict[int, int]:
+    """A local pack's frames, offset -> compressed length, from its trailer (checked)."""
+    return {off: n for _, off, n, _ in TRAILER_ENTRY.iter_unpack(_local_trailer(path))}
+
+
+def _local_trailer(path: Path) -> bytes:
     name = path.name.removesuffix(".pack")
     try:
         with open(path, "rb") as f:
@@ -120,7 +129,7 @@ def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
                 f.seek(start)
                 return f.read(end - start)
 
-            return trailer_of(name, f.seek(0, os.SEEK_END), read)
+            return _trailer(name, f.seek(0, os.SEEK_END), read)
     except OSError as e:
         raise BlockCorrupt(f"pack {name[:12]} is unreadable ({e.strerror})") from None
 
@@ -128,6 +137,15 @@ def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
 def trailer_of(name: str, size: int, read: Callable[[int, int], bytes]) -> list[tuple[bytes, Location]]:
     """A pack's own index, checked against the footer's digest, whatever holds its `size` bytes:
     read(start, end) gives bytes [start, end) of it (a local file, or Range requests to a registry)."""
+    return _locations(name, _trailer(name, size, read))
+
+
+def _locations(name: str, trailer: bytes) -> list[tuple[bytes, Location]]:
+    return [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(trailer)]
+
+
+def _trailer(name: str, size: int, read: Callable[[int, int], bytes]) -> bytes:
+    """The trailer's entries (TRAILER_ENTRY each), checked."""
     if size < len(PACK_MAGIC) + FOOTER.size:
         raise BlockCorrupt(f"pack {name[:12]} is damaged (too short: {size} bytes)")
     magic, offset, length, want = FOOTER.unpack(read(size - FOOTER.size, size))
@@ -137,10 +155,9 @@ def trailer_of(name: str, size: int, read: Callable[[int, int], bytes]) -> list[
     if hashlib.sha256(raw).digest() != want:
         raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not match the footer's digest)")
     try:
-        entries = zstandard.ZstdDecompressor().decompress(raw, max_output_size=16 * MAX_TRAILER)
+        return zstandard.ZstdDecompressor().decompress(raw, max_output_size=16 * MAX_TRAILER)
     except zstandard.ZstdError:
         raise BlockCorrupt(f"pack {name[:12]} is damaged (its trailer does not decompress)") from None
-    return [(d, Location(name, off, n, slot)) for d, off, n, slot in TRAILER_ENTRY.iter_unpack(entries)]
 
 
 def decompress_frame(data: bytes, loc: Location) -> bytes:
@@ -636,7 +653,9 @@ class PackReader:
         self.files: dict[str, BinaryIO] = {}
         self.frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.where: dict[bytes, Location] = {}  # the locations of the blocks of the current batch
+        self.lengths: dict[str, dict[int, int]] = {}  # per pack read from: its frames' offsets and lengths
         self.frame, self.slot = b"", -1  # run(): the frame of the last block it gave, and its slot
+        self.at = ("", 0, 0)  # ... and that frame's pack, offset and length
 
     def prefetch(self, digests: list[bytes]) -> None:
         self.where = self.store.locate_many(digests, self.con)
@@ -651,14 +670,13 @@ class PackReader:
     def run(self, part: list[tuple[bytes, int]]) -> Iterator[tuple[int, bytes | None]]:
         """(length, its block checked; None for a hole) of index entries, in order.
 
-        Blocks written together sit together in a frame, so the block after the one before is
-        tried first: the sha256 that checks it also finds it, and the index is asked only when
-        it is not that one, then for the rest of the part at once (hello's ext4: one look-up
-        per frame, not per block; the look-ups were a third of the time)."""
+        Blocks written together sit together in a pack, so the block after the one before is
+        tried first (the next slot, or the first of the pack's next frame): the sha256 that checks
+        it also finds it, and the index is asked only when it is not that one (hello's tgz:
+        14,140 look-ups for 175,000 blocks, then a few hundred)."""
         sha256 = hashlib.sha256
-        frame, slot = self.frame, self.slot
-        asked = False
-        for i, (d, length) in enumerate(part):
+        frame, slot, at = self.frame, self.slot, self.at
+        for d, length in part:
             if d == HOLE:
                 yield length, None
                 continue
@@ -666,14 +684,27 @@ class PackReader:
             block = frame[start:start + BLOCK]
             if len(block) == BLOCK and sha256(block).digest() == d:
                 slot += 1
+            elif not block and (after := self.next_frame(at)) and sha256(after[0][:BLOCK]).digest() == d:
+                (frame, at), slot = after, 0
+                block = frame[:BLOCK]
             else:
-                if not asked and d not in self.where:
-                    self.prefetch([e for e, _ in part[i:] if e != HOLE])
-                    asked = True
                 block, loc = self.located(d)
-                frame, slot = self.frames[(loc.pack, loc.offset)], loc.slot
+                frame, slot, at = self.frames[(loc.pack, loc.offset)], loc.slot, (loc.pack, loc.offset, loc.length)
             yield length, block
-        self.frame, self.slot = frame, slot
+        self.frame, self.slot, self.at = frame, slot, at
+
+    def next_frame(self, at: tuple[str, int, int]) -> tuple[bytes, tuple[str, int, int]] | None:
+        """The frame after `at` (pack, offset, length) in its pack, decompressed, if there is one."""
+        pack, offset, length = at
+        lengths = self.lengths.get(pack)
+        if lengths is None:
+            try:
+                lengths = frame_lengths(self.store.pack_path(pack))
+            except BlockCorrupt:
+                lengths = {}  # the index finds the blocks (and says what is wrong, if it is)
+            self.lengths[pack] = lengths
+        n = lengths.get(offset + length)
+        return None if n is None else (self.frame_at(pack, offset + length, n), (pack, offset + length, n))
 
     def located(self, d: bytes) -> tuple[bytes, Location]:
         """A block by its digest, checked, and where it is."""
@@ -687,20 +718,24 @@ class PackReader:
 
     def block(self, d: bytes, loc: Location) -> bytes:
         """The block at a location the caller knows, checked."""
-        key = (loc.pack, loc.offset)
+        return block_of(self.frame_at(loc.pack, loc.offset, loc.length), d, loc)
+
+    def frame_at(self, pack: str, offset: int, length: int) -> bytes:
+        """A frame, decompressed (the last FRAME_CACHE kept)."""
+        key = (pack, offset)
         frame = self.frames.get(key)
         if frame is None:
-            f = self.files.get(loc.pack)
+            f = self.files.get(pack)
             if f is None:
                 try:
-                    f = self.files[loc.pack] = open(self.store.pack_path(loc.pack), "rb")  # noqa: SIM115
+                    f = self.files[pack] = open(self.store.pack_path(pack), "rb")  # noqa: SIM115
                 except OSError as e:
-                    raise BlockCorrupt(f"pack {loc.pack[:12]} is unreadable ({e.strerror})") from None
-            f.seek(loc.offset)
-            frame = decompress_frame(f.read(loc.length), loc)
+                    raise BlockCorrupt(f"pack {pack[:12]} is unreadable ({e.strerror})") from None
+            f.seek(offset)
+            frame = decompress_frame(f.read(length), Location(pack, offset, length, 0))
             self.frames[key] = frame
             if len(self.frames) > FRAME_CACHE:
                 self.frames.popitem(last=False)
         else:
             self.frames.move_to_end(key)
-        return block_of(frame, d, loc)
+        return frame

@@ -18,7 +18,7 @@ import pytest
 from pipeline import regzip
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
-from pipeline.packs import BlockStore, block_of, decompress_frame, read_trailer, verify_pack
+from pipeline.packs import BlockStore, PackReader, block_of, decompress_frame, frame_lengths, read_trailer, verify_pack
 
 MiB = 1 << 20
 
@@ -375,6 +375,21 @@ def test_a_tgz_of_mostly_zeros_is_still_stored_as_its_tar(tmp_path: Path):
     assert index.gzip is not None
     assert store.stats().blocks == 2 + 3  # two members' headers and the data; the zeros are holes
     assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
+
+
+def test_a_file_read_in_its_packs_order_asks_the_index_once(tmp_path: Path, monkeypatch):
+    """The next block is looked for in the next slot, then in the pack's next frame: a file whose
+    blocks were packed in its own order (5 frames here) is found by one look-up, its first block."""
+    data = rand(70 * BLOCK, 31)
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", data))
+    pack = max(packs(store), key=lambda p: p.stat().st_size)
+    assert len(frame_lengths(pack)) == 5
+    asked = []
+    real = PackReader.located
+    monkeypatch.setattr(PackReader, "located", lambda self, d: asked.append(d) or real(self, d))
+    assert store.materialize(index, tmp_path / "out").read_bytes() == data
+    assert len(asked) == 1
 
 
 def test_a_missing_block_is_one_byte_range_of_one_pack(tmp_path: Path):
