@@ -67,6 +67,7 @@ from pipeline.blocks import (
 )
 from pipeline.entries import file_record
 from pipeline.files import atomic_path, fsync_path
+from pipeline.run import log
 from pipeline.seeds import Seed, Sink, Source, offsets
 
 PACK_MAGIC = b"LDTPACK1"
@@ -400,8 +401,15 @@ class BlockStore:
                 with contextlib.ExitStack() as opened:
                     have = self._seeded(index, seeds, opened)
                     if have:
-                        with contextlib.suppress(BlockCorrupt), open(tmp, "w+b") as out:  # read back
-                            sha = self.write_stream(index, out, sparse=True, have=have)
+                        try:
+                            with open(tmp, "w+b") as out:  # w+: the copied runs are read back
+                                sha = self.write_stream(index, out, sparse=True, have=have)
+                            why = f"the file came out as sha256 {sha[:12]}…" if sha != index.sha256 else None
+                        except BlockCorrupt as e:
+                            why = e.message
+                        if why:  # a seed changed under us, or a bug: never silent, it costs a second pass
+                            log(f"{dest.name}: copying blocks from {', '.join(s.path.name for s in seeds)} failed "
+                                f"({why}); made from the packs alone")
                 if sha != index.sha256:
                     with open(tmp, "wb") as out:
                         sha = self.write_stream(index, out, sparse=True)

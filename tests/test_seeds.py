@@ -55,12 +55,21 @@ def test_a_disk_is_made_from_its_seed_without_the_blocks_it_shares(disk, tmp_pat
         store.materialize(root, tmp_path / "out2.img")
 
 
-def test_a_seed_changed_since_it_was_recorded_is_not_trusted(disk, tmp_path):
+def test_a_seed_changed_since_it_was_recorded_is_not_trusted(disk, tmp_path, capsys):
+    """The copied file fails its sha256: made again from the packs, and one line says so."""
     store, seed, root, image = disk
     with open(seed.path, "r+b") as f:
         f.seek(100)
         f.write(b"changed")
     assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "made from the packs alone" in ln]
+    assert len(lines) == 1 and f"copying blocks from {seed.path.name} failed" in lines[0], lines
+
+
+def test_a_seed_used_as_recorded_says_nothing(disk, tmp_path, capsys):
+    store, seed, root, image = disk
+    assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+    assert "made from the packs alone" not in capsys.readouterr().err
 
 
 def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path):
