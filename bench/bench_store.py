@@ -30,6 +30,12 @@ The revert halved (tgz 9.9s, ext4 4.4s, BIOS 2.5s and UEFI 2.7s, both copied fro
 ext4), and so did the rebuild at this lower load; the tgz's pigz is now most of what is left
 (without it, about 0.23x). store_gc 46s a revision.
 
+On 2026-12-02 (load 1-2), N = 10, the tgz now made by igzip (regzip.py): kept 2.8G = 1.11x one
+materialized revision (2.5G): the nine packed revisions in 269.3M of packs, the first 246.6M and
+each next one 2.8-2.9M (goal <= 1.5x, met). Revert 23.4s / rebuild 48.4s = 0.48x: tgz 6.6s, ext4 6.3s, BIOS
+and UEFI 3.4s each, the rest 0.8s; goal <= 0.3x not met. Rebuilds got faster too (igzip in the
+build). store_gc 33-43s a revision.
+
 The machine may be small and shared: times are noisy, sizes are not.
 """
 
