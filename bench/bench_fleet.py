@@ -356,6 +356,8 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
         accounted += seconds
         print(f"     docker import of {name}'s tgz  {seconds:6.2f}s")
     print(f"     the rest (doit start, keys, checks, links)  {run_b.seconds - accounted:6.2f}s")
+    said = [ln for _, ln in run_b.lines if ln.startswith("ldt: ") and " pulled from " not in ln]
+    print("   what else B said: " + ("".join(f"\n     {ln}" for ln in said) if said else "nothing"))
 
     # 5. a no-op doit stays local
     noop = make_project(tmp / "noop", {base: {"recipe.toml": BOOTSTRAP_TOML},

@@ -407,9 +407,12 @@ class BlockStore:
                             why = f"the file came out as sha256 {sha[:12]}…" if sha != index.sha256 else None
                         except BlockCorrupt as e:
                             why = e.message
+                        names = ", ".join(s.path.name for s in seeds)
                         if why:  # a seed changed under us, or a bug: never silent, it costs a second pass
-                            log(f"{dest.name}: copying blocks from {', '.join(s.path.name for s in seeds)} failed "
-                                f"({why}); made from the packs alone")
+                            log(f"{dest.name}: copying blocks from {names} failed ({why}); made from the packs alone")
+                        else:
+                            copied = BLOCK * sum(1 for d, n in index if n == BLOCK and d in have)
+                            log(f"{dest.name}: {copied / 2**20:.0f} MiB of its blocks copied from {names}")
                 if sha != index.sha256:
                     with open(tmp, "wb") as out:
                         sha = self.write_stream(index, out, sparse=True)
