@@ -36,6 +36,7 @@ lacks and which byte range of which pack (an OCI blob named by its sha256) holds
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -397,22 +398,7 @@ class BlockStore:
                 regzip.compress_into(index.gzip, lambda out: self.write_stream(index, out, sparse=False), tmp)
                 sha = file_record(tmp)["sha256"]
             else:
-                sha = None
-                with contextlib.ExitStack() as opened:
-                    have = self._seeded(index, seeds, opened)
-                    if have:
-                        try:
-                            with open(tmp, "w+b") as out:  # w+: the copied runs are read back
-                                sha = self.write_stream(index, out, sparse=True, have=have)
-                            why = f"the file came out as sha256 {sha[:12]}…" if sha != index.sha256 else None
-                        except BlockCorrupt as e:
-                            why = e.message
-                        names = ", ".join(s.path.name for s in seeds)
-                        if why:  # a seed changed under us, or a bug: never silent, it costs a second pass
-                            log(f"{dest.name}: copying blocks from {names} failed ({why}); made from the packs alone")
-                        else:
-                            copied = BLOCK * sum(1 for d, n in index if n == BLOCK and d in have)
-                            log(f"{dest.name}: {copied / 2**20:.0f} MiB of its blocks copied from {names}")
+                sha = self._write_seeded(index, tmp, dest.name, seeds) if seeds else None
                 if sha != index.sha256:
                     with open(tmp, "wb") as out:
                         sha = self.write_stream(index, out, sparse=True)
@@ -422,6 +408,28 @@ class BlockStore:
         fsync_path(dest.parent)
         self.record_file(root)
         return dest
+
+    def _write_seeded(self, index: Index, tmp: Path, name: str, seeds: Collection[Seed]) -> str | None:
+        """tmp made with the blocks the seeds hold copied from them, the rest from the packs; its
+        sha256, or None when no seed holds any. One line says how much came from which seed, or
+        that it failed (a seed changed under us, or a bug: never silent, it costs a second pass)."""
+        with contextlib.ExitStack() as opened:
+            have, names = self._seeded(index, seeds, opened)
+            if not have:
+                return None
+            try:
+                with open(tmp, "w+b") as out:  # w+: the copied runs are read back
+                    sha = self.write_stream(index, out, sparse=True, have=have)
+                why = f"the file came out as sha256 {sha[:12]}…" if sha != index.sha256 else None
+            except BlockCorrupt as e:
+                sha, why = None, e.message
+            used = collections.Counter(have[d][0] for d, n in index if n == BLOCK and d in have)
+            which = ", ".join(names[fd] for fd in sorted(used))
+            if why:
+                log(f"{name}: copying blocks from {which} failed ({why}); made from the packs alone")
+            elif used:
+                log(f"{name}: {BLOCK * used.total() / 2**20:.0f} MiB of its blocks copied from {which}")
+            return sha
 
     def write_stream(self, index: Index, out: BinaryIO, *, sparse: bool,
                      have: dict[bytes, Source] | None = None) -> str:
@@ -460,11 +468,14 @@ class BlockStore:
             else:
                 sink.block(block if length == BLOCK else block[:length])
 
-    def _seeded(self, index: Index, seeds: Collection[Seed], opened: contextlib.ExitStack) -> dict[bytes, Source]:
-        """Where the seeds hold blocks of a FIXED file (their recorded block indexes), the seeds opened."""
+    def _seeded(self, index: Index, seeds: Collection[Seed],
+                opened: contextlib.ExitStack) -> tuple[dict[bytes, Source], dict[int, str]]:
+        """Where the seeds hold blocks of a FIXED file (their recorded block indexes), the seeds
+        opened; and the names of the seeds by their file descriptors."""
         have: dict[bytes, Source] = {}
+        names: dict[int, str] = {}
         if index.layout is not Layout.FIXED:
-            return have
+            return have, names
         for seed in seeds:
             root = self.file_root(seed.sha256)
             if root is None or root.layout is not Layout.FIXED or root.gzip:
@@ -476,7 +487,8 @@ class BlockStore:
                 continue
             if os.fstat(f.fileno()).st_size == full.size:
                 offsets(full, f.fileno(), have)
-        return have
+                names[f.fileno()] = seed.path.name
+        return have, names
 
     def record_file(self, root: Index) -> None:
         """Remember a whole file's block index (a root put_index made) by its sha256: a seed."""

@@ -74,12 +74,13 @@ def test_a_seed_used_as_recorded_says_how_much_it_gave(disk, tmp_path, capsys):
     assert f"out.img: 3 MiB of its blocks copied from {seed.path.name}" in err
 
 
-def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path):
+def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path, capsys):
     store, seed, root, image = disk
     short = tmp_path / "short"
     short.write_bytes(seed.path.read_bytes()[:MiB])
     seeds = [Seed(short, seed.sha256), Seed(tmp_path / "nowhere", seed.sha256), Seed(seed.path, "0" * 64)]
     assert store.materialize(root, tmp_path / "out.img", seeds).read_bytes() == image
+    assert capsys.readouterr().err == ""  # no seed gave a block: nothing to say
 
 
 def test_a_full_disk_while_copying_is_raised(disk, tmp_path, monkeypatch):
