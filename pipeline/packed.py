@@ -19,8 +19,8 @@ and builds.
 
 trim() drops packed entries past a size budget, oldest first, and sweep() deletes the packs none
 of the remaining packed entries use, and compacts those mostly unused (PackUse: under half their
-blocks live, at least 256 KiB dead; regcompact.py says why, for the registry's packs): their live blocks copied
-into new packs, every block checked, the old packs deleted. Without it the oldest revision's own
+blocks live, at least 256 KiB dead; regcompact.py says why, for the registry's packs): their live
+blocks copied into new packs, every block checked, the old packs deleted. Without it the oldest revision's own
 blocks, packed beside blocks every later revision shares, would free nothing when it is dropped,
 and trim() would drop every entry before the budget was met. trim() counts what sweep() will
 leave: a compacted pack as its live share.
@@ -78,8 +78,6 @@ class Budget:
     packs_deleted: int
     bytes_freed: int
     packs_compacted: int = 0
-
-
 
 
 @dataclass(frozen=True)
@@ -292,7 +290,8 @@ class Packed:
                     total -= before.kept() - after.kept()
         for e in dropped:
             self.drop(e.row, e.key)
-        return replace(self.sweep(), dropped=tuple(dropped))
+        swept = self.sweep()
+        return replace(swept, dropped=tuple(dropped), bytes_freed=swept.bytes_freed + sum(e.own for e in dropped))
 
     def sweep(self) -> Budget:
         """Delete the packs whose blocks no packed entry uses, and compact the mostly unused ones

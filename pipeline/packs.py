@@ -695,8 +695,9 @@ class PackReader:
 
         Blocks written together sit together in a pack, so the block after the one before is
         tried first (the next slot, or the first of the pack's next frame): the sha256 that checks
-        it also finds it, and the index is asked only when it is not that one (hello's tgz:
-        14,140 look-ups for 175,000 blocks, then a few hundred)."""
+        it also finds it, and the index is asked only when it is not that one (hello's tgz from a
+        store it was put in alone: 3,075 look-ups for 175,000 blocks, 14,140 before the next frame
+        was tried)."""
         sha256 = hashlib.sha256
         frame, slot, at = self.frame, self.slot, self.at
         for d, length in part:
