@@ -20,9 +20,9 @@ and builds.
 trim() drops packed entries past a size budget, oldest first, and sweep() deletes the packs none
 of the remaining packed entries use, and compacts those mostly unused (PackUse: under half their
 blocks live, at least 256 KiB dead; regcompact.py says why, for the registry's packs): their live
-blocks copied into new packs, every block checked, the old packs deleted. Without it the oldest revision's own
-blocks, packed beside blocks every later revision shares, would free nothing when it is dropped,
-and trim() would drop every entry before the budget was met. trim() counts what sweep() will
+blocks copied into new packs, every block checked, the old packs deleted. Without it the oldest
+revision's own blocks, packed beside blocks every later revision shares, would free nothing when
+it is dropped, and trim() would drop every entry before the budget was met. trim() counts what sweep() will
 leave: a compacted pack as its live share.
 
 This module never imports cache.py (cache.Store uses it).
@@ -30,6 +30,7 @@ This module never imports cache.py (cache.Store uses it).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -252,29 +253,21 @@ class Packed:
                 uses[e.path] = set()
         return uses
 
-    def _packs(self) -> tuple[dict[bytes, str], dict[str, PackUse]]:
-        """Which pack each block is in, and every pack with no block counted live yet."""
+    def _packs(self, used: Collection[bytes]) -> tuple[dict[bytes, str], dict[str, PackUse]]:
+        """Which pack each block is in, and every pack with its blocks in `used` counted live."""
         with self.blocks.db() as con:
             where = dict(con.execute("SELECT digest, pack FROM blocks"))
-            rows = con.execute("SELECT name, size, blocks FROM packs")
-            packs = {n: PackUse(size, blocks, 0) for n, size, blocks in rows}
-        return where, packs
+            rows = con.execute("SELECT name, size, blocks FROM packs").fetchall()
+        live = collections.Counter(where[d] for d in used if d in where)
+        return where, {n: PackUse(size, blocks, live[n]) for n, size, blocks in rows}
 
     def trim(self, max_size: int, plain: int) -> Budget:
         """Drop packed entries, oldest first, until plain + packs (as sweep() leaves them) + packed
         entries ≤ max_size (or none is left), then sweep()."""
         entries = self.entries()
         uses = self._uses(entries)
-        where, packs = self._packs()
-        count: dict[bytes, int] = {}
-        for ds in uses.values():
-            for d in ds:
-                count[d] = count.get(d, 0) + 1
-        live: dict[str, int] = dict.fromkeys(packs, 0)
-        for d in count:
-            if d in where:
-                live[where[d]] += 1
-        use = {n: replace(u, live=live[n]) for n, u in packs.items()}
+        count = collections.Counter(d for ds in uses.values() for d in ds)
+        where, use = self._packs(count)
         total = plain + sum(u.kept() for u in use.values()) + sum(e.own for e in entries)
         dropped = []
         for e in entries:
@@ -290,22 +283,20 @@ class Packed:
                     total -= before.kept() - after.kept()
         for e in dropped:
             self.drop(e.row, e.key)
-        swept = self.sweep()
+        swept = self.sweep({d for d, n in count.items() if n})  # the remaining entries' blocks, not read again
         return replace(swept, dropped=tuple(dropped), bytes_freed=swept.bytes_freed + sum(e.own for e in dropped))
 
-    def sweep(self) -> Budget:
-        """Delete the packs whose blocks no packed entry uses, and compact the mostly unused ones
-        (PackUse.compacted). A damaged pack is one line and stays as it is."""
+    def sweep(self, used: set[bytes] | None = None) -> Budget:
+        """Delete the packs whose blocks no packed entry uses (`used`: the blocks they use, when the
+        caller has them), and compact the mostly unused ones (PackUse.compacted). A damaged pack is
+        one line and stays as it is."""
         bs = self.blocks
         if not (bs.root / "index.sqlite").exists():
             return Budget((), 0, 0)
-        used: set[bytes] = set().union(*self._uses(self.entries()).values())
-        where, packs = self._packs()
-        live: dict[str, int] = dict.fromkeys(packs, 0)
-        for d, pack in where.items():
-            if d in used:
-                live[pack] += 1
-        unused = [n for n in packs if live[n] == 0]
+        if used is None:
+            used = set().union(*self._uses(self.entries()).values())
+        _, packs = self._packs(used)
+        unused = [n for n, u in packs.items() if u.live == 0]
         with bs.db() as con:
             for name in unused:
                 with con:
@@ -314,7 +305,7 @@ class Packed:
                 with contextlib.suppress(FileNotFoundError):
                     bs.pack_path(name).unlink()
         freed = sum(packs[n].size for n in unused)
-        sparse = [n for n, u in packs.items() if replace(u, live=live[n]).compacted]
+        sparse = [n for n, u in packs.items() if u.compacted]
         try:
             old, written = bs.compact(sparse, used)
         except BlockCorrupt as e:
