@@ -5,10 +5,10 @@ are gone, the few blocks the remaining entries still name keep the whole pack al
 
   1. reads every remaining entry's index blobs (regblocks.IndexBlob: where each block it needs
      is) and marks, per pack frame, the slots some entry names: the live blocks;
-  2. picks the packs whose live bytes are under THRESHOLD of their bytes (and that would free at
-     least MIN_DEAD): a first bound from the frames alone (a frame holds at most FRAME_BLOCKS
-     blocks), then exactly from the pack's trailer (two small Range requests, the trailer
-     checked against the footer's sha256);
+  2. picks the packs whose live bytes are under COMPACT_THRESHOLD of their bytes (and that would
+     free at least COMPACT_MIN_DEAD; both in packs.py, shared with the local compaction): a first
+     bound from the frames alone (a frame holds at most FRAME_BLOCKS blocks), then exactly from
+     the pack's trailer (two small Range requests, the trailer checked against the footer's sha256);
   3. copies the live blocks of those packs, frame by frame (Range requests on the pack blob,
      each block checked against its digest as it is copied), into new packs written by a
      packs.PackWriter in a scratch folder; each new pack is uploaded to <prefix>/blocks as soon
@@ -21,11 +21,11 @@ are gone, the few blocks the remaining entries still name keep the whole pack al
   5. returns the picked packs that no manifest names any more: reggc dooms them, and its grace
      protocol deletes them GRACE later if no manifest names them then.
 
-Why THRESHOLD = 0.5: compaction uploads the live bytes again to free the dead ones, so at < 50 %
+Why COMPACT_THRESHOLD = 0.5: compaction uploads the live bytes again to free the dead ones, so at < 50 %
 live every byte copied frees more than a byte, and a block is copied again only after its new
 pack is itself half dead: the copying work stays below the bytes it frees (a copying collector's
 usual bound). A pull is not slowed by dead bytes (it reads frames by Range), so there is no reason
-to compact sooner. MIN_DEAD: a rewrite costs a new index blob per file and a manifest per entry
+to compact sooner. COMPACT_MIN_DEAD: a rewrite costs a new index blob per file and a manifest per entry
 naming the pack (a few KiB each) and a request per frame range: not worth it for a few blocks.
 
 Memory: one Range request's bytes at a time (at most RANGE_MAX) and one frame, one pack's
@@ -58,8 +58,6 @@ from pipeline.packs import (
     decompress_frame,
 )
 
-THRESHOLD = COMPACT_THRESHOLD  # a pack whose live blocks are less than this share of its bytes is rewritten
-MIN_DEAD = COMPACT_MIN_DEAD  # ... if that frees at least this many bytes
 PENDING = Location("", 0, 0, 0)  # a copied block whose new pack is not closed yet
 
 Frames = dict[tuple[int, int], int]  # (frame offset, frame length) -> bitmask of the live slots
@@ -81,8 +79,8 @@ def live_lower_bound(frames: Frames) -> float:
     return sum(length * bin(mask).count("1") / FRAME_BLOCKS for (_, length), mask in frames.items())
 
 
-def candidates(live: Mapping[str, Frames], sizes: Mapping[str, int], threshold: float = THRESHOLD,
-               min_dead: int = MIN_DEAD) -> list[str]:
+def candidates(live: Mapping[str, Frames], sizes: Mapping[str, int], threshold: float = COMPACT_THRESHOLD,
+               min_dead: int = COMPACT_MIN_DEAD) -> list[str]:
     """The packs that may be worth rewriting, from the index blobs alone (no pack read)."""
     out = []
     for pack, frames in sorted(live.items()):
@@ -102,7 +100,7 @@ class PackPlan:
 
 
 def plan_pack(pack: str, size: int, frames: Frames, trailer: list[tuple[bytes, Location]],
-              threshold: float = THRESHOLD, min_dead: int = MIN_DEAD) -> PackPlan | None:
+              threshold: float = COMPACT_THRESHOLD, min_dead: int = COMPACT_MIN_DEAD) -> PackPlan | None:
     """The exact decision for one pack, with its trailer: None when it stays as it is (mostly live,
     too little to free, or an entry names a block the trailer lacks: nothing is moved then)."""
     slots: dict[tuple[int, int], int] = {}
@@ -172,8 +170,8 @@ class _Read:
     parsed: regblocks.Parsed
 
 
-def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, threshold: float = THRESHOLD,
-            min_dead: int = MIN_DEAD) -> Compacted:
+def compact(c: oci.Client, remote: oci.Remote, listed: Iterable[Entry], *, threshold: float = COMPACT_THRESHOLD,
+            min_dead: int = COMPACT_MIN_DEAD) -> Compacted:
     """Steps 1-4 of the module's docstring; the old packs to doom are in the result."""
     done = Compacted()
     read: list[_Read] = []

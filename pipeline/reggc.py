@@ -60,6 +60,7 @@ from typing import Any
 from pipeline import oci, regblocks, regcompact
 from pipeline.entries import RemoteUnavailable
 from pipeline.errors import UserError
+from pipeline.packs import COMPACT_MIN_DEAD, COMPACT_THRESHOLD
 
 GC_REPO = "gc"
 STATE_TAG = "state"
@@ -259,7 +260,7 @@ def doomed_packs(c: oci.Client, remote: oci.Remote) -> dict[str, dict[str, int]]
 
 def collect(remote: oci.Remote, rows: Iterable[str], recipes: Iterable[str], keep_days: float, *,
             now: float | None = None, grace: float = GRACE, env: Mapping[str, str] | None = None,
-            threshold: float = regcompact.THRESHOLD, min_dead: int = regcompact.MIN_DEAD) -> Collected:
+            threshold: float = COMPACT_THRESHOLD, min_dead: int = COMPACT_MIN_DEAD) -> Collected:
     """One gc run (the protocol in the module's docstring). `now` may be a fake clock (tests): the
     run's own duration is added to it for the doom stamps."""
     rows = list(rows)
