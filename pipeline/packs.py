@@ -507,7 +507,7 @@ class BlockStore:
         except BlockCorrupt:
             return None
 
-    # -- inspection -------------------------------------------------------------------------------
+    # -- compacting (packed.py's sweep) -----------------------------------------------------------
 
     def compact(self, names: Collection[str], live: Collection[bytes]) -> tuple[int, int]:
         """Copy the `live` blocks of the packs `names` into new packs, point the index at the
@@ -535,6 +535,8 @@ class BlockStore:
             with contextlib.suppress(FileNotFoundError):
                 self.pack_path(n).unlink()
         return old, sum(made.size for made in writer.finished)
+
+    # -- inspection -------------------------------------------------------------------------------
 
     def stats(self) -> Stats:
         with self.db() as con:
