@@ -722,6 +722,8 @@ class PackReader:
     def next_frame(self, at: tuple[str, int, int]) -> tuple[bytes, tuple[str, int, int]] | None:
         """The frame after `at` (pack, offset, length) in its pack, decompressed, if there is one."""
         pack, offset, length = at
+        if not pack:  # no frame read yet
+            return None
         lengths = self.lengths.get(pack)
         if lengths is None:
             try:
