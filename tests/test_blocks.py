@@ -21,6 +21,8 @@ from pipeline.errors import UserError
 from pipeline.packs import BlockStore, PackReader, block_of, decompress_frame, frame_lengths, read_trailer, verify_pack
 
 MiB = 1 << 20
+NEEDS_IGZIP = pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
+NEEDS_PIGZ = pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
 
 
 def rand(n: int, seed: int) -> bytes:
@@ -120,44 +122,32 @@ def test_a_tar_members_tail_and_an_ext4_files_padded_block_are_one_block(tmp_pat
     assert (tmp_path / "t.out").read_bytes() == tar.read_bytes()
 
 
-@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
-def test_a_pigz_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
+@pytest.mark.parametrize("cmd", [
+    pytest.param(("igzip", "-1", "-n", "-c"), id="igzip",  # what a tgz build makes (tgz.compressor_cmd)
+                 marks=NEEDS_IGZIP),
+    pytest.param(("pigz", "-1", "-n", "-p", "2"), id="pigz",  # ... in stores written before igzip
+                 marks=NEEDS_PIGZ),
+])
+def test_a_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path, cmd: tuple[str, ...]):
+    """The probe names the command that made it, the tgz adds no block to its tar's, and the
+    materialized tgz is the file."""
     files = {f"f{i}": rand(20000 + i, 10 + i) for i in range(40)}
     tar = write(tmp_path / "t.tar", tar_of(files))
     tgz = tmp_path / "t.tgz"
     with open(tar, "rb") as i, open(tgz, "wb") as o:
-        subprocess.run(["pigz", "-1", "-n", "-p", "2"], stdin=i, stdout=o, check=True)
+        subprocess.run(cmd, stdin=i, stdout=o, check=True)
     store = BlockStore(tmp_path / "store")
     store.put_file(tar, Layout.TAR)
     before = store.stats()
     index = store.put(tgz)
     assert index.layout is Layout.TAR and index.gzip is not None
-    assert index.gzip.cmd == ("pigz", "-1", "-n", "-p", "2")
+    assert index.gzip.cmd == cmd
     assert store.stats() == before  # every block of the tgz is a block of the tar
     out = store.materialize(index, tmp_path / "out.tgz")
     assert out.read_bytes() == tgz.read_bytes()
 
 
-@pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
-def test_an_igzip_tgz_is_stored_as_its_tar_and_made_again_exactly(tmp_path: Path):
-    """What a tgz build makes (tgz.compressor_cmd) is what a restore makes again: the probe names
-    igzip, the tgz adds no block to its tar's, and the materialized tgz is the file."""
-    files = {f"f{i}": rand(20000 + i, 10 + i) for i in range(40)}
-    tar = write(tmp_path / "t.tar", tar_of(files))
-    tgz = tmp_path / "t.tgz"
-    with open(tar, "rb") as i, open(tgz, "wb") as o:
-        subprocess.run(["igzip", "-1", "-n", "-c"], stdin=i, stdout=o, check=True)
-    store = BlockStore(tmp_path / "store")
-    store.put_file(tar, Layout.TAR)
-    before = store.stats()
-    index = store.put(tgz)
-    assert index.layout is Layout.TAR and index.gzip is not None
-    assert index.gzip.cmd == ("igzip", "-1", "-n", "-c")
-    assert store.stats() == before
-    assert store.materialize(index, tmp_path / "out.tgz").read_bytes() == tgz.read_bytes()
-
-
-@pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
+@NEEDS_IGZIP
 def test_igzip_gives_the_same_bytes_however_its_input_arrives(tmp_path: Path):
     """What remaking a tgz relies on: one pipe write or many small ones, one thread or two."""
     data = b"".join(rand(70000, i) + bytes(90000) for i in range(12))
@@ -183,7 +173,7 @@ def test_pigz_is_made_again_on_every_core_only_where_that_gives_the_same_bytes(m
     assert regzip.on_all_cores(("pigz", "-1", "-n", "-p", "2")) == ("pigz", "-1", "-n", "-p", "2")
 
 
-@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+@NEEDS_PIGZ
 def test_pigz_with_two_threads_or_more_gives_the_same_bytes(tmp_path: Path):
     """What on_all_cores relies on (128 KiB blocks, each ending in a sync flush, whatever the threads)."""
     data = b"".join(rand(70000, i) + bytes(90000) for i in range(12))
@@ -364,7 +354,7 @@ def test_an_index_kept_as_blocks_grows_by_the_chunks_around_an_edit(tmp_path: Pa
     assert store.materialize(root_a, tmp_path / "a.out").read_bytes() == a
 
 
-@pytest.mark.skipif(not shutil.which("pigz"), reason="pigz is not installed (./setup.sh installs it)")
+@NEEDS_PIGZ
 def test_a_tgz_of_mostly_zeros_is_still_stored_as_its_tar(tmp_path: Path):
     tar = write(tmp_path / "t.tar", tar_of({"zeros": bytes(48 * MiB), "data": rand(3 * BLOCK, 17)}))
     tgz = tmp_path / "t.tgz"
