@@ -69,7 +69,7 @@ from pipeline.blocks import (
 from pipeline.entries import file_record
 from pipeline.files import atomic_path, fsync_path
 from pipeline.run import log
-from pipeline.seeds import Seed, Sink, Source, offsets
+from pipeline.seeds import Seed, Sink, Source, offsets, shares_extents
 
 PACK_MAGIC = b"LDTPACK1"
 FOOTER = struct.Struct(">8sQI32s")  # magic, trailer offset, trailer length, sha256 of the trailer bytes
@@ -439,7 +439,8 @@ class BlockStore:
         sha256, one append to a 1 MiB piece (ext4 of hello: 180,000 blocks); a Sink hashes and
         writes the pieces on its own thread. have: blocks to copy from seeds instead."""
         have = have or {}
-        with Sink(out, sparse=sparse) as sink, self.db() as con, PackReader(self, con) as reader:
+        clones = bool(have) and shares_extents(next(iter(have.values()))[0], out.fileno())
+        with Sink(out, sparse=sparse, clones=clones) as sink, self.db() as con, PackReader(self, con) as reader:
             entries = list(index) if len(index) <= BATCH else None
             for i in range(0, len(index), BATCH):
                 part = entries if entries is not None else index.slice(i, i + BATCH)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import packs, seeds
 from pipeline.blocks import BLOCK, BlockCorrupt
 from pipeline.packs import BlockStore
 from pipeline.seeds import Seed, Sink
@@ -83,13 +84,18 @@ def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path, capsys):
     assert capsys.readouterr().err == ""  # no seed gave a block: nothing to say
 
 
+class Filling(io.BufferedRandom):
+    """A file on a disk that fills up after its first MiB."""
+
+    def write(self, b) -> int:
+        if self.tell() + len(b) > MiB:
+            raise OSError(28, "No space left on device")
+        return super().write(b)
+
+
 def test_a_full_disk_while_copying_is_raised(disk, tmp_path, monkeypatch):
     store, seed, root, _ = disk
-
-    def full(*_: object) -> int:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "copy_file_range", full)
+    monkeypatch.setattr(packs, "Sink", lambda out, **kw: Sink(Filling(out.raw), **kw))
     with pytest.raises(OSError) as e:
         store.materialize(root, tmp_path / "out.img", [seed])
     assert e.value.errno == 28 and not (tmp_path / "out.img").exists()
@@ -109,3 +115,38 @@ def test_an_error_of_the_last_piece_is_raised_and_the_thread_ends():
         sink.hole(BLOCK)  # the buffered piece fails on the thread; this or the exit raises it
         sink.block(b"y" * BLOCK)
     assert not sink.thread.is_alive()
+
+
+def test_where_the_filesystem_shares_extents_a_run_is_cloned_and_read_back(disk, tmp_path, monkeypatch):
+    """FICLONERANGE is asked first; this fake clones by copying, as btrfs or XFS would share."""
+    store, seed, root, image = disk
+    clones = []
+    pwrite = os.pwrite
+
+    def clone(src: int, at: int, n: int, dst: int, pos: int) -> bool:
+        clones.append(n)
+        pwrite(dst, os.pread(src, n, at), pos)
+        return True
+
+    monkeypatch.setattr(seeds, "clone_range", clone)
+    assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+    assert clones[0] == BLOCK  # shares_extents asking, on an empty file it truncates again
+    assert sum(clones[1:]) == 3 * MiB + 5 * BLOCK  # the ext4's data runs, the hole not among them
+
+
+def test_a_clone_the_filesystem_refuses_is_asked_once_then_the_runs_are_copied(disk, tmp_path, monkeypatch):
+    store, seed, root, image = disk
+    asked = []
+    monkeypatch.setattr(seeds, "clone_range", lambda *a: asked.append(a) or False)
+    assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+    assert len(asked) == 1
+
+
+def test_the_real_clone_ioctl_shares_or_says_no(tmp_path):
+    """On this machine's filesystem: FICLONERANGE either makes the bytes equal or returns False."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = rand(4 * BLOCK, 5)
+    src.write_bytes(data)
+    with open(src, "rb") as s, open(dst, "w+b") as d:
+        cloned = seeds.clone_range(s.fileno(), BLOCK, 2 * BLOCK, d.fileno(), 0)
+    assert dst.read_bytes() == (data[BLOCK:3 * BLOCK] if cloned else b"")
