@@ -117,11 +117,6 @@ def read_trailer(path: Path) -> list[tuple[bytes, Location]]:
     return _locations(path.name.removesuffix(".pack"), _local_trailer(path))
 
 
-def frame_lengths(path: Path) -> dict[int, int]:
-    """A local pack's frames, offset -> compressed length, from its trailer (checked)."""
-    return {off: n for _, off, n, _ in TRAILER_ENTRY.iter_unpack(_local_trailer(path))}
-
-
 def _local_trailer(path: Path) -> bytes:
     name = path.name.removesuffix(".pack")
     try:
@@ -680,7 +675,8 @@ class PackReader:
         self.frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.where: dict[bytes, Location] = {}  # the locations of the blocks of the current batch
         self.lengths: dict[str, dict[int, int]] = {}  # per pack read from: its frames' offsets and lengths
-        self.frame, self.slot = b"", -1  # run(): the frame of the last block it gave, and its slot
+        self.learned: dict[bytes, tuple[str, int, int, int]] = {}  # the blocks of the packs read from
+        self.frame, self.slot = b"", -1  # emit(): the frame of the last block it gave, and its slot
         self.at = ("", 0, 0)  # ... and that frame's pack, offset and length
 
     def prefetch(self, digests: list[bytes]) -> None:
@@ -725,22 +721,37 @@ class PackReader:
         pack, offset, length = at
         if not pack:  # no frame read yet
             return None
+        n = self.learn(pack).get(offset + length)
+        return None if n is None else (self.frame_at(pack, offset + length, n), (pack, offset + length, n))
+
+    def learn(self, pack: str) -> dict[int, int]:
+        """A pack's frames (offset -> length), once, from its checked trailer, which also says where
+        each of its blocks is: a block read out of order (a file the artifact holds twice, an ext4's
+        file data in a tgz's packs) is then found without asking the index (a restore of hello's
+        tgz: about 25,800 look-ups before, 10 now; its ext4: about 5,200, now 8)."""
         lengths = self.lengths.get(pack)
         if lengths is None:
             try:
-                lengths = frame_lengths(self.store.pack_path(pack))
+                trailer = _local_trailer(self.store.pack_path(pack))
             except BlockCorrupt:
-                lengths = {}  # the index finds the blocks (and says what is wrong, if it is)
-            self.lengths[pack] = lengths
-        n = lengths.get(offset + length)
-        return None if n is None else (self.frame_at(pack, offset + length, n), (pack, offset + length, n))
+                trailer = b""  # the index finds the blocks (and says what is wrong, if it is)
+            lengths = self.lengths[pack] = {}
+            learned = self.learned
+            for d, off, n, slot in TRAILER_ENTRY.iter_unpack(trailer):  # (a Location each would cost more)
+                lengths[off] = n
+                if d not in learned:
+                    learned[d] = (pack, off, n, slot)
+        return lengths
 
     def located(self, d: bytes) -> tuple[bytes, Location]:
         """A block by its digest, checked, and where it is."""
-        loc = self.where.get(d) or self.store.locate(d, self.con)
+        at = self.learned.get(d)
+        loc = Location(*at) if at else self.where.get(d) or self.store.locate(d, self.con)
         if loc is None:
             raise BlockCorrupt(f"block {d.hex()[:12]} is in no pack of {self.store.root}")
-        return self.block(d, loc), loc
+        block = self.block(d, loc)
+        self.learn(loc.pack)
+        return block, loc
 
     def get(self, d: bytes) -> bytes:
         return self.located(d)[0]

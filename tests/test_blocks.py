@@ -18,7 +18,7 @@ import pytest
 from pipeline import regzip
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
-from pipeline.packs import BlockStore, PackReader, block_of, decompress_frame, frame_lengths, read_trailer, verify_pack
+from pipeline.packs import BlockStore, PackReader, block_of, decompress_frame, read_trailer, verify_pack
 
 MiB = 1 << 20
 NEEDS_IGZIP = pytest.mark.skipif(not shutil.which("igzip"), reason="igzip is not installed (./setup.sh installs isal)")
@@ -374,12 +374,26 @@ def test_a_file_read_in_its_packs_order_asks_the_index_once(tmp_path: Path, monk
     store = BlockStore(tmp_path / "store")
     index = store.put_file(write(tmp_path / "a", data))
     pack = max(packs(store), key=lambda p: p.stat().st_size)
-    assert len(frame_lengths(pack)) == 5
+    assert len({loc.offset for _, loc in read_trailer(pack)}) == 5
     asked = []
     real = PackReader.located
     monkeypatch.setattr(PackReader, "located", lambda self, d: asked.append(d) or real(self, d))
     assert store.materialize(index, tmp_path / "out").read_bytes() == data
     assert len(asked) == 1
+
+
+def test_blocks_read_out_of_their_packs_order_are_found_by_the_trailers_read(tmp_path: Path, monkeypatch):
+    """A file that holds its first part twice: the second time, its blocks are where the pack's
+    trailer (read for the first) says, and the index is not asked again."""
+    first, second = rand(40 * BLOCK, 32), rand(40 * BLOCK, 33)
+    data = first + second + first
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", data))
+    asked = []
+    real = BlockStore.locate
+    monkeypatch.setattr(BlockStore, "locate", lambda self, d, con=None: asked.append(d) or real(self, d, con))
+    assert store.materialize(index, tmp_path / "out").read_bytes() == data
+    assert len(asked) == 1  # the first block: every other one is in the pack its trailer describes
 
 
 def test_a_missing_block_is_one_byte_range_of_one_pack(tmp_path: Path):
