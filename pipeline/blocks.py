@@ -209,7 +209,7 @@ class Index:
     """An artifact as blocks: `entries` is ENTRY.size bytes per piece, in file order."""
 
     size: int  # the artifact's bytes
-    sha256: str  # the artifact's sha256 (hex), checked after materializing
+    sha256: str  # the artifact's sha256 (hex): a tgz, or a file whose index came from a registry, is hashed against it
     layout: Layout
     entries: bytes
     gzip: Gzip | None = None  # set: the entries describe the uncompressed stream

@@ -244,7 +244,8 @@ class Store:
 
     def unpack(self, stage: str, key: str, *, quiet: bool = False) -> Path | None:
         """A packed entry made plain again through the atomic door of build(), every block checked
-        against its digest and every file against its manifest's sha256; None when there is none.
+        against its digest (and a tgz against its sha256: BlockStore.materialize); None when there
+        is none.
         A damaged one is one warning line and dropped (the caller pulls or builds)."""
         packed = self.packed
         if not packed.has(stage, key):

@@ -13,9 +13,9 @@ manifest.json records; every block it names is in a pack); the caller removes th
 after that, never before. A full disk while packing is one UserError line; the plain entry stays.
 
 restore_into() fills a work dir of Store.build (the same atomic door as a build or a pull) with
-the materialized files (every block checked against its digest, each file against its sha256)
-and the stored manifest.json; a damaged pack is BlockCorrupt: the caller drops the packed entry
-and builds.
+the materialized files (every block checked against its digest; each file's index, which pack()
+checked against the file's sha256, against the manifest) and the stored manifest.json; a damaged
+pack is BlockCorrupt: the caller drops the packed entry and builds.
 
 trim() drops packed entries past a size budget, oldest first, and sweep() deletes the packs none
 of the remaining packed entries use, and compacts those mostly unused (PackUse: under half their

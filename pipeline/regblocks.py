@@ -579,7 +579,7 @@ def pull(c: oci.Client, repo: str, stage: str, key: str, doc: Mapping[str, Any],
             where = dict(zip(block_ds, blob.blocks, strict=True))
             _fetch_missing(c, repo, bs, rmap, where, parsed.packs, fetched)
             rmap.add(list(where.items()) + list(zip(chunk_ds, blob.chunks, strict=True)))
-            bs.materialize(blob.root, work / name, seeds)
+            bs.materialize(blob.root, work / name, seeds, whole=True)  # an index the registry gave
         except BlockCorrupt as e:
             raise EntryCorrupt(f"{stage}:{key[:12]} {name} from the registry: {e.message}") from None
 

@@ -1,22 +1,25 @@
-"""Where materialized bytes go: the Sink that hashes and writes them on a thread of its own, and
-seeds, local files that already hold most of an artifact's blocks.
+"""Where materialized bytes go, and seeds: local files that already hold most of an artifact's
+blocks.
+
+A FIXED file (an ext4, a disk) is written in shares, each by a thread of its own (Share: its
+pieces at their offsets with os.pwrite; the file was truncated to its size first, so a hole is
+a hole). A tgz's tar stream goes to its compressor in order, through a Sink: a thread of its own
+hashes it and writes it to the compressor's pipe.
 
 A disk image's root partition is its rootfs.ext4, block for block (hello's BIOS disk: 181,986
 of its 182,057 data blocks are the ext4's, in 2,079 runs). When the ext4 is a plain file here,
-the disk is made by copying those runs from it instead of decompressing and checking the same
-blocks again; the rest comes from the packs. Where the filesystem shares extents (btrfs, XFS)
-a run is cloned (FICLONERANGE: no bytes copied) and read back for the hash; elsewhere it is
-read, hashed and written in one pass. (os.copy_file_range, which clones where it can, copies
-through the page cache on ext4 at about 600 MiB/s and then needs the read back: hello's BIOS
-disk took 4.1 s seeded against 2.5 s from the packs alone, and 1.5 s this way.) A copied run
-is not checked block by block: the whole file's sha256 is, so a seed changed since its sha256
-was recorded is a mismatch, and BlockStore.materialize then makes the file from the packs
-alone. Only a file cut FIXED (not a tgz's tar stream) is a seed, and only one whose block index
+those runs are read from it instead of decompressed from the packs; each block is checked
+against its digest all the same, and one that does not match (a seed changed since its sha256
+was recorded) is taken from the packs. Where the filesystem shares extents (btrfs, XFS) a run
+is cloned (FICLONERANGE: no bytes copied) and checked as read back. (os.copy_file_range, used
+before, copies through the page cache on ext4 at about 600 MiB/s, and the copy had to be read
+back.) Only a file cut FIXED (not a tgz's tar stream) is a seed, and only one whose block index
 this store recorded (BlockStore.record_file).
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -24,12 +27,12 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.blocks import BLOCK, HOLE, READ, BlockCorrupt
+from pipeline.blocks import BLOCK, HOLE, READ
 
 WRITE_BUFFER = 1 << 20  # materialized bytes are hashed and written in pieces of about this
 SINK_QUEUE = 8  # pieces queued for the writing thread (memory: about this many MiB)
@@ -78,25 +81,78 @@ def offsets(entries: Iterable[tuple[bytes, int]], fd: int, into: dict[bytes, Sou
         at += n
 
 
+class Share:
+    """One share of a FIXED file, written from its offset on: checked pieces (PackReader.emit
+    sends them) and holes, which the file, truncated to its size, already is; and runs of a seed
+    (seeded()). Its thread's own: shares are written side by side."""
+
+    def __init__(self, fd: int, pos: int, *, clones: bool = False) -> None:
+        self.fd, self.pos, self.clones = fd, pos, clones
+        self.buf: list[bytes | memoryview] = []
+        self.buffered = 0
+        self.copied: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks used
+        self.mismatched: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks not as recorded
+
+    def block(self, data: bytes | memoryview) -> None:
+        self.buf.append(data)
+        self.buffered += len(data)
+        if self.buffered >= WRITE_BUFFER:
+            self.flush()
+
+    def hole(self, n: int) -> None:
+        self.flush()
+        self.pos += n
+
+    def flush(self) -> None:
+        if self.buf:
+            _pwrite(self.fd, b"".join(self.buf), self.pos)
+            self.pos += self.buffered
+            self.buf.clear()
+            self.buffered = 0
+
+    def seeded(self, src: int, at: int, digests: list[bytes], block: Callable[[bytes], bytes]) -> None:
+        """The blocks `digests` from a seed's offset `at` on, each checked against its digest (read
+        back where cloned); a block that does not match is block(digest), from the packs."""
+        self.flush()
+        n = len(digests) * BLOCK
+        cloned = self.clones and clone_range(src, at, n, self.fd, self.pos)
+        sha256 = hashlib.sha256
+        for done in range(0, n, READ):
+            data = os.pread(self.fd if cloned else src, min(n - done, READ), (self.pos if cloned else at) + done)
+            view = memoryview(data)
+            first = done // BLOCK
+            bad = [i for i in range(first, first + min(n - done, READ) // BLOCK)
+                   if sha256(view[(i - first) * BLOCK:(i - first + 1) * BLOCK]).digest() != digests[i]]
+            if not cloned and data:
+                _pwrite(self.fd, data, self.pos + done)
+            for i in bad:  # (a short read's missing blocks too: their digests never match b"")
+                _pwrite(self.fd, block(digests[i]), self.pos + i * BLOCK)
+            self.copied[src] += min(n - done, READ) // BLOCK - len(bad)
+            self.mismatched[src] += len(bad)
+        self.pos += n
+
+
+def _pwrite(fd: int, data: bytes, pos: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], pos + done)
+
+
 class Sink:
-    """Materialized bytes in order: blocks, holes (runs of zeros) and runs copied from a seed.
+    """A stream's bytes in order (a tgz's tar, into its compressor): the caller's thread buffers
+    its pieces into about WRITE_BUFFER; a thread of the sink's own hashes and writes them (sha256
+    and write() let go of the GIL, so on two cores they overlap the reading of the next blocks).
+    An error of that thread (a broken pipe) is raised by the next call or on leaving the block,
+    never lost."""
 
-    The caller's thread buffers them into pieces of about WRITE_BUFFER; a thread of the sink's own
-    hashes and writes the pieces (sha256 and write() let go of the GIL, so on two cores they
-    overlap the reading of the next blocks: hello's ext4 6.6 -> 4.0 s). A run of a seed is read
-    by the caller's thread and sent as pieces too, or, where the filesystem shares extents
-    (clones=True: shares_extents), cloned by the sink's thread and read back. An error of that
-    thread (a full disk) is raised by the next call or on leaving the block, never lost."""
-
-    def __init__(self, out: BinaryIO, *, sparse: bool, clones: bool = False) -> None:
-        self.out, self.sparse, self.clones = out, sparse, clones
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
         self.hash = hashlib.sha256()
-        self.queue: queue.Queue[bytes | int | tuple[int, int, int] | None] = queue.Queue(maxsize=SINK_QUEUE)
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=SINK_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="ldt-sink", daemon=True)
-        self.buf: list[bytes] = []
+        self.buf: list[bytes | memoryview] = []
         self.buffered = 0
-        self.run: list[int] | None = None  # [fd, offset, length]: a copy being extended
 
     def __enter__(self) -> Sink:
         self.thread.start()
@@ -117,49 +173,25 @@ class Sink:
 
     # -- the caller's side ----------------------------------------------------------------------
 
-    def block(self, data: bytes) -> None:
-        if self.run is not None:  # (the buffer is empty while a run is open: this sends the run)
-            self._flush()
+    def block(self, data: bytes | memoryview) -> None:
         self.buf.append(data)
         self.buffered += len(data)
         if self.buffered >= WRITE_BUFFER:
             self._flush()
 
     def hole(self, n: int) -> None:
-        self._flush()
-        self._put(n)
-
-    def copy(self, src: Source, n: int) -> None:
-        """n bytes of a seed from src."""
-        fd, at = src
-        run = self.run
-        if run is not None and run[0] == fd and run[1] + run[2] == at:
-            run[2] += n
-            return
-        self._flush()
-        self.run = [fd, at, n]
+        while n:
+            k = min(n, READ)
+            self.block(bytes(k))
+            n -= k
 
     def _flush(self) -> None:
         if self.buf:
-            self._put(b"".join(self.buf))
+            if self.error is not None:
+                raise self.error
+            self.queue.put(b"".join(self.buf))
             self.buf.clear()
             self.buffered = 0
-        if self.run is not None:
-            fd, at, n = self.run
-            self.run = None
-            if self.clones:
-                self._put((fd, at, n))
-                return
-            for done in range(0, n, READ):
-                data = os.pread(fd, min(n - done, READ), at + done)
-                if len(data) < min(n - done, READ):
-                    raise BlockCorrupt("a seed file is shorter than its recorded block index")
-                self._put(data)
-
-    def _put(self, item: bytes | int | tuple) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
 
     # -- the sink's thread ----------------------------------------------------------------------
 
@@ -168,47 +200,7 @@ class Sink:
             if self.error is not None:
                 continue  # drained: the caller sees the error at its next call
             try:
-                if isinstance(item, bytes):
-                    self.hash.update(item)
-                    self.out.write(item)
-                elif isinstance(item, int):
-                    self._zeros(item)
-                else:
-                    self._copy(*item)
+                self.hash.update(item)
+                self.out.write(item)
             except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
                 self.error = e
-        if self.error is None and self.sparse:
-            try:
-                self.out.truncate(self.out.tell())
-            except OSError as e:
-                self.error = e
-
-    def _zeros(self, n: int) -> None:
-        zeros = bytes(min(n, READ))
-        left = n
-        while left:
-            k = min(left, READ)
-            self.hash.update(zeros[:k])
-            if not self.sparse:
-                self.out.write(zeros[:k])
-            left -= k
-        if self.sparse:
-            self.out.seek(n, os.SEEK_CUR)
-
-    def _copy(self, src: int, at: int, n: int) -> None:
-        """n bytes of src from `at` to the current position, cloned and hashed as read back (or,
-        where this pair of files cannot be cloned after all, read, hashed and written)."""
-        self.out.flush()
-        dst = self.out.fileno()
-        pos = self.out.tell()
-        cloned = clone_range(src, at, n, dst, pos)
-        done = 0
-        while done < n:
-            data = os.pread(dst if cloned else src, min(n - done, READ), (pos if cloned else at) + done)
-            if not data:
-                raise BlockCorrupt("a seed file is shorter than its recorded block index")
-            self.hash.update(data)
-            if not cloned:
-                self.out.write(data)
-            done += len(data)
-        self.out.seek(pos + n)

@@ -11,10 +11,12 @@ import sqlite3
 import subprocess
 import tarfile
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from pipeline import packs as packs_module
 from pipeline import regzip
 from pipeline.blocks import BLOCK, HOLE, BlockCorrupt, Index, Layout, digest, fixed_pieces, tar_pieces
 from pipeline.errors import UserError
@@ -244,8 +246,35 @@ def test_a_write_that_fails_on_the_writing_thread_is_raised_not_lost(tmp_path: P
             raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError) as e:
-        store.write_stream(store.get_index(index), Full(), sparse=False)
+        store.write_stream(store.get_index(index), Full())
     assert e.value.errno == 28
+
+
+def test_a_full_disk_while_the_shares_are_written_is_raised_and_leaves_no_file(tmp_path: Path, monkeypatch):
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", rand(8 * MiB, 14)))
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, pos: pwrite(fd, data, pos) if pos < 5 * MiB
+                        else (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError) as e:
+        store.materialize(index, tmp_path / "out")
+    assert e.value.errno == 28 and not (tmp_path / "out").exists()
+
+
+def test_a_file_is_written_in_shares_side_by_side_and_comes_out_whole(tmp_path: Path, monkeypatch):
+    """Four shares of a file with a hole and a short last block, each from its own offset on."""
+    monkeypatch.setattr(packs_module, "WORKERS", 4)
+    data = rand(300 * BLOCK, 15) + bytes(200 * BLOCK) + rand(800 * BLOCK + 100, 16)  # 1,102 entries
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", data))
+    starts = []
+    real = BlockStore._write_share
+    monkeypatch.setattr(BlockStore, "_write_share", lambda self, entries, share, *a: starts.append(share.pos)
+                        or real(self, entries, share, *a))
+    out = store.materialize(index, tmp_path / "out")
+    assert out.read_bytes() == data
+    assert len(starts) == 4 and starts[0] == 0 and len(set(starts)) == 4
+    assert out.stat().st_blocks * 512 < len(data) - 100 * BLOCK  # the hole stays one
 
 
 def test_a_pack_verifies_alone_and_its_name_is_its_digest(tmp_path: Path):
@@ -428,3 +457,17 @@ def test_a_probe_the_full_pass_disproves_falls_back_to_compressed_bytes(tmp_path
     index = store.put(tgz)
     assert index.gzip is None and index.layout is Layout.FIXED
     assert store.materialize(index, tmp_path / "out").read_bytes() == tgz.read_bytes()
+
+
+def test_an_index_from_elsewhere_is_hashed_whole_against_its_sha256(tmp_path: Path):
+    """A registry's index that names other blocks than the file its sha256 names: each block is
+    checked, so only hashing the file whole (whole=True, what a pull asks) finds it out."""
+    store = BlockStore(tmp_path / "store")
+    a, b = rand(40 * BLOCK, 41), rand(40 * BLOCK, 42)
+    root_a = store.put_index(store.put_file(write(tmp_path / "a", a)))
+    root_b = store.put_index(store.put_file(write(tmp_path / "b", b)))
+    lying = replace(root_b, sha256=root_a.sha256)
+    with pytest.raises(BlockCorrupt, match="does not match its recorded sha256"):
+        store.materialize(lying, tmp_path / "pulled", whole=True)
+    assert not (tmp_path / "pulled").exists()
+    assert store.materialize(root_a, tmp_path / "restored", whole=True).read_bytes() == a

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import packs, seeds
+from pipeline import seeds
 from pipeline.blocks import BLOCK, BlockCorrupt
 from pipeline.packs import BlockStore
 from pipeline.seeds import Seed, Sink
@@ -57,22 +57,39 @@ def test_a_disk_is_made_from_its_seed_without_the_blocks_it_shares(disk, tmp_pat
 
 
 def test_a_seed_changed_since_it_was_recorded_is_not_trusted(disk, tmp_path, capsys):
-    """The copied file fails its sha256: made again from the packs, and one line says so."""
+    """Every block read from a seed is checked: the changed one comes from the packs, one line says so."""
     store, seed, root, image = disk
     with open(seed.path, "r+b") as f:
         f.seek(100)
         f.write(b"changed")
     assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "made from the packs alone" in ln]
-    assert len(lines) == 1 and f"copying blocks from {seed.path.name} failed" in lines[0], lines
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "did not match" in ln]
+    assert lines == [f"ldt: out.img: 1 of the blocks read from {seed.path.name} did not match their digests "
+                     "(changed since recorded); taken from the packs instead"], lines
+
+
+def test_a_seed_cut_short_since_it_was_recorded_gives_what_it_still_holds(disk, tmp_path, capsys, monkeypatch):
+    """A seed truncated after the disk's blocks were looked up in it: the blocks it lacks come
+    from the packs (a short read never counts as a block)."""
+    store, seed, root, image = disk
+    real = BlockStore._seeded
+
+    def then_cut(self, index, seeds, opened):
+        have = real(self, index, seeds, opened)
+        os.truncate(seed.path, 2 * MiB + 100)
+        return have
+
+    monkeypatch.setattr(BlockStore, "_seeded", then_cut)
+    assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
+    assert "did not match their digests" in capsys.readouterr().err
 
 
 def test_a_seed_used_as_recorded_says_how_much_it_gave(disk, tmp_path, capsys):
     store, seed, root, image = disk
     assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
     err = capsys.readouterr().err
-    assert "made from the packs alone" not in err
-    assert f"out.img: 3 MiB of its blocks copied from {seed.path.name}" in err
+    assert "did not match" not in err
+    assert f"out.img: 3 MiB of its blocks read from {seed.path.name}" in err
 
 
 def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path, capsys):
@@ -84,18 +101,16 @@ def test_a_short_or_missing_or_unknown_seed_is_skipped(disk, tmp_path, capsys):
     assert capsys.readouterr().err == ""  # no seed gave a block: nothing to say
 
 
-class Filling(io.BufferedRandom):
-    """A file on a disk that fills up after its first MiB."""
-
-    def write(self, b) -> int:
-        if self.tell() + len(b) > MiB:
-            raise OSError(28, "No space left on device")
-        return super().write(b)
-
-
 def test_a_full_disk_while_copying_is_raised(disk, tmp_path, monkeypatch):
     store, seed, root, _ = disk
-    monkeypatch.setattr(packs, "Sink", lambda out, **kw: Sink(Filling(out.raw), **kw))
+    pwrite = os.pwrite
+
+    def filling(fd: int, data: bytes, pos: int) -> int:
+        if pos + len(data) > MiB:
+            raise OSError(28, "No space left on device")
+        return pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", filling)
     with pytest.raises(OSError) as e:
         store.materialize(root, tmp_path / "out.img", [seed])
     assert e.value.errno == 28 and not (tmp_path / "out.img").exists()
@@ -109,7 +124,7 @@ def test_an_error_of_the_last_piece_is_raised_and_the_thread_ends():
         def write(self, b) -> int:
             raise OSError(28, "No space left on device")
 
-    sink = Sink(Full(), sparse=False)
+    sink = Sink(Full())
     with pytest.raises(OSError), sink:
         sink.block(b"x" * BLOCK)  # buffered: written when the block ends
         sink.hole(BLOCK)  # the buffered piece fails on the thread; this or the exit raises it
