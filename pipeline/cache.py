@@ -677,7 +677,11 @@ def human(n: float) -> str:
 
 
 class XXHashChecker(FileChangedChecker):
-    """doit file checker: (mtime, size, xxh3-128); hashes only when mtime changed and size didn't."""
+    """doit file checker: (mtime, size, content id); the id is taken only when mtime changed and
+    size didn't. A file of a store entry (a recipe's pointer leads there) is identified by the
+    sha256 its entry's manifest.json records, read, not hashed: an entry never changes (lookup()
+    checks it), and a stage's file_deps are whole disks: hashing them after every build and
+    restore took a second (hello's chain: 3 GB). Any other file: its xxh3-128."""
 
     def check_modified(self, file_path, file_stat, state):
         timestamp, size, digest = state
@@ -685,10 +689,23 @@ class XXHashChecker(FileChangedChecker):
             return False
         if file_stat.st_size != size:
             return True
-        return digest != hash_file(file_path)
+        return digest != content_id(file_path)
 
     def get_state(self, dep, current_state):
         st = os.stat(dep)
         if current_state and current_state[0] == st.st_mtime:
             return None
-        return st.st_mtime, st.st_size, hash_file(dep)
+        return st.st_mtime, st.st_size, content_id(dep)
+
+
+def content_id(path: str | os.PathLike[str]) -> str:
+    """"sha256:<hex>" for a file of a store entry (<store>/<row>/<key>/<name>, as its
+    manifest.json records it), else the file's xxh3-128."""
+    real = Path(os.path.realpath(path))
+    if real.parent.parent.parent.name == "store":
+        try:
+            rec = json.loads((real.parent / MANIFEST).read_text())["files"][real.name]
+            return f"sha256:{rec['sha256']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return hash_file(path)

@@ -503,6 +503,25 @@ def test_checker_same_size_other_bytes_is_modified(dep):
     assert XXHashChecker().check_modified(str(dep), os.stat(dep), state) is True
 
 
+def test_checker_reads_a_store_files_sha256_from_its_manifest_and_hashes_no_byte(tmp_path, monkeypatch):
+    """A pointer leads into a store entry: its file is identified by its record, not hashed
+    (a stage's file_deps are whole disks); another entry's file of the same size is another id."""
+    store = Store(tmp_path / "cache")
+    ids = []
+    for key, data in (("a" * 32, b"disk one"), ("b" * 32, b"disk two")):
+        with store.build("ext4", key, {"stage": "ext4"}) as work:
+            (work / "rootfs.ext4").write_bytes(data)
+        link = tmp_path / f"pointer-{key[0]}"
+        link.symlink_to(store.entry("ext4", key) / "rootfs.ext4")
+        no_hashing(monkeypatch)
+        ids.append(state_of(link)[2])
+        monkeypatch.undo()
+    assert ids == [f"sha256:{hashlib.sha256(data).hexdigest()}" for data in (b"disk one", b"disk two")]
+    other = tmp_path / "elsewhere.txt"
+    other.write_bytes(b"disk one")
+    assert state_of(other)[2] == cache.hash_file(other)  # not in a store: hashed
+
+
 # -- the checker, through doit itself ---------------------------------------------------------------------------
 
 
