@@ -440,7 +440,7 @@ class BlockStore:
             have, names = self._seeded(index, seeds, opened)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             opened.callback(os.close, fd)
-            clones = bool(have) and shares_extents(next(iter(have.values()))[0], fd)
+            clones = bool(have) and shares_extents(next(iter(have.values()))[0], path.parent)
             os.ftruncate(fd, index.size)
             k = max(1, min(WORKERS, len(entries) // BATCH))
             bounds = [len(entries) * i // k for i in range(k + 1)]

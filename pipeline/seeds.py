@@ -52,13 +52,18 @@ def clone_range(src: int, at: int, n: int, dst: int, pos: int) -> bool:
     return True
 
 
-def shares_extents(src: int, dst: int) -> bool:
-    """Whether dst's filesystem clones blocks of src: tried on src's first block into dst, which
-    must be empty and is empty again after."""
+def shares_extents(src: int, folder: Path) -> bool:
+    """Whether the filesystem of `folder` clones blocks of src: tried on src's first block into an
+    unnamed file there (not the file being written: truncating that to nothing again would make
+    ext4 flush it when it is closed)."""
     try:
-        return clone_range(src, 0, BLOCK, dst, 0)
+        probe = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        return clone_range(src, 0, BLOCK, probe, 0)
     finally:
-        os.ftruncate(dst, 0)
+        os.close(probe)
 
 
 @dataclass(frozen=True)

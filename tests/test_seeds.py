@@ -145,7 +145,7 @@ def test_where_the_filesystem_shares_extents_a_run_is_cloned_and_read_back(disk,
 
     monkeypatch.setattr(seeds, "clone_range", clone)
     assert store.materialize(root, tmp_path / "out.img", [seed]).read_bytes() == image
-    assert clones[0] == BLOCK  # shares_extents asking, on an empty file it truncates again
+    assert clones[0] == BLOCK  # shares_extents asking, into an unnamed file beside it
     assert sum(clones[1:]) == 3 * MiB + 5 * BLOCK  # the ext4's data runs, the hole not among them
 
 
