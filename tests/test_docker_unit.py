@@ -431,6 +431,24 @@ def test_context_files_follow_dockerignore(tmp_path):
     assert docker.context_files(tmp_path) == [".dockerignore", "Dockerfile", "link", "sub/kept.txt"]
 
 
+def test_context_files_without_a_dockerignore_are_what_dockers_matcher_gives(tmp_path):
+    """Our walk (no .dockerignore: the SDK is not imported) against the SDK's exclude_paths."""
+    from docker.utils.build import exclude_paths
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "recipe.toml").write_text("")  # NOT_CONTEXT: left out
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    (tmp_path / "sub" / "recipe.toml").write_text("")  # not top-level: kept
+    (tmp_path / "sub" / "deep" / "a.txt").write_text("")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("sub")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    ours = docker.context_files(tmp_path)
+    sdk = exclude_paths(str(tmp_path), list(docker.NOT_CONTEXT), dockerfile="Dockerfile")
+    assert ours == sorted(p for p in sdk if not (tmp_path / p).is_dir() or (tmp_path / p).is_symlink())
+    assert ours == ["Dockerfile", "dangling", "link", "sub/deep/a.txt", "sub/recipe.toml"]
+
+
 def test_image_id_of_a_missing_image_is_none():
     c = FakeClient(images=FakeImages({"a": "sha256:a"}))
     assert docker.image_id(c, "a") == "sha256:a"
@@ -444,3 +462,15 @@ def test_docker_module_imports_no_sdk_at_import_time():
     code = "import sys, pipeline.docker, pipeline.stages; print('docker' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_context_without_a_dockerignore_is_listed_without_the_sdk(tmp_path):
+    """What a no-op doit does per recipe: the SDK (0.1 s to import) is not loaded for it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    code = (f"import sys, pathlib, pipeline.docker as d; print(d.context_files(pathlib.Path({str(tmp_path)!r}))); "
+            "print('docker' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['Dockerfile']", "False"]
