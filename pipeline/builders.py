@@ -1,7 +1,8 @@
 """What each stage of the table in stages.py does: one builder per stage, each filling an empty
 work dir with the stage's `makes`, plus the tgz stage's inputs and hooks. The heavy work lives
 in the concern's own module (docker, tgz, reroot, rootfs, kernel, initramfs, ext4, disk); these only
-connect it."""
+connect it. The modules only builders use are imported inside them: a no-op doit computes keys
+(the *_inputs here) and builds nothing."""
 
 from __future__ import annotations
 
@@ -21,17 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import app as app_mod
-from pipeline import disk, docker, initramfs, kernel, rootfs, verity
+from pipeline import docker, initramfs
 from pipeline import secureboot as sb
 from pipeline.artifacts import EPOCH, Artifact
 from pipeline.cache import hash_file, tree_manifest
 from pipeline.errors import UserError
-from pipeline.ext4 import Ext4Params, build_ext4
 from pipeline.files import link_or_copy
 from pipeline.recipes import Recipe, from_images, recipe_of_image
-from pipeline.reroot import reroot_filter
 from pipeline.run import log, run, verbose
-from pipeline.tgz import Fixups, bootstrap, filter_tar, write_tgz
 
 if TYPE_CHECKING:
     from pipeline.build import Build
@@ -106,6 +104,7 @@ def tgz_prepare(p: Project, r: Recipe) -> None:
 
 def tgz(b: Build) -> None:
     """mmdebstrap for a bootstrap recipe; docker build + export otherwise."""
+    from pipeline.tgz import Fixups, bootstrap, filter_tar, write_tgz
     r = b.recipe
     (b.work / EPOCH).write_text(f"{source_date_epoch()}\n")
     if r.bootstrap is not None and r.bootstrap.distro == "arch":  # pacstrap (pipeline/arch.py)
@@ -130,6 +129,8 @@ def tgz(b: Build) -> None:
     if not r.rootfs:  # the builder's ENV, CMD… are not the tree's
         (b.work / IMAGE_CONFIG).write_text(json.dumps(docker.image_config(client, image), sort_keys=True))
     with docker.exported(client, image) as chunks:
+        from pipeline.reroot import reroot_filter
+
         write_tgz(chunks, b.out(A.TGZ), Fixups(hostname=r.name), f"export {r.name}",
                   reroot_filter(r.rootfs) if r.rootfs else filter_tar)
 
@@ -199,6 +200,7 @@ def image_config(tgz_entry: Path) -> dict[str, Any]:
 def app(b: Build) -> None:
     """Resolve the image's app against its root filesystem (errors now, not at boot) and write
     app.json plus the files that run it, as a tar the ext4 stage lays over the image."""
+    from pipeline import rootfs
 
     r = b.recipe
     tgz = b.inputs[A.TGZ]
@@ -312,6 +314,7 @@ def boot_sources(p: Project, r: Recipe) -> list[str]:
 
 
 def boot(b: Build) -> None:
+    from pipeline import kernel, rootfs
 
     p, r = b.project, b.recipe
     k = kernel_recipe(p, r)
@@ -360,6 +363,7 @@ def add_verity(b: Build, kernel_recipe: str, tgz: Path) -> None:
     """[disk] verity: the image's own initrd (initramfs-tools, with dmsetup) gets what opens the root
     through dm-verity appended (initramfs.verity_overlay: the scripts, dm-verity from the kernel's
     modules in `tgz`); the image itself is not changed. An initrd that cannot: one line, nothing stored."""
+    from pipeline import kernel, rootfs
     r = b.recipe
     initrd = b.out(A.INITRD)
     version = kernel.release_of(b.out(A.KERNEL))
@@ -434,6 +438,8 @@ def write_app_initrd(modules_tar: Path, version: str, out: Path, *, kernel_recip
 
 
 def ext4(b: Build) -> None:
+    from pipeline import verity
+    from pipeline.ext4 import Ext4Params, build_ext4
 
     r = b.recipe
     assert b.epoch is not None
@@ -456,6 +462,7 @@ def disk_cmdline(b: Build) -> list[str]:
 
 
 def bios(b: Build) -> None:
+    from pipeline import disk
 
     assert b.epoch is not None
     disk.build_bios_disk(b.inputs[A.KERNEL], b.input(A.INITRD), b.inputs[A.EXT4], b.out(A.BIOS_IMG), key=b.key,
@@ -468,6 +475,7 @@ def uefi(b: Build) -> None:
     sb_vars entry's variable store, the firmware it boots on (vm.machine() finds it there); with
     [disk] verity the root's hash tree (the ext4 entry's) as a third partition, its root hash on the
     UKI's command line."""
+    from pipeline import disk, verity
     assert b.epoch is not None
     with tempfile.TemporaryDirectory(prefix="ldt-enroll-") as scratch:
         sign: disk.Signer | None = None
@@ -518,12 +526,14 @@ QCOW2_OF = {A.BIOS_IMG: A.BIOS_QCOW2, A.UEFI_IMG: A.UEFI_QCOW2}
 
 
 def qcow2(b: Build) -> None:
+    from pipeline import disk
 
     (raw,) = b.inputs
     disk.to_qcow2(b.inputs[raw], b.out(QCOW2_OF[raw]), compress=True)
 
 
 def vmlinux(b: Build) -> None:
+    from pipeline import kernel
     kernel.write_vmlinux(b.inputs[A.KERNEL], b.out(A.VMLINUX))
 
 
@@ -545,6 +555,7 @@ def fast_boot_into(kernel_image: Path, initrd: Path, work: Path) -> None:
     """virt's kernel and initrd: the kernel as kernel.write_vmlinux() leaves it (the vmlinux stage's
     output is linked as it is) and the initrd as one archive with only the modules virt loads.
     Whatever cannot be done (an unknown compression) keeps the original file: slower, same result."""
+    from pipeline import kernel
 
     start = time.monotonic()
     kernel.write_vmlinux(kernel_image, work / A.FAST_KERNEL)

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doit.dependency import FileChangedChecker
 
@@ -72,10 +72,12 @@ from pipeline.entries import (
 )
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, fsync_path
-from pipeline.packed import Budget, Packed, PackedEntry
 from pipeline.rows import Keep, Row, live_entries
 from pipeline.run import log
-from pipeline.seeds import Seed
+
+if TYPE_CHECKING:  # packed.py (and the packs under it) is imported when an entry is packed or restored
+    from pipeline.packed import Budget, Packed, PackedEntry
+    from pipeline.seeds import Seed
 
 __all__ = ["MANIFEST", "Collected", "Footprint", "Keep", "Obtained", "Row", "Source", "Store", "XXHashChecker",
            "hash_file", "key_of", "live_entries", "tree_manifest"]
@@ -179,6 +181,8 @@ class Store:
     @property
     def packed(self) -> Packed:
         """Entries store_gc kept as blocks (packed.py): cache/packed/ and cache/blocks/."""
+        from pipeline.packed import Packed
+
         return Packed(self.root)
 
     # -- the one path -------------------------------------------------------------------------
@@ -388,6 +392,8 @@ class Store:
     def seeds(self, manifest: dict[str, Any]) -> list[Seed]:
         """The files of the plain entries an entry is made from (its "needs"): a disk's ext4 holds
         most of the disk's blocks (seeds.py)."""
+        from pipeline.seeds import Seed
+
         out = []
         for row, key in sorted((manifest.get("needs") or {}).items()):
             entry = self.entry(row, key)

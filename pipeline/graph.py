@@ -21,7 +21,6 @@ from doit.exceptions import TaskFailed
 from pipeline import publish, stages
 from pipeline.cache import human
 from pipeline.errors import UserError
-from pipeline.packed import parse_size
 from pipeline.project import Project
 from pipeline.qemu import Mode
 from pipeline.recipes import Recipe
@@ -124,6 +123,7 @@ def sb_keys_action(root: str) -> None:
 def store_gc_action(root: str, max_size: str = "", remote: bool = False, keep_days: int = 30) -> None:
     """doit passes the task's params (GC_PARAMS) by these names."""
     from pipeline import reggc
+    from pipeline.packed import parse_size
     p = Project(Path(root))
     if remote:
         if p.registry is None:

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import oci, rootfs, stages
+from pipeline import oci, stages
 from pipeline.artifacts import Artifact
 from pipeline.entries import MANIFEST, EntryCorrupt, RemoteUnavailable, key_of
 from pipeline.errors import UserError
-from pipeline.kernel import release_of
 from pipeline.project import Project
 from pipeline.recipes import Recipe
 from pipeline.run import log
@@ -51,6 +50,9 @@ def published_files(p: Project, r: Recipe) -> dict[str, tuple[Path, dict[str, An
 
 
 def annotations(p: Project, r: Recipe, keys: dict[str, str], epoch: int) -> dict[str, str]:
+    from pipeline import rootfs  # (a no-op doit, which makes the publish tasks, does not load it)
+    from pipeline.kernel import release_of
+
     boot = stages.current(p, r, (A.KERNEL, A.OS_RELEASE))
     osr = rootfs.parse_os_release(boot[A.OS_RELEASE].read_text(errors="replace"))
     kernel = release_of(boot[A.KERNEL]) or "unknown"

@@ -54,11 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import oci
 from pipeline.entries import MANIFEST, EntryCorrupt
-from pipeline.packs import BlockStore
-from pipeline.seeds import Seed
 
-if TYPE_CHECKING:  # the block layout's modules are imported where an entry moves: a no-op doit needs neither
+if TYPE_CHECKING:  # the block layer's modules are imported where an entry moves: a no-op doit needs none
+    from pipeline.packs import BlockStore
     from pipeline.regblocks import Fetched
+    from pipeline.seeds import Seed
 
 ARTIFACT_TYPE = "application/vnd.ldt.entry.v1"
 CONFIG_TYPE = "application/vnd.ldt.entry.manifest.v1+json"
@@ -155,6 +155,8 @@ def push_entry(remote: oci.Remote, stage: str, key: str, entry_dir: str | os.Pat
 
 @contextlib.contextmanager
 def _block_store(blocks: BlockStore | None, tmp_dir: str | os.PathLike[str] | None) -> Iterator[BlockStore]:
+    from pipeline.packs import BlockStore
+
     if blocks is not None:
         yield blocks
         return

@@ -284,3 +284,17 @@ def test_verity_off_stays_out_of_every_key_and_on_moves_only_its_stages(project)
         assert moved == (s.name in ("ext4", "boot", "uefi")), s.name
     boot = stages.manifest(p_on, on, stages.STAGE["boot"])
     assert set(boot["verity"]) == {"local-top", "local-bottom"}
+
+
+def test_the_graph_loads_no_module_only_a_build_or_a_moving_entry_needs():
+    """What a no-op doit imports (dodo.py: graph, and through it stages, builders, cache, remote,
+    publish): the keys are computed, nothing is built, packed, restored or pushed."""
+    import sys
+
+    code = "import sys, pipeline.graph; print(' '.join(m for m in sys.modules if m.startswith('pipeline.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.split())
+    assert "pipeline.builders" in loaded and "pipeline.remote" in loaded  # the keys' modules, and the remote's
+    build_only = {f"pipeline.{m}" for m in ("packs", "packed", "seeds", "regblocks", "disk", "ext4", "rootfs", "tgz",
+                                            "reroot", "verity", "kernel", "vm", "report", "reggc")}
+    assert loaded & build_only == set()
