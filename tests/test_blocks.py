@@ -275,6 +275,8 @@ def test_a_file_is_written_in_shares_side_by_side_and_comes_out_whole(tmp_path: 
     assert out.read_bytes() == data
     assert len(starts) == 4 and starts[0] == 0 and len(set(starts)) == 4
     assert out.stat().st_blocks * 512 < len(data) - 100 * BLOCK  # the hole stays one
+    starts.clear()  # hashed whole as the four shares are written (a pull): the same sha256, or BlockCorrupt
+    assert store.materialize(index, tmp_path / "pulled", whole=True).read_bytes() == data and len(starts) == 4
 
 
 def test_a_pack_verifies_alone_and_its_name_is_its_digest(tmp_path: Path):
