@@ -12,10 +12,11 @@ BIOS, UEFI): revision i is hello's Dockerfile plus `RUN echo i > /etc/rev`, each
 1. kept: everything the store holds for the N revisions (the current one plain, N-1 packed:
    packs + packed records) / one materialized revision on disk (the plain entries the recipe
    points at, allocated bytes)                                              goal ≤ 1.5x (N = 10)
-2. restore: the wall time of `doit` reverting to revision 1 (its entries restored from packed
-   blocks, every block checked) / the wall time of building a revision after an edit (the median
-   of revisions 2..N's builds: docker build with the apt layer cached, export, ext4, disks)
-                                                                            goal ≤ 0.3x
+2. restore: the wall time of `doit` reverting to a packed revision (its entries restored from
+   packed blocks, every block checked), the median of three reverts (to revision 1, back to
+   revision N, to revision 1 again, store_gc between them) / the wall time of building a revision
+   after an edit (the median of revisions 2..N's builds: docker build with the apt layer cached,
+   export, ext4, disks)                                                     goal ≤ 0.3x
 
 Measured (2 cores shared with other jobs, load ~4; N = 3, two runs): kept 2.8G = 1.13x one
 materialized revision (2.5G): the first packed revision costs 333 MiB (its unique blocks,
@@ -113,12 +114,23 @@ def main() -> None:
         print(f"\n1. {n} revisions kept: {human(kept)} (plain {human(fp.plain - others)} + packed {human(fp.packs)}; "
               f"{human(logical)} logical, apparent sizes) / one materialized revision {human(one)} = {kept / one:.2f}x "
               f"(goal <= 1.5x for 10)")
-        revision(project, 1)
-        restore, out = doit(project, *TASKS)
-        restored = out.count("restored from packed blocks")
+        # reverts: to rev1, then (its gc packs rev N) back to rev N, then to rev1 again: three restores of
+        # a whole packed revision, their median against the median rebuild (one restore is noisy here)
+        reverts, outs = [], []
+        for i in (1, n, 1):
+            revision(project, i)
+            secs, out = doit(project, *TASKS)
+            reverts.append(secs)
+            outs.append(out)
+            if len(reverts) < 3:
+                doit(project, "store_gc")
+        restore = statistics.median(reverts)
+        out = outs[reverts.index(restore)]
+        restored = ", ".join(str(o.count("restored from packed blocks")) for o in outs)
         rebuild = statistics.median(builds[1:])
-        print(f"2. revert to rev1: {restore:.1f}s ({restored} entries restored from packed blocks) / a rebuild "
-              f"after an edit {rebuild:.1f}s (median of {len(builds) - 1}) = {restore / rebuild:.2f}x (goal <= 0.3x)")
+        print(f"2. revert: {restore:.1f}s (median of {', '.join(f'{s:.1f}' for s in reverts)}s: to rev1, rev{n}, rev1; "
+              f"{restored} entries restored from packed blocks) / a rebuild after an edit {rebuild:.1f}s (median of "
+              f"{len(builds) - 1}) = {restore / rebuild:.2f}x (goal <= 0.3x)")
         for line in out.splitlines():
             if "restored from packed blocks" in line:
                 print(f"   {line.strip()}")
