@@ -4,7 +4,7 @@ blocks.
 A FIXED file (an ext4, a disk) is written in shares, each by a thread of its own (Share: its
 pieces at their offsets with os.pwrite; the file was truncated to its size first, so a hole is
 a hole). A tgz's tar stream goes to its compressor in order, through a Sink: a thread of its own
-hashes it and writes it to the compressor's pipe.
+writes it to the compressor's pipe.
 
 A disk image's root partition is its rootfs.ext4, block for block (hello's BIOS disk: 181,986
 of its 182,057 data blocks are the ext4's, in 2,079 runs). When the ext4 is a plain file here,
@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 from pipeline.blocks import BLOCK, HOLE, READ
 
-WRITE_BUFFER = 1 << 20  # materialized bytes are hashed and written in pieces of about this
+WRITE_BUFFER = 1 << 20  # materialized bytes are written in pieces of about this
 SINK_QUEUE = 8  # pieces queued for the writing thread (memory: about this many MiB)
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range): linux/fs.h
 NO_CLONE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY, errno.EBADF, errno.EPERM}
@@ -86,17 +86,12 @@ def offsets(entries: Iterable[tuple[bytes, int]], fd: int, into: dict[bytes, Sou
         at += n
 
 
-class Share:
-    """One share of a FIXED file, written from its offset on: checked pieces (PackReader.emit
-    sends them) and holes, which the file, truncated to its size, already is; and runs of a seed
-    (seeded()). Its thread's own: shares are written side by side."""
+class Pieces:
+    """Bytes gathered into pieces of about WRITE_BUFFER before they are written (flush())."""
 
-    def __init__(self, fd: int, pos: int, *, clones: bool = False) -> None:
-        self.fd, self.pos, self.clones = fd, pos, clones
+    def __init__(self) -> None:
         self.buf: list[bytes | memoryview] = []
         self.buffered = 0
-        self.copied: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks used
-        self.mismatched: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks not as recorded
 
     def block(self, data: bytes | memoryview) -> None:
         self.buf.append(data)
@@ -104,17 +99,37 @@ class Share:
         if self.buffered >= WRITE_BUFFER:
             self.flush()
 
+    def take(self) -> bytes:
+        """The gathered bytes as one piece; none gathered after."""
+        piece = b"".join(self.buf)
+        self.buf.clear()
+        self.buffered = 0
+        return piece
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+
+class Share(Pieces):
+    """One share of a FIXED file, written from its offset on: checked pieces (PackReader.emit
+    sends them) and holes, which the file, truncated to its size, already is; and runs of a seed
+    (seeded()). Its thread's own: shares are written side by side."""
+
+    def __init__(self, fd: int, pos: int, *, clones: bool = False) -> None:
+        super().__init__()
+        self.fd, self.pos, self.clones = fd, pos, clones
+        self.copied: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks used
+        self.mismatched: collections.Counter[int] = collections.Counter()  # seed fd -> its blocks not as recorded
+
     def hole(self, n: int) -> None:
         self.flush()
         self.pos += n
 
     def flush(self) -> None:
         if self.buf:
-            _pwrite(self.fd, b"".join(self.buf), self.pos)
-            self.pos += self.buffered
-            self.buf.clear()
-            self.buffered = 0
-
+            n = self.buffered
+            _pwrite(self.fd, self.take(), self.pos)
+            self.pos += n
     def seeded(self, src: int, at: int, digests: list[bytes], block: Callable[[bytes], bytes]) -> None:
         """The blocks `digests` from a seed's offset `at` on, each checked against its digest (read
         back where cloned); a block that does not match is block(digest), from the packs."""
@@ -143,21 +158,19 @@ def _pwrite(fd: int, data: bytes, pos: int) -> None:
         done += os.pwrite(fd, data[done:], pos + done)
 
 
-class Sink:
-    """A stream's bytes in order (a tgz's tar, into its compressor): the caller's thread buffers
-    its pieces into about WRITE_BUFFER; a thread of the sink's own hashes and writes them (sha256
-    and write() let go of the GIL, so on two cores they overlap the reading of the next blocks).
-    An error of that thread (a broken pipe) is raised by the next call or on leaving the block,
-    never lost."""
+class Sink(Pieces):
+    """A stream's bytes in order (a tgz's tar, into its compressor): the caller's thread gathers
+    them into pieces, a thread of the sink's own writes them, so the caller reads and checks the
+    next blocks while a full pipe waits. (No sha256 of the stream: every block is checked, and the
+    tgz made of it is checked against its own.) An error of that thread (a broken pipe) is raised
+    by the next call or on leaving the block, never lost."""
 
     def __init__(self, out: BinaryIO) -> None:
+        super().__init__()
         self.out = out
-        self.hash = hashlib.sha256()
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=SINK_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="ldt-sink", daemon=True)
-        self.buf: list[bytes | memoryview] = []
-        self.buffered = 0
 
     def __enter__(self) -> Sink:
         self.thread.start()
@@ -166,23 +179,14 @@ class Sink:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         try:
             if exc_type is None:
-                self._flush()  # may raise the thread's error: the thread is still told to end
+                self.flush()  # may raise the thread's error: the thread is still told to end
         finally:
             self.queue.put(None)
             self.thread.join()
         if self.error is not None and exc_type is None:
             raise self.error
 
-    def hexdigest(self) -> str:
-        return self.hash.hexdigest()
-
     # -- the caller's side ----------------------------------------------------------------------
-
-    def block(self, data: bytes | memoryview) -> None:
-        self.buf.append(data)
-        self.buffered += len(data)
-        if self.buffered >= WRITE_BUFFER:
-            self._flush()
 
     def hole(self, n: int) -> None:
         while n:
@@ -190,13 +194,11 @@ class Sink:
             self.block(bytes(k))
             n -= k
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self.buf:
             if self.error is not None:
                 raise self.error
-            self.queue.put(b"".join(self.buf))
-            self.buf.clear()
-            self.buffered = 0
+            self.queue.put(self.take())
 
     # -- the sink's thread ----------------------------------------------------------------------
 
@@ -205,7 +207,6 @@ class Sink:
             if self.error is not None:
                 continue  # drained: the caller sees the error at its next call
             try:
-                self.hash.update(item)
                 self.out.write(item)
             except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
                 self.error = e
