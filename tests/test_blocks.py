@@ -269,8 +269,8 @@ def test_a_file_is_written_in_shares_side_by_side_and_comes_out_whole(tmp_path: 
     index = store.put_file(write(tmp_path / "a", data))
     starts = []
     real = BlockStore._write_share
-    monkeypatch.setattr(BlockStore, "_write_share", lambda self, entries, share, *a: starts.append(share.pos)
-                        or real(self, entries, share, *a))
+    monkeypatch.setattr(BlockStore, "_write_share", lambda self, index, lo, hi, share, *a: starts.append(share.pos)
+                        or real(self, index, lo, hi, share, *a))
     out = store.materialize(index, tmp_path / "out")
     assert out.read_bytes() == data
     assert len(starts) == 4 and starts[0] == 0 and len(set(starts)) == 4
@@ -473,3 +473,18 @@ def test_an_index_from_elsewhere_is_hashed_whole_against_its_sha256(tmp_path: Pa
         store.materialize(lying, tmp_path / "pulled", whole=True)
     assert not (tmp_path / "pulled").exists()
     assert store.materialize(root_a, tmp_path / "restored", whole=True).read_bytes() == a
+
+
+def test_a_block_learned_at_the_wrong_place_is_found_by_the_index(tmp_path: Path):
+    """learn() keeps a block by its digest's first 8 bytes: another digest sharing them (or a bad
+    trailer) points at a block that fails its check, and the index is asked instead."""
+    data = rand(40 * BLOCK, 43)
+    store = BlockStore(tmp_path / "store")
+    index = store.put_file(write(tmp_path / "a", data))
+    first, second = (d for d, _ in index.slice(0, 2))
+    with store.db() as con, PackReader(store, con) as reader:
+        _, loc = reader.located(first)  # learns the pack
+        prefix = int.from_bytes(second[:8], "big")
+        reader.learned[prefix] = reader.learned[int.from_bytes(first[:8], "big")]  # second -> first's place
+        block, where = reader.located(second)
+    assert block == data[BLOCK:2 * BLOCK] and where.slot == loc.slot + 1
