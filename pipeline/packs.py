@@ -428,10 +428,10 @@ class BlockStore:
     def write_shares(self, index: Index, path: Path, seeds: Collection[Seed] = (), *, name: str = "") -> None:
         """A FIXED file at path: truncated to its size (the holes), then WORKERS threads each
         write a share of its entries at their offsets, with a PackReader and an index connection
-        of its own (zstd, sha256 and pwrite let go of the GIL: on two cores, hello's ext4 from
-        the packs 2.1-2.5 -> 1.7-2.0 s, its BIOS disk read mostly from the ext4 1.9-4.4 -> 1.2-1.8
-        s). Blocks the seeds hold are read from them (Share.seeded); one line says how many (of
-        the file `name`)."""
+        of its own (what the readers learn of the packs they share: PackReader.learn). zstd,
+        sha256 and pwrite let go of the GIL: on two cores, hello's ext4 from the packs 2.1-2.5 ->
+        1.7-2.0 s, its BIOS disk read mostly from the ext4 1.9-4.4 -> 1.2-1.8 s. Blocks the seeds
+        hold are read from them (Share.seeded); one line says how many (of the file `name`)."""
         with contextlib.ExitStack() as opened:
             have, names = self._seeded(index, seeds, opened)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
