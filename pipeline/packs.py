@@ -440,12 +440,12 @@ class BlockStore:
             os.ftruncate(fd, index.size)
             k = max(1, min(WORKERS, len(index) // BATCH))
             bounds = [len(index) * i // k for i in range(k + 1)]
-            starts, at, nxt = [], 0, 0  # where each share starts (an entry list would cost 40 MB for an ext4)
+            starts, at = [], 0  # where each share starts (an entry list would cost 40 MB for an ext4)
             for i, (_, n) in enumerate(index):
-                if i == bounds[nxt]:
+                if len(starts) < k and i == bounds[len(starts)]:
                     starts.append(at)
-                    nxt += 1
                 at += n
+            starts += [at] * (k - len(starts))  # (an empty file: its one share starts and ends at 0)
             shares = [Share(fd, start, clones=clones) for start in starts]
             found: Found = ({}, {}, [])  # what the shares' readers learn of the packs, shared
             stop = threading.Event()

@@ -488,3 +488,10 @@ def test_a_block_learned_at_the_wrong_place_is_found_by_the_index(tmp_path: Path
         reader.learned[prefix] = reader.learned[int.from_bytes(first[:8], "big")]  # second -> first's place
         block, where = reader.located(second)
     assert block == data[BLOCK:2 * BLOCK] and where.slot == loc.slot + 1
+
+
+def test_an_empty_file_comes_back_empty(tmp_path: Path):
+    store = BlockStore(tmp_path / "store")
+    index = store.put_index(store.put_file(write(tmp_path / "empty", b"")))
+    assert store.materialize(index, tmp_path / "out").read_bytes() == b""
+    assert store.materialize(index, tmp_path / "pulled", whole=True).read_bytes() == b""
