@@ -37,6 +37,16 @@ each next one 2.8-2.9M (goal <= 1.5x, met). Revert 23.4s / rebuild 48.4s = 0.48x
 and UEFI 3.4s each, the rest 0.8s; goal <= 0.3x not met. Rebuilds got faster too (igzip in the
 build). store_gc 33-43s a revision.
 
+Later on 2026-12-02 (idle machine), N = 3, after restores wrote FIXED files in shares by two
+threads (each block checked, no in-order whole-file sha256), seeds read and checked per block,
+readers that learn block locations from pack trailers, and doit's checker reading a store file's
+sha256 from its manifest (the rebuild gained that too): kept 2.7G = 1.10x. One revert each, two
+runs: 15.6s / 41.0s = 0.38x (before the shares), 12.6s / 40.8s = 0.31x (after). With the median
+of three reverts: 11.1s (12.2, 9.6, 11.1) / 36.5s = 0.30x, at the goal: tgz 2.6s, ext4 2.0s,
+BIOS 2.0s, UEFI 3.8s (the UEFI disk took 1.3-3.8s across runs with the same code), the rest 0.3s.
+With the tar stream no longer hashed and the shares' readers sharing one map (c411f09): revert
+8.8s (8.8, 11.1, 8.2) / 39.9s = 0.22x: tgz 2.7s, ext4 1.7s, BIOS 1.4s, UEFI 2.0s.
+
 The machine may be small and shared: times are noisy, sizes are not.
 """
 
