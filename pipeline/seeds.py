@@ -130,6 +130,7 @@ class Share(Pieces):
             n = self.buffered
             _pwrite(self.fd, self.take(), self.pos)
             self.pos += n
+
     def seeded(self, src: int, at: int, digests: list[bytes], block: Callable[[bytes], bytes]) -> None:
         """The blocks `digests` from a seed's offset `at` on, each checked against its digest (read
         back where cloned); a block that does not match is block(digest), from the packs."""
