@@ -461,9 +461,9 @@ class BlockStore:
             bad = sum((s.mismatched for s in shares), collections.Counter())
             if copied:
                 log(f"{name}: {BLOCK * copied.total() / 2**20:.0f} MiB of its blocks read from "
-                    f"{', '.join(names[fd] for fd in sorted(copied))}")
+                    f"{', '.join(names[seed] for seed in sorted(copied))}")
             if bad:
-                log(f"{name}: {bad.total()} of the blocks read from {', '.join(names[fd] for fd in sorted(bad))} "
+                log(f"{name}: {bad.total()} of the blocks read from {', '.join(names[seed] for seed in sorted(bad))} "
                     "did not match their digests (changed since recorded); taken from the packs instead")
 
     def _write_share(self, index: Index, lo: int, hi: int, share: Share, have: dict[bytes, Source], found: Found,
