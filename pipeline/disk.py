@@ -13,14 +13,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import ids, qemu
 from pipeline.errors import UserError
 from pipeline.ext4 import read_ext4_identity
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, data_extents
 from pipeline.run import Step, run
 from pipeline.verity import ROOT_X86_64_VERITY_TYPE, Verity
 
@@ -280,19 +280,6 @@ def ukify_cmd(stub: Path, out: Path, kernel: Path, initrd: Path | None, cmdline:
 # --------------------------------------------------------------------------------------------
 # Executors
 # --------------------------------------------------------------------------------------------
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data (non-hole) ranges of a file."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end - start
-        pos = end
 
 
 def sparse_copy_into(src: Path, dest: Path, offset: int) -> None:

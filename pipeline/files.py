@@ -1,8 +1,10 @@
-"""Writing files so that a reader sees the old file or the new one, never half of one."""
+"""Files: writing them so that a reader sees the old file or the new one, never half of one, and
+finding a sparse file's data."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -57,3 +59,18 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) ranges of a file."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # a filesystem that cannot tell (some FUSE, old NFS): all data
+                yield pos, size - pos
+            return  # ENXIO: only a hole remains
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        pos = end

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 
 import pytest
 
-from pipeline import entries, oci, remote
+from pipeline import entries, files, oci, remote
 from pipeline.entries import EntryCorrupt
 from pipeline.errors import UserError
 from pipeline.oci import Blob, Credentials, Remote
@@ -179,6 +180,40 @@ def test_file_records(tmp_path):
     (tmp_path / "a.img").write_bytes(b"hello")
     (tmp_path / "manifest.json").write_text("{}")
     assert entries.file_records(tmp_path) == {"a.img": {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}}
+
+
+@pytest.mark.parametrize("layout", [
+    [(0, b"x" * 5000)],  # no hole
+    [(3 << 20, b"data")],  # a hole first, longer than a read
+    [(0, b"a"), (entries.CHUNK + 7, os.urandom(entries.CHUNK + 3)), (5 << 20, b"")],  # holes between and at the end
+])
+def test_file_record_of_a_sparse_file_is_the_hash_of_its_bytes(tmp_path, layout):
+    """Holes are hashed as zeros without being read; data ranges cross the read buffer's size."""
+    f = tmp_path / "sparse.img"
+    with open(f, "wb") as out:
+        for offset, data in layout:
+            out.seek(offset)
+            out.write(data)
+        out.truncate(max(offset + len(data) for offset, data in layout))
+    data = f.read_bytes()
+    assert entries.file_record(f) == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+
+def test_a_filesystem_that_cannot_find_holes_is_read_whole(tmp_path, monkeypatch):
+    f = tmp_path / "plain.img"
+    f.write_bytes(b"\0" * 9000 + b"tail")
+
+    def no_seek_data(fd, pos, how):
+        if how == os.SEEK_DATA:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_lseek(fd, pos, how)
+
+    real_lseek = os.lseek
+    monkeypatch.setattr(os, "lseek", no_seek_data)
+    with open(f, "rb") as fh:
+        assert list(files.data_extents(fh.fileno(), 9004)) == [(0, 9004)]
+    assert entries.file_record(f)["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def test_compress_file_checks_the_record(tmp_path):
