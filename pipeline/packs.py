@@ -108,6 +108,11 @@ class Made:
 
 Have = Callable[[list[bytes]], Collection[bytes]]  # which of these blocks not to write
 Found = tuple[dict[str, dict[int, int]], dict[int, int], list[str]]  # PackReader.learn()'s
+# A block PackReader.learn() placed is one int: (((pack's number << 32 | frame offset) << 24 | frame
+# length) << 4) | slot. A place that does not fit (a pack of 4 GiB) decodes to a block that fails its
+# check, and the index is asked: slower, never wrong.
+SLOT_BITS, LENGTH_BITS, OFFSET_BITS = 4, 24, 32
+assert FRAME_BLOCKS <= 1 << SLOT_BITS and PACK_MAX < 1 << OFFSET_BITS
 
 
 @dataclass(frozen=True)
@@ -736,14 +741,18 @@ class PackReader:
         was tried). Blocks that follow each other in a frame go to the sink as one slice of it:
         per block, little more than its sha256."""
         sha256 = hashlib.sha256
+
+        def send(view: memoryview, run_from: int, run_to: int) -> None:
+            if run_to > run_from:
+                sink.block(view[run_from:run_to])
+
         frame, slot, at = self.frame, self.slot, self.at
         view = memoryview(frame)
         run_from = run_to = -1  # the checked bytes of `view` not yet sent
         for d, length in part:
             start = (slot + 1) * BLOCK
             if d == HOLE:
-                if run_to > run_from:
-                    sink.block(view[run_from:run_to])
+                send(view, run_from, run_to)
                 run_from = run_to = -1
                 sink.hole(length)
                 continue
@@ -755,17 +764,14 @@ class PackReader:
                 else:
                     _, loc = self.located(d)
                     frame, slot, at = self.frames[(loc.pack, loc.offset)], loc.slot, (loc.pack, loc.offset, loc.length)
-                if run_to > run_from:
-                    sink.block(view[run_from:run_to])
+                send(view, run_from, run_to)
                 view, run_from, run_to = memoryview(frame), -1, -1
                 start = slot * BLOCK
             if start != run_to:  # not where the run ends (a block before it was short, or out of order)
-                if run_to > run_from:
-                    sink.block(view[run_from:run_to])
+                send(view, run_from, run_to)
                 run_from = start
             run_to = start + length
-        if run_to > run_from:
-            sink.block(view[run_from:run_to])
+        send(view, run_from, run_to)
         self.frame, self.slot, self.at = frame, slot, at
 
     def next_frame(self, at: tuple[str, int, int]) -> tuple[bytes, tuple[str, int, int]] | None:
@@ -790,12 +796,12 @@ class PackReader:
             except BlockCorrupt:
                 trailer = b""  # the index finds the blocks (and says what is wrong, if it is)
             self.names.append(pack)
-            i = self.names.index(pack) << 32  # (the first of two readers that learned it at once)
+            i = self.names.index(pack) << OFFSET_BITS  # (the first of two readers that learned it at once)
             lengths = {}
             blocks = {}
             for prefix, off, n, slot in PREFIXED.iter_unpack(trailer):
                 lengths[off] = n
-                blocks[prefix] = (((i | off) << 24 | n) << 4) | slot
+                blocks[prefix] = (((i | off) << LENGTH_BITS | n) << SLOT_BITS) | slot
             self.learned.update(blocks)  # (whole, then published: another share's reader may look)
             self.lengths[pack] = lengths
         return lengths
@@ -806,8 +812,9 @@ class PackReader:
         where the index says."""
         at = self.learned.get(int.from_bytes(d[:8], "big"))
         if at is not None:
-            where, slot = at >> 4, at & 15
-            loc = Location(self.names[where >> 56], (where >> 24) & 0xFFFFFFFF, where & 0xFFFFFF, slot)
+            where, slot = at >> SLOT_BITS, at & ((1 << SLOT_BITS) - 1)
+            frame, length = where >> LENGTH_BITS, where & ((1 << LENGTH_BITS) - 1)
+            loc = Location(self.names[frame >> OFFSET_BITS], frame & ((1 << OFFSET_BITS) - 1), length, slot)
             with contextlib.suppress(BlockCorrupt):
                 return self.block(d, loc), loc
         loc = self.where.get(d) or self.store.locate(d, self.con)
