@@ -19,8 +19,7 @@ recipe.toml and recipes/hello copied from this repository (hello as `ldtf-hello`
    says how many steps were cached): --no-docker-cache renames the base recipe too, so the base is
    imported anew and every Dockerfile step runs. Before B, the ldt/ldtf-* tags are removed from
    the engine, as on a fresh runner (B imports nothing: a pulled tgz enters the engine only when a
-   FROM or suco needs it). Each entry must be pulled at most once in B's run. B starts after a sync:
-   it stands for another machine, whose disk is not busy writing back what A wrote.
+   FROM or suco needs it). Each entry must be pulled at most once in B's run.
 4. where B's time goes: each pull (from its task's start to its `pulled from` line, with the
    entry's bytes in the registry), and the rest (doit, keys, checks)
 5. no-op `doit` with 10 recipes up to date: LDT_REMOTE set / unset      goal < 0.5 s absolute
@@ -140,14 +139,6 @@ def untag_ours() -> None:
     refs = our_images()
     if refs:
         subprocess.run(["docker", "rmi", *refs], capture_output=True)
-
-
-def dirty_mib() -> float:
-    """Written data the kernel has yet to write back to disk."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Dirty:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def sha256(path: Path) -> str:
@@ -330,12 +321,7 @@ def bench(tmp: Path, reg: Registry, cold_docker: bool, summary: list) -> None:
     a_digests = digests(a)  # of the revision A built last
     recipes[HELLO]["Dockerfile"] = dockerfile.read_text()
     b = make_project(tmp / "b", recipes, seed_store=False)
-    # B is another machine: its disk is not still writing back A's gigabytes (which made B's fsyncs
-    # and disk pulls about 2 s slower each here)
-    dirty, t = dirty_mib(), time.monotonic()
-    os.sync()
-    print(f"runner B: the same command, a fresh clone (empty cache/), after A's {dirty:.0f} MiB of dirty pages "
-          f"were written back ({time.monotonic() - t:.1f}s) ...", flush=True)
+    print("runner B: the same command, a fresh clone (empty cache/) ...", flush=True)
     run_b = run_doit(b, *TASKS, remote=url)
     built = [w for w, pattern in BUILT.items() if any(pattern.match(ln) for _, ln in run_b.lines)]
     same = digests(b) == a_digests
