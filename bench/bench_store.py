@@ -46,6 +46,9 @@ of three reverts: 11.1s (12.2, 9.6, 11.1) / 36.5s = 0.30x, at the goal: tgz 2.6s
 BIOS 2.0s, UEFI 3.8s (the UEFI disk took 1.3-3.8s across runs with the same code), the rest 0.3s.
 With the tar stream no longer hashed and the shares' readers sharing one map (c411f09): revert
 8.8s (8.8, 11.1, 8.2) / 39.9s = 0.22x: tgz 2.7s, ext4 1.7s, BIOS 1.4s, UEFI 2.0s.
+Again (fac58f2, file_record reading no holes: a restore hashes only the tgz whole, so it changed
+little here): kept 2.7G = 1.10x; revert 8.6s (11.6, 8.4, 8.6) / 41.4s = 0.21x: tgz 2.7s, ext4
+2.2s, BIOS 1.5s, UEFI 1.4s.
 
 The machine may be small and shared: times are noisy, sizes are not.
 """
