@@ -813,8 +813,8 @@ class PackReader:
         at = self.learned.get(int.from_bytes(d[:8], "big"))
         if at is not None:
             where, slot = at >> SLOT_BITS, at & ((1 << SLOT_BITS) - 1)
-            frame, length = where >> LENGTH_BITS, where & ((1 << LENGTH_BITS) - 1)
-            loc = Location(self.names[frame >> OFFSET_BITS], frame & ((1 << OFFSET_BITS) - 1), length, slot)
+            pack_offset, length = where >> LENGTH_BITS, where & ((1 << LENGTH_BITS) - 1)
+            loc = Location(self.names[pack_offset >> OFFSET_BITS], pack_offset & ((1 << OFFSET_BITS) - 1), length, slot)
             with contextlib.suppress(BlockCorrupt):
                 return self.block(d, loc), loc
         loc = self.where.get(d) or self.store.locate(d, self.con)

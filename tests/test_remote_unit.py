@@ -199,7 +199,6 @@ def test_file_record_of_a_sparse_file_is_the_hash_of_its_bytes(tmp_path, layout)
     assert entries.file_record(f) == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-
 def test_a_filesystem_that_cannot_find_holes_is_read_whole(tmp_path, monkeypatch):
     f = tmp_path / "plain.img"
     f.write_bytes(b"\0" * 9000 + b"tail")
